@@ -1,0 +1,57 @@
+# identity-grpo: every target runs inside .venv, which `install` creates from requirements.txt.
+# `make test` and `make demo` install first when needed, so they work on a fresh machine.
+
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+CONFIG  ?= cluster_configs/local_cpu.yaml
+ARGS    ?=
+OUT     ?= outputs
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test test-fast demo shards train-reward train eval bench lint tensorboard clean
+
+install: $(STAMP)
+
+# Idempotent: reruns only when the pins change. torch goes first and alone, by exact version, so pip
+# takes the CPU wheel and never a multi-GB CUDA build (see ../shared/CPU_STACK.md).
+$(STAMP): requirements.txt setup.cfg
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$$(grep -E '^torch==' requirements.txt)"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+demo: install
+	$(PY) -m launcher.demo --config $(CONFIG) $(ARGS)
+
+shards: install
+	$(PY) -m data.demo --out $(OUT)/demo_data
+
+train-reward: install
+	$(PY) -m reward.train --config $(CONFIG) $(ARGS)
+
+train: install
+	$(PY) -m launcher.train --config $(CONFIG) $(ARGS)
+
+eval: install
+	$(PY) -m launcher.evaluate --config $(CONFIG) $(ARGS)
+
+bench: install
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+lint: install
+	$(PY) -m ruff check launcher workers reward policy data tests bench
+
+tensorboard: install
+	.venv/bin/tensorboard --logdir $(OUT) --bind_all
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,35 @@
+"""Command-line front end shared by the entry points: `--config FILE key.sub=value ... [--print-config]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from launcher.config import ConfigError, load_config, to_yaml
+
+DEFAULT_CONFIG = "cluster_configs/local_cpu.yaml"
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="OmegaConf YAML (default: %(default)s)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.steps=3")
+    return parser
+
+
+def parse_config(description: str, argv: Optional[Sequence[str]] = None,
+                 parser: Optional[argparse.ArgumentParser] = None):
+    """Parse argv into (config, args). A bad key or value exits with status 2 and names it."""
+    parser = parser or build_parser(description)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        raise SystemExit(0)
+    return cfg, args

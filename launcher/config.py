@@ -1,0 +1,319 @@
+"""One config tree for the whole system.
+
+Every knob lives in a dataclass below; OmegaConf turns the tree into a *structured* config, so a
+YAML file or a `key.sub=value` override that names an unknown key, or gives a value of the wrong type,
+fails at load time with a message naming the key (and the file). Defaults here are the tiny CPU
+preset (`cluster_configs/local_cpu.yaml` only restates the important ones); the GPU presets override
+them with the paper's settings.
+
+Usage:
+    cfg = load_config("cluster_configs/local_cpu.yaml", ["trainer.steps=3"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the source."""
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    rank: int = 4
+    alpha: float = 4.0
+    # Attention projections of diffusers' Wan blocks (attn1 = self, attn2 = cross).
+    target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # "zeros": B = 0, so a fresh adapter is an exact no-op (reference == policy at step 0).
+    # "gaussian": peft's default init (A gaussian, B zero).
+    init: str = "gaussian"
+
+
+@dataclass
+class ModelConfig:
+    # t2v: Wan2.1 text-to-video; vace: Wan2.1 VACE (refs as control); phantom: refs concatenated.
+    kind: str = "vace"
+    # Local diffusers-format directory (model_index.json, transformer/, vae/, text_encoder/,
+    # tokenizer/). None builds the tiny random-init models of policy/models.py.
+    path: Optional[str] = None
+    # Phantom's released transformer checkpoint (original Wan key format), converted on load.
+    phantom_checkpoint: Optional[str] = None
+    tiny_seed: int = 0
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    height: int = 32
+    width: int = 32
+    num_frames: int = 9
+    max_references: int = 3
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+@dataclass
+class SamplerConfig:
+    num_steps: int = 4
+    guidance_scale: float = 4.5
+    shift: float = 3.0  # Wan's flow shift of the sigma schedule
+    # "eta": std = eta * sqrt(s / (1 - s)) (Flow-GRPO);
+    # "linear": std = std_min + (std_max - std_min) * s (official Identity-GRPO code).
+    noise_rule: str = "eta"
+    eta: float = 0.7
+    std_min: float = 0.0
+    std_max: float = 0.5
+    negative_prompt: str = ""
+    max_sequence_length: int = 32
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+
+@dataclass
+class GrpoConfig:
+    group_size: int = 4
+    prompts_per_step: int = 2
+    clip_range: float = 1e-3
+    kl_beta: float = 0.004
+    adv_clip: float = 5.0
+    adv_eps: float = 1e-4
+    std_mode: str = "group"  # group | global
+    # Which sampled steps are trained: a fraction of them, in "fixed" (first ones) or "random" order.
+    timestep_fraction: float = 1.0
+    timestep_order: str = "random"  # random | fixed
+    num_inner_epochs: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+
+# ----------------------------------------------------------------------------- reward
+
+
+@dataclass
+class VlmRewardConfig:
+    path: Optional[str] = None  # local Qwen2.5-VL checkpoint; None = tiny random init
+    num_frames: int = 5
+    tie_theta: float = 5.0
+    image_size: int = 56
+
+
+@dataclass
+class FaceRewardConfig:
+    backend: str = "dlib"  # dlib (weights from face-recognition-models) | arcface (local ONNX)
+    model_path: Optional[str] = None
+    num_frames: int = 5
+    aggregate: str = "mean"  # mean | min over identities
+    missing_penalty: float = 0.0
+
+
+@dataclass
+class RewardConfig:
+    # Named components and their weights; the composite reward is their weighted sum.
+    weights: Dict[str, float] = field(default_factory=lambda: {"face": 1.0})
+    on_nan: str = "mask"  # mask the sample (counted) | raise
+    vlm: VlmRewardConfig = field(default_factory=VlmRewardConfig)
+    face: FaceRewardConfig = field(default_factory=FaceRewardConfig)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    prompt_shards: str = MISSING  # required: local paths or a brace pattern of prompt shards
+    preference_shards: Optional[str] = None  # reward-model training only
+    shuffle_buffer: int = 16
+    seed: int = 0
+    on_error: str = "raise"  # raise | skip
+    num_loader_workers: int = 0
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+@dataclass
+class PoolConfig:
+    num_workers: int = 1
+    num_gpus_per_worker: float = 0.0
+    num_cpus_per_worker: float = 1.0
+    # Ray custom resource a node must offer to host this pool (e.g. "reward_node"); None = any.
+    node_resource: Optional[str] = None
+
+
+@dataclass
+class LearnerConfig:
+    zero_stage: int = 2
+    precision: str = "fp32"  # fp32 | bf16
+    micro_batch_size: int = 1
+
+
+@dataclass
+class WorkersConfig:
+    colocate: bool = True
+    ray_address: Optional[str] = None  # attach to this cluster; None starts a local one
+    rollout: PoolConfig = field(default_factory=PoolConfig)
+    reward: PoolConfig = field(default_factory=PoolConfig)
+    learner: PoolConfig = field(default_factory=lambda: PoolConfig(num_workers=2))
+    learner_engine: LearnerConfig = field(default_factory=LearnerConfig)
+
+
+# ----------------------------------------------------------------------------- trainer / logging
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    output_dir: str = MISSING  # required
+    resume: str = "auto"  # auto | never | <checkpoint path>
+    checkpoint_every: int = 5
+    keep_last: int = 3
+    mode: str = "sync"  # sync | async
+    max_staleness: int = 1
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    video_every: int = 5
+    progress_bar: bool = True
+
+
+@dataclass
+class FaultsConfig:
+    """Deliberate failures for tests and demos: kill `role` worker `rank` at `step` (-1 = never)."""
+
+    role: Optional[str] = None  # rollout | reward | learner
+    rank: int = 0
+    step: int = -1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+CHOICES = {
+    "model.kind": {"t2v", "vace", "phantom"},
+    "model.dtype": {"float32", "bfloat16", "float16"},
+    "model.lora.init": {"zeros", "gaussian"},
+    "sampler.noise_rule": {"eta", "linear"},
+    "grpo.std_mode": {"group", "global"},
+    "grpo.timestep_order": {"random", "fixed"},
+    "reward.on_nan": {"mask", "raise"},
+    "reward.face.backend": {"dlib", "arcface"},
+    "reward.face.aggregate": {"mean", "min"},
+    "data.on_error": {"raise", "skip"},
+    "workers.learner_engine.zero_stage": {0, 1, 2, 3},
+    "workers.learner_engine.precision": {"fp32", "bf16"},
+    "trainer.mode": {"sync", "async"},
+}
+
+POSITIVE = [
+    "model.height", "model.width", "model.num_frames", "model.lora.rank", "sampler.num_steps",
+    "grpo.group_size", "grpo.prompts_per_step", "grpo.num_inner_epochs", "trainer.steps",
+    "trainer.checkpoint_every", "workers.rollout.num_workers", "workers.reward.num_workers",
+    "workers.learner.num_workers",
+]
+
+
+def _describe(err: OmegaConfBaseException, source: str, key: Optional[str] = None) -> str:
+    key = key or getattr(err, "full_key", None) or "?"
+    msg = str(err).splitlines()[0]
+    return f"{source}: invalid config key '{key}': {msg}"
+
+
+def _check_values(cfg: DictConfig, source: str) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{source}: '{key}' is {value!r}; allowed: {sorted(allowed, key=str)}")
+    for key in POSITIVE:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise ConfigError(f"{source}: '{key}' must be > 0, got {OmegaConf.select(cfg, key)}")
+    if not 0.0 < cfg.grpo.timestep_fraction <= 1.0:
+        raise ConfigError(f"{source}: 'grpo.timestep_fraction' must be in (0, 1]")
+    if cfg.grpo.group_size < 2:
+        raise ConfigError(f"{source}: 'grpo.group_size' must be >= 2 (advantages are relative)")
+    if cfg.model.num_frames % 4 != 1:
+        raise ConfigError(f"{source}: 'model.num_frames' must be 4k+1 (Wan VAE), got {cfg.model.num_frames}")
+    if cfg.model.height % 16 or cfg.model.width % 16:
+        raise ConfigError(f"{source}: 'model.height'/'model.width' must be multiples of 16")
+    for name in cfg.reward.weights:
+        if name not in KNOWN_REWARDS:
+            raise ConfigError(f"{source}: 'reward.weights.{name}' is not a known reward {sorted(KNOWN_REWARDS)}")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{source}: missing required value(s): {', '.join(missing)}")
+
+
+# Names a composite reward may use (reward/composite.py registers the implementations).
+KNOWN_REWARDS = {"face", "vlm", "demo_brightness", "demo_reference_color"}
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults <- YAML file <- `key=value` overrides, type-checked against the dataclasses."""
+    cfg = OmegaConf.structured(Config)
+    source, key = "defaults", None
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            source = str(path)
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+            source, key = f"override '{item}'", item.split("=", 1)[0]
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err, source, key)) from None
+    origin = " + ".join([str(path)] * (path is not None) + [f"overrides {list(overrides)}"] * bool(overrides))
+    _check_values(cfg, origin or "defaults")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def config_from_yaml_text(text: str) -> DictConfig:
+    """Rebuild a validated config from a resolved YAML dump (as stored in checkpoints)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err, "stored config")) from None
+    _check_values(cfg, "stored config")
+    return cfg
+
