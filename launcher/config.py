@@ -34,9 +34,9 @@ class LoraConfig:
     alpha: float = 4.0
     # Attention projections of diffusers' Wan blocks (attn1 = self, attn2 = cross).
     target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    # "zeros": B = 0, so a fresh adapter is an exact no-op (reference == policy at step 0).
-    # "gaussian": peft's default init (A gaussian, B zero).
-    init: str = "gaussian"
+    # peft init of A: "default" (Kaiming) or "gaussian"; B starts at zero either way, so a fresh
+    # adapter is an exact no-op (policy == reference at step 0).
+    init: str = "default"
 
 
 @dataclass
@@ -72,6 +72,8 @@ class SamplerConfig:
     eta: float = 0.7
     std_min: float = 0.0
     std_max: float = 0.5
+    # Phantom's image guidance (its CFG has text and image terms; guidance_scale is the text one).
+    image_guidance_scale: float = 5.0
     negative_prompt: str = ""
     max_sequence_length: int = 32
 
@@ -225,7 +227,7 @@ class Config:
 CHOICES = {
     "model.kind": {"t2v", "vace", "phantom"},
     "model.dtype": {"float32", "bfloat16", "float16"},
-    "model.lora.init": {"zeros", "gaussian"},
+    "model.lora.init": {"default", "gaussian"},
     "sampler.noise_rule": {"eta", "linear"},
     "grpo.std_mode": {"group", "global"},
     "grpo.timestep_order": {"random", "fixed"},

@@ -139,7 +139,9 @@ def save_pretrained(components: WanComponents, directory: str | Path) -> Path:
     """Write the diffusers layout (the same one `WanPipeline.save_pretrained` writes)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    components.transformer.save_pretrained(directory / "transformer")
+    from policy.lora import base_model_copy
+
+    base_model_copy(components.transformer).save_pretrained(directory / "transformer")  # adapters not saved
     components.vae.save_pretrained(directory / "vae")
     components.text_encoder.save_pretrained(directory / "text_encoder")
     components.tokenizer.save_pretrained(directory / "tokenizer")
@@ -228,8 +230,9 @@ def build_components(model_cfg, shift: float = 3.0) -> WanComponents:
         components = load_pretrained_components(model_cfg.path, model_cfg.kind, dtype, shift)
     else:
         components = build_tiny_components(model_cfg.kind, model_cfg.tiny_seed, shift)
-        components.transformer.to(dtype)
-        components.text_encoder.to(dtype)
+        if dtype != torch.float32:
+            components.transformer.to(dtype)
+            components.text_encoder.to(dtype)
     if model_cfg.kind == "phantom" and getattr(model_cfg, "phantom_checkpoint", None):
         from policy.phantom_convert import load_phantom_checkpoint
 

@@ -1,0 +1,216 @@
+"""Diffusion policies over diffusers' Wan classes: text-to-video, VACE and Phantom.
+
+A policy turns (prompt, reference images) into a `Condition` once per prompt group, and then gives the
+classifier-free-guided velocity for any latents and sigma, with the trainable weights or with the
+frozen reference (LoRA adapters disabled, or a frozen copy when fine-tuning fully).
+
+How references enter the model:
+- t2v: they do not.
+- VACE: as in diffusers' `WanVACEPipeline` (whose own preprocessing helpers we call, so the two agree):
+  each reference is VAE-encoded and prepended as an extra leading latent frame of the control input
+  (inactive/reactive halves + 64 mask channels); the noisy latents get as many extra leading frames,
+  which are stripped after denoising.
+- Phantom (Phantom-video/Phantom, `phantom_wan/subject2video.py`): each reference is padded (white)
+  to the video size, VAE-encoded on its own as one latent frame, normalised, and appended *after* the
+  video frames. Those slots always hold the clean reference latents; their predictions are discarded,
+  so the SDE state is the video latents alone. CFG has three terms:
+      v = v(neg text, zero refs) + w_img (v(neg text, refs) - v(neg text, zero refs))
+                                 + w_text (v(text, refs) - v(neg text, refs))
+  t2v and VACE use the usual v = v_uncond + w (v_cond - v_uncond). All terms go in one batched forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, replace
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from policy.lora import adapters_disabled, add_lora, has_lora
+from policy.models import WanComponents, pipeline_for
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass
+class Condition:
+    """Everything besides latents and sigma that the transformer needs, for one prompt (batch 1)."""
+
+    prompt_embeds: torch.Tensor  # (1, L, D)
+    negative_embeds: torch.Tensor  # (1, L, D)
+    latent_shape: tuple  # (C, F, h, w) of the SDE state
+    control: Optional[torch.Tensor] = None  # VACE (1, 96, F, h, w)
+    ref_latents: Optional[torch.Tensor] = None  # Phantom (1, C, K, h, w)
+    num_ref_frames: int = 0  # leading latent frames stripped before decoding (VACE)
+
+    def to(self, device) -> "Condition":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, prompt_embeds=move(self.prompt_embeds), negative_embeds=move(self.negative_embeds),
+                       control=move(self.control), ref_latents=move(self.ref_latents))
+
+
+def _to_pil(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"reference image must be uint8 (H, W, 3), got {array.dtype} {array.shape}")
+    return Image.fromarray(array)
+
+
+class WanPolicy:
+    """Holds the Wan components; `transformer` is the trainable network."""
+
+    def __init__(self, components: WanComponents, model_cfg, sampler_cfg, device="cpu"):
+        self.kind = components.kind
+        self.components = components
+        self.model_cfg, self.sampler_cfg = model_cfg, sampler_cfg
+        self.device = torch.device(device)
+        self.transformer = components.transformer.to(self.device)
+        components.text_encoder.to(self.device)
+        components.vae.to(self.device)
+        self.pipeline = pipeline_for(components)  # a container whose helpers we reuse, never run
+        self.reference_transformer = None
+        if model_cfg.lora.enabled:
+            if not has_lora(self.transformer):
+                add_lora(self.transformer, model_cfg.lora)
+        else:
+            # Full fine-tuning: the reference is a frozen copy taken before any update.
+            self.reference_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+            self.transformer.requires_grad_(True)
+        if model_cfg.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+
+    # ------------------------------------------------------------------ conditioning
+
+    @torch.no_grad()
+    def encode_condition(self, prompt: str, references: Sequence = ()) -> Condition:
+        cfg = self.model_cfg
+        prompt_embeds, negative_embeds = self.pipeline.encode_prompt(
+            prompt=prompt, negative_prompt=self.sampler_cfg.negative_prompt, do_classifier_free_guidance=True,
+            max_sequence_length=self.sampler_cfg.max_sequence_length, device=self.device,
+            dtype=self.transformer.dtype)
+        z = self.components.vae.config.z_dim
+        frames = (cfg.num_frames - 1) // self.pipeline.vae_scale_factor_temporal + 1
+        h = cfg.height // self.pipeline.vae_scale_factor_spatial
+        w = cfg.width // self.pipeline.vae_scale_factor_spatial
+        cond = Condition(prompt_embeds, negative_embeds, latent_shape=(z, frames, h, w))
+        references = [_to_pil(r) for r in references]
+        if len(references) > cfg.max_references:
+            raise ValueError(f"{len(references)} reference images exceed model.max_references={cfg.max_references}")
+        if self.kind == "t2v":
+            return cond
+        if not references:
+            raise ValueError(f"model.kind={self.kind} needs at least one reference image for prompt {prompt!r}")
+        if self.kind == "vace":
+            return self._vace_condition(cond, references)
+        return self._phantom_condition(cond, references)
+
+    def _vace_condition(self, cond: Condition, references: List[Image.Image]) -> Condition:
+        pipe, cfg = self.pipeline, self.model_cfg
+        video, mask, refs = pipe.preprocess_conditions(
+            None, None, references, 1, cfg.height, cfg.width, cfg.num_frames, torch.float32, self.device)
+        control = pipe.prepare_video_latents(video, mask, refs, None, self.device)
+        control = torch.cat([control, pipe.prepare_masks(mask, refs, None)], dim=1).to(self.transformer.dtype)
+        z, frames, h, w = cond.latent_shape
+        k = len(references)
+        return replace(cond, control=control, num_ref_frames=k, latent_shape=(z, frames + k, h, w))
+
+    def _phantom_condition(self, cond: Condition, references: List[Image.Image]) -> Condition:
+        cfg, vae = self.model_cfg, self.components.vae
+        latents = []
+        for image in references:
+            pixels = _pad_to_canvas(image, cfg.height, cfg.width).to(self.device, vae.dtype)
+            latent = vae.encode(pixels[None, :, None]).latent_dist.mode()
+            latents.append(normalize_latents(vae, latent))
+        return replace(cond, ref_latents=torch.cat(latents, dim=2).to(self.transformer.dtype))
+
+    # ------------------------------------------------------------------ velocity
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Within this block `velocity(..., reference=True)` style calls use the frozen reference."""
+        if self.reference_transformer is not None:
+            yield self.reference_transformer
+        else:
+            with adapters_disabled(self.transformer) as frozen:
+                yield frozen
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Condition,
+                 reference: bool = False) -> torch.Tensor:
+        """Guided velocity for latents (B, C, F, h, w) at per-sample sigma (B,), one batched forward."""
+        if reference:
+            with self.reference() as model:
+                return self._guided(model, latents, sigma, cond)
+        return self._guided(self.transformer, latents, sigma, cond)
+
+    def _guided(self, model, latents, sigma, cond: Condition) -> torch.Tensor:
+        batch = latents.shape[0]
+        dtype = model.dtype if hasattr(model, "dtype") else self.transformer.dtype
+        x = latents.to(dtype)
+        timestep = (torch.as_tensor(sigma, dtype=torch.float64, device=x.device) * NUM_TRAIN_TIMESTEPS)
+        timestep = timestep.to(torch.float32).expand(batch)
+        pos = cond.prompt_embeds.expand(batch, -1, -1)
+        neg = cond.negative_embeds.expand(batch, -1, -1)
+        w = self.sampler_cfg.guidance_scale
+        if self.kind == "phantom":
+            refs = cond.ref_latents.expand(batch, -1, -1, -1, -1).to(dtype)
+            with_refs = torch.cat([x, refs], dim=2)
+            zero_refs = torch.cat([x, torch.zeros_like(refs)], dim=2)
+            out = model(hidden_states=torch.cat([with_refs, with_refs, zero_refs]),
+                        timestep=timestep.repeat(3), encoder_hidden_states=torch.cat([pos, neg, neg]),
+                        return_dict=False)[0][:, :, : x.shape[2]]
+            text, image, uncond = out.float().chunk(3)
+            w_img = self.sampler_cfg.image_guidance_scale
+            return uncond + w_img * (image - uncond) + w * (text - image)
+        kwargs = {}
+        if cond.control is not None:
+            kwargs["control_hidden_states"] = cond.control.expand(2 * batch, -1, -1, -1, -1)
+        out = model(hidden_states=torch.cat([x, x]), timestep=timestep.repeat(2),
+                    encoder_hidden_states=torch.cat([pos, neg]), return_dict=False, **kwargs)[0]
+        v_cond, v_uncond = out.float().chunk(2)
+        return v_uncond + w * (v_cond - v_uncond)
+
+    # ------------------------------------------------------------------ decoding
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, cond: Condition) -> torch.Tensor:
+        """Final latents -> uint8 video (B, F, H, W, 3); VACE's reference frames are stripped first."""
+        vae = self.components.vae
+        latents = latents[:, :, cond.num_ref_frames:].to(vae.dtype)
+        video = vae.decode(denormalize_latents(vae, latents), return_dict=False)[0]  # (B, 3, F, H, W)
+        video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return video.permute(0, 2, 3, 4, 1).cpu()
+
+
+def _latent_stats(vae, like: torch.Tensor):
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=like.device, dtype=torch.float32).view(shape)
+    std = torch.tensor(vae.config.latents_std, device=like.device, dtype=torch.float32).view(shape)
+    return mean, std
+
+
+def normalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> the model's latent space (diffusers' Wan pipelines normalise the same way)."""
+    mean, std = _latent_stats(vae, latents)
+    return ((latents.float() - mean) / std).to(latents.dtype)
+
+
+def denormalize_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    mean, std = _latent_stats(vae, latents)
+    return (latents.float() * std + mean).to(latents.dtype)
+
+
+def _pad_to_canvas(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """Phantom's reference preprocessing: fit inside (H, W) keeping aspect, centre on white, [-1, 1]."""
+    scale = min(width / image.width, height / image.height)
+    new_w, new_h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    resized = image.resize((new_w, new_h), Image.LANCZOS)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas.paste(resized, ((width - new_w) // 2, (height - new_h) // 2))
+    pixels = torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255.0
+    return pixels * 2 - 1

@@ -1,0 +1,115 @@
+"""Sample a group of videos for one prompt and record everything the learner needs to replay a step.
+
+Each group member has its own seed: its initial noise and every per-step noise come from its own
+`torch.Generator(seed)`, so a sample depends only on (seed, weights, condition), never on which other
+samples share the batch. That is what makes a re-queued rollout identical to the lost one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import List, Optional, Sequence
+
+import torch
+
+from policy.policy import Condition, WanPolicy
+from policy.sde import NoiseRule, kl_to_reference, sde_step_with_logprob, sigma_schedule
+
+
+@dataclass
+class Trajectory:
+    """One prompt group of G samples: latents at every step (G, T+1, C, F, h, w) and per-step log-probs."""
+
+    latents: torch.Tensor
+    log_probs: Optional[torch.Tensor]  # (G, T) float64; None for a deterministic run
+    sigmas: torch.Tensor  # (T+1,) float64, s_0 = 1 ... s_T = 0
+    seeds: List[int]
+    cond: Condition
+    rule: NoiseRule
+    guidance_scale: float
+    policy_version: int = 0
+    videos: Optional[torch.Tensor] = None  # (G, F, H, W, 3) uint8
+
+    @property
+    def num_steps(self) -> int:
+        return self.sigmas.numel() - 1
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+    def to(self, device) -> "Trajectory":
+        return replace(self, latents=self.latents.to(device), cond=self.cond.to(device))
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple, device="cpu") -> tuple[torch.Tensor, list]:
+    """x_{s=1} per seed, and the generators that then draw that sample's step noise."""
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+    return noise.to(device), generators
+
+
+@torch.no_grad()
+def sample_group(policy: WanPolicy, cond: Condition, seeds: Sequence[int], rule: NoiseRule,
+                 num_steps: int, shift: float, deterministic: bool = False, decode: bool = True,
+                 policy_version: int = 0, latents: Optional[torch.Tensor] = None) -> Trajectory:
+    """Run the full SDE (or, deterministic, the Euler ODE) from s = 1 to 0 for len(seeds) samples."""
+    sigmas = sigma_schedule(num_steps, shift)
+    noise, generators = initial_noise(seeds, cond.latent_shape, policy.device)
+    x = noise if latents is None else latents.to(policy.device, torch.float32)
+    states, log_probs = [x], []
+    for k in range(num_steps):
+        sigma = sigmas[k].expand(len(seeds))
+        v = policy.velocity(x, sigma, cond)
+        step_noise = None
+        if not deterministic:
+            step_noise = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32)
+                                      for g in generators]).to(x.device)
+        step = sde_step_with_logprob(x, v, sigmas[k], sigmas[k + 1], rule, noise=step_noise,
+                                     deterministic=deterministic)
+        x = step.prev_sample
+        states.append(x)
+        if step.log_prob is not None:
+            log_probs.append(step.log_prob)
+    trajectory = Trajectory(
+        latents=torch.stack(states, dim=1).cpu(), log_probs=torch.stack(log_probs, 1).cpu() if log_probs else None,
+        sigmas=sigmas, seeds=[int(s) for s in seeds], cond=cond.to("cpu"), rule=rule,
+        guidance_scale=float(policy.sampler_cfg.guidance_scale), policy_version=policy_version)
+    if decode:
+        trajectory.videos = policy.decode(x, cond)
+    return trajectory
+
+
+@dataclass
+class StepScore:
+    log_prob: torch.Tensor  # (B,) under the current weights
+    mean: torch.Tensor
+    scale: torch.Tensor  # (B,)
+    kl: Optional[torch.Tensor] = None  # (B,) to the reference, when asked for
+
+
+def score_step(policy: WanPolicy, trajectory: Trajectory, step: int, rows: Optional[Sequence[int]] = None,
+               with_kl: bool = False) -> StepScore:
+    """Recompute log p(x_{k+1} | x_k) of stored samples with the current weights (differentiable).
+
+    The noise rule and guidance must be those the rollout used; a mismatch would make the importance
+    ratio silently wrong, so it is an error.
+    """
+    if float(policy.sampler_cfg.guidance_scale) != trajectory.guidance_scale:
+        raise ValueError(f"sampler.guidance_scale {policy.sampler_cfg.guidance_scale} differs from the "
+                         f"rollout's {trajectory.guidance_scale}")
+    rows = list(range(trajectory.latents.shape[0])) if rows is None else list(rows)
+    x = trajectory.latents[rows, step].to(policy.device)
+    x_next = trajectory.latents[rows, step + 1].to(policy.device)
+    cond = trajectory.cond.to(policy.device)
+    s, s_next = trajectory.sigmas[step], trajectory.sigmas[step + 1]
+    sigma = s.expand(len(rows))
+    v = policy.velocity(x, sigma, cond)
+    out = sde_step_with_logprob(x, v, s, s_next, trajectory.rule, prev_sample=x_next)
+    kl = None
+    if with_kl:
+        with torch.no_grad():
+            v_ref = policy.velocity(x, sigma, cond, reference=True)
+            ref = sde_step_with_logprob(x, v_ref, s, s_next, trajectory.rule, prev_sample=x_next)
+        kl = kl_to_reference(out.mean, ref.mean, out.scale)
+    return StepScore(out.log_prob, out.mean, out.scale, kl)

@@ -1,0 +1,155 @@
+"""Stochastic flow-matching step with an exact Gaussian log-probability (Flow-GRPO form).
+
+Wan convention: x_s = (1 - s) x0 + s eps, s runs from 1 (noise) to 0 (data), the model predicts the
+velocity v ~ eps - x0, and one step goes from s_k to s_{k+1} with dt = s_{k+1} - s_k < 0.
+
+The deterministic (ODE) step is x + v dt. Flow-GRPO (arXiv 2505.05470, eq. 9) turns it into an SDE with
+the same marginals by adding the score correction and noise of scale std_k sqrt(-dt):
+
+    mean  = x (1 + std^2 / (2 s) dt) + v (1 + std^2 (1 - s) / (2 s)) dt
+    x'    = mean + std sqrt(-dt) z,      z ~ N(0, I)
+
+Noise rules for std_k (rollout and training must use the same one, else the ratio is silently wrong;
+the sampler stores the rule with the trajectory and the learner checks it):
+    "eta":    std = eta * sqrt(s / (1 - s)), with 1 - s at s = 1 replaced by 1 - s_next (Flow-GRPO)
+    "linear": std = std_min + (std_max - std_min) * s                      (Identity-GRPO code)
+
+log p(x' | x) is the Gaussian log-density, *averaged* (not summed) over all non-batch dimensions,
+so its scale does not depend on the video size. The KL to a reference policy is the closed form for
+two Gaussians with equal scale, also averaged: ||mean - mean_ref||^2 / (2 (std sqrt(-dt))^2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class NoiseRule:
+    """Which std_k the SDE uses; stored with every trajectory so the learner recomputes the same."""
+
+    kind: str = "eta"  # eta | linear
+    eta: float = 0.7
+    std_min: float = 0.0
+    std_max: float = 0.5
+
+    @classmethod
+    def from_config(cls, sampler_cfg) -> "NoiseRule":
+        return cls(kind=sampler_cfg.noise_rule, eta=float(sampler_cfg.eta),
+                   std_min=float(sampler_cfg.std_min), std_max=float(sampler_cfg.std_max))
+
+    def std(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        if self.kind == "eta":
+            # At s = 1 the formula diverges; Flow-GRPO uses the next schedule value below 1 there.
+            denom_sigma = torch.where(sigma >= 1.0, sigma_next, sigma)
+            return self.eta * torch.sqrt(sigma / (1.0 - denom_sigma))
+        if self.kind == "linear":
+            return self.std_min + (self.std_max - self.std_min) * sigma
+        raise ValueError(f"sampler.noise_rule: unknown rule {self.kind!r} (expected 'eta' or 'linear')")
+
+
+@dataclass
+class SdeStep:
+    prev_sample: torch.Tensor  # x_{k+1}
+    log_prob: Optional[torch.Tensor]  # (B,), None for a deterministic (std = 0) step
+    mean: torch.Tensor  # mean of x_{k+1} given x_k
+    std: torch.Tensor  # (B,) std_k (before the sqrt(-dt) factor)
+    scale: torch.Tensor  # (B,) std_k * sqrt(-dt): the Gaussian's scale
+
+
+def _per_sample(value, batch: int, like: torch.Tensor) -> torch.Tensor:
+    value = torch.as_tensor(value, dtype=torch.float64, device=like.device)
+    if value.ndim == 0:
+        value = value.expand(batch)
+    if value.shape != (batch,):
+        raise ValueError(f"sigma must be a scalar or have shape ({batch},), got {tuple(value.shape)}")
+    return value
+
+
+def _expand(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return value.view(-1, *([1] * (like.ndim - 1)))
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, scale^2) per element, averaged over non-batch dims -> (B,). Computed in float64."""
+    x, mean = x.double(), mean.double()
+    scale = _expand(scale.double(), x)
+    log_prob = -((x - mean) ** 2) / (2 * scale**2) - torch.log(scale) - LOG_SQRT_2PI
+    return log_prob.mean(dim=tuple(range(1, x.ndim)))
+
+
+def sde_step_with_logprob(
+    latents: torch.Tensor,
+    velocity: torch.Tensor,
+    sigma,
+    sigma_next,
+    rule: NoiseRule = NoiseRule(),
+    prev_sample: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator | list] = None,
+    deterministic: bool = False,
+) -> SdeStep:
+    """One SDE step from sigma to sigma_next (scalars or per-sample (B,) tensors).
+
+    prev_sample given: score that sample (training recomputes log-probs of stored steps).
+    noise given: use it as z. Otherwise z is drawn from `generator` (one per sample, or shared).
+    deterministic: std = 0, the plain Euler ODE step (diffusers' FlowMatchEulerDiscreteScheduler.step).
+    Arithmetic is in float64 and the sample is cast back to the latents' dtype.
+    """
+    batch = latents.shape[0]
+    s = _per_sample(sigma, batch, latents)
+    s_next = _per_sample(sigma_next, batch, latents)
+    dt = s_next - s
+    if (dt >= 0).any():
+        raise ValueError(f"sigma_next must be < sigma (got {s.tolist()} -> {s_next.tolist()})")
+    if (s <= 0).any():
+        raise ValueError("sigma must be > 0 for an SDE step")
+    x, v = latents.double(), velocity.double()
+    std = torch.zeros_like(s) if deterministic else rule.std(s, s_next)
+    scale = std * torch.sqrt(-dt)
+    s_, dt_, std_ = _expand(s, x), _expand(dt, x), _expand(std, x)
+    mean = x * (1 + std_**2 / (2 * s_) * dt_) + v * (1 + std_**2 * (1 - s_) / (2 * s_)) * dt_
+
+    if deterministic:
+        sample = mean if prev_sample is None else prev_sample.double()
+        return SdeStep(sample.to(latents.dtype), None, mean, std, scale)
+
+    if prev_sample is None:
+        if noise is None:
+            noise = _draw_noise(latents, generator)
+        # Cast first, then score: the stored (cast) sample must get exactly this log-prob again.
+        prev_sample = (mean + _expand(scale, x) * noise.double()).to(latents.dtype)
+    log_prob = gaussian_log_prob(prev_sample, mean, scale)
+    return SdeStep(prev_sample.to(latents.dtype), log_prob, mean, std, scale)
+
+
+def _draw_noise(like: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise; a list of generators gives each sample its own stream."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != like.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {like.shape[0]}")
+        return torch.stack([torch.randn(like.shape[1:], generator=g, dtype=torch.float32, device=like.device)
+                            for g in generator])
+    return torch.randn(like.shape, generator=generator, dtype=torch.float32, device=like.device)
+
+
+def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, scale^2) || N(mean_ref, scale^2)) per element, averaged over non-batch dims -> (B,)."""
+    diff = (mean.double() - mean_ref.double()) ** 2
+    kl = diff / (2 * _expand(scale.double(), diff) ** 2)
+    return kl.mean(dim=tuple(range(1, diff.ndim)))
+
+
+def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
+    """Wan's shifted schedule s_0 = 1 > ... > s_T = 0, exactly as diffusers' scheduler computes it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(num_steps)
+    return scheduler.sigmas.to(torch.float64)

@@ -1,0 +1,175 @@
+"""Policies, sampler and LoRA against diffusers' own pipelines, and the GRPO invariants."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from launcher.config import load_config
+from policy.grpo import grpo_loss
+from policy.lora import lora_state_dict, save_lora
+from policy.models import build_components, pipeline_for, save_pretrained
+from policy.policy import WanPolicy
+from policy.sampler import initial_noise, sample_group, score_step
+from policy.sde import NoiseRule
+
+PROMPT = "two people talk in a sunny park"
+
+
+def make_policy(root, kind, *overrides):
+    cfg = load_config(root / "cluster_configs" / "local_cpu.yaml", [f"model.kind={kind}", *overrides])
+    return WanPolicy(build_components(cfg.model), cfg.model, cfg.sampler), cfg
+
+
+def refs(n=2):
+    rng = np.random.RandomState(0)
+    return [rng.randint(0, 255, (40, 28, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["t2v", "vace"])
+def test_zero_noise_trajectory_equals_diffusers_pipeline(root, kind):
+    policy, cfg = make_policy(root, kind)
+    references = refs() if kind == "vace" else []
+    cond = policy.encode_condition(PROMPT, references)
+    noise, _ = initial_noise([7], cond.latent_shape)
+    ours = sample_group(policy, cond, [7], NoiseRule(), cfg.sampler.num_steps, cfg.sampler.shift,
+                        deterministic=True, decode=False, latents=noise)
+    pipe = pipeline_for(policy.components)
+    kwargs = dict(prompt_embeds=cond.prompt_embeds, negative_prompt_embeds=cond.negative_embeds,
+                  latents=noise.clone(), num_inference_steps=cfg.sampler.num_steps,
+                  guidance_scale=cfg.sampler.guidance_scale, height=cfg.model.height, width=cfg.model.width,
+                  num_frames=cfg.model.num_frames, output_type="latent")
+    if kind == "vace":
+        kwargs["reference_images"] = [Image.fromarray(r) for r in references]
+    theirs = pipe(**kwargs).frames
+    torch.testing.assert_close(ours.final_latents, theirs, rtol=1e-4, atol=1e-4)
+    assert ours.log_probs is None
+
+
+def test_decode_matches_pipeline_video(root):
+    policy, cfg = make_policy(root, "t2v")
+    cond = policy.encode_condition(PROMPT)
+    traj = sample_group(policy, cond, [1], NoiseRule(), 2, cfg.sampler.shift, deterministic=True)
+    pipe = pipeline_for(policy.components)
+    video = pipe(prompt_embeds=cond.prompt_embeds, negative_prompt_embeds=cond.negative_embeds,
+                 latents=traj.latents[:, 0].clone(), num_inference_steps=2, height=32, width=32, num_frames=9,
+                 guidance_scale=cfg.sampler.guidance_scale, output_type="np").frames  # float in [0, 1]
+    assert traj.videos.shape == (1, 9, 32, 32, 3) and traj.videos.dtype == torch.uint8
+    assert np.abs(traj.videos.numpy() / 255.0 - video).max() <= 1.0 / 255 + 1e-4
+
+
+@pytest.mark.parametrize("kind", ["t2v", "vace", "phantom"])
+def test_first_update_ratio_is_exactly_one(root, kind):
+    policy, cfg = make_policy(root, kind)
+    cond = policy.encode_condition(PROMPT, refs() if kind != "t2v" else [])
+    traj = sample_group(policy, cond, [1, 2, 3], NoiseRule.from_config(cfg.sampler), 3, 3.0)
+    assert traj.log_probs.shape == (3, 3) and traj.videos.shape == (3, 9, 32, 32, 3)
+    for k in range(3):
+        score = score_step(policy, traj, k)
+        assert torch.equal(score.log_prob.detach(), traj.log_probs[:, k])
+        assert torch.equal(torch.exp(score.log_prob - traj.log_probs[:, k]), torch.ones(3, dtype=torch.float64))
+
+
+def test_seeds_reproduce_and_members_differ(root):
+    policy, cfg = make_policy(root, "vace")
+    cond = policy.encode_condition(PROMPT, refs(1))
+    rule = NoiseRule.from_config(cfg.sampler)
+    a = sample_group(policy, cond, [5, 6], rule, 3, 3.0, decode=False)
+    b = sample_group(policy, cond, [5, 6], rule, 3, 3.0, decode=False)
+    c = sample_group(policy, cond, [6], rule, 3, 3.0, decode=False)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
+    assert not torch.equal(a.latents[0, 0], a.latents[1, 0])
+    assert not torch.equal(a.latents[0, 2], a.latents[1, 2])
+    torch.testing.assert_close(c.latents[0], a.latents[1], rtol=1e-5, atol=1e-5)  # batch-independent
+
+
+def _sgd(policy, traj, advantage, steps=3, lr=0.05):
+    params = [p for p in policy.transformer.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr)
+    adv = torch.full((traj.latents.shape[0],), float(advantage))
+    for _ in range(steps):
+        opt.zero_grad()
+        score = score_step(policy, traj, 1)
+        loss, _ = grpo_loss(score.log_prob, traj.log_probs[:, 1], adv, clip_range=1e6)
+        loss.backward()
+        opt.step()
+    return score_step(policy, traj, 1).log_prob.detach()
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_advantage_sign_moves_log_prob(root, sign):
+    policy, cfg = make_policy(root, "vace", "model.lora.rank=8")
+    cond = policy.encode_condition(PROMPT, refs(1))
+    traj = sample_group(policy, cond, [1, 2], NoiseRule.from_config(cfg.sampler), 3, 3.0, decode=False)
+    after = _sgd(policy, traj, sign)
+    delta = after - traj.log_probs[:, 1]
+    assert (sign * delta > 0).all(), delta
+
+
+def test_kl_zero_at_init_positive_after_update(root):
+    policy, cfg = make_policy(root, "vace")
+    cond = policy.encode_condition(PROMPT, refs(1))
+    traj = sample_group(policy, cond, [1, 2], NoiseRule.from_config(cfg.sampler), 3, 3.0, decode=False)
+    assert torch.equal(score_step(policy, traj, 1, with_kl=True).kl, torch.zeros(2, dtype=torch.float64))
+    _sgd(policy, traj, 1.0)
+    assert (score_step(policy, traj, 1, with_kl=True).kl > 0).all()
+
+
+def test_full_finetune_reference_is_frozen_copy(root):
+    policy, cfg = make_policy(root, "t2v", "model.lora.enabled=false")
+    assert policy.reference_transformer is not None
+    assert all(p.requires_grad for p in policy.transformer.parameters())
+    cond = policy.encode_condition(PROMPT)
+    traj = sample_group(policy, cond, [1, 2], NoiseRule.from_config(cfg.sampler), 3, 3.0, decode=False)
+    assert torch.equal(score_step(policy, traj, 1, with_kl=True).kl, torch.zeros(2, dtype=torch.float64))
+    _sgd(policy, traj, 1.0, lr=0.01)
+    assert (score_step(policy, traj, 1, with_kl=True).kl > 0).all()
+
+
+@pytest.mark.parametrize("kind", ["t2v", "vace"])
+def test_lora_file_loads_into_diffusers_pipeline(root, tmp_path, kind):
+    policy, cfg = make_policy(root, kind)
+    cond = policy.encode_condition(PROMPT, refs(1) if kind == "vace" else [])
+    traj = sample_group(policy, cond, [1, 2], NoiseRule.from_config(cfg.sampler), 3, 3.0, decode=False)
+    _sgd(policy, traj, 1.0)
+    lora_path = save_lora(policy.transformer, tmp_path / "lora", kind)
+    assert lora_path.is_file() and len(lora_state_dict(policy.transformer)) > 0
+
+    base_policy, _ = make_policy(root, kind)  # same tiny seed: the untouched base weights
+    save_pretrained(base_policy.components, tmp_path / "base")
+    from diffusers import WanPipeline, WanVACEPipeline
+
+    pipe = (WanVACEPipeline if kind == "vace" else WanPipeline).from_pretrained(tmp_path / "base")
+    x, sigma = traj.latents[:, 1], traj.sigmas[1].expand(2)
+    kwargs = {} if cond.control is None else {"control_hidden_states": cond.control.expand(2, -1, -1, -1, -1)}
+
+    def pipe_out():
+        with torch.no_grad():
+            return pipe.transformer(hidden_states=x, timestep=(sigma * 1000).float(),
+                                    encoder_hidden_states=cond.prompt_embeds.expand(2, -1, -1), **kwargs).sample
+
+    before = pipe_out()
+    pipe.load_lora_weights(tmp_path / "lora")
+    after = pipe_out()
+    with torch.no_grad():
+        trained = policy.transformer(hidden_states=x, timestep=(sigma * 1000).float(),
+                                     encoder_hidden_states=cond.prompt_embeds.expand(2, -1, -1), **kwargs).sample
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, trained, rtol=1e-5, atol=1e-5)
+
+
+def test_phantom_guidance_terms(root):
+    """With w_img = w_text = 1 the Phantom CFG is the fully conditioned prediction alone."""
+    policy, cfg = make_policy(root, "phantom", "sampler.guidance_scale=1.0", "sampler.image_guidance_scale=1.0")
+    cond = policy.encode_condition(PROMPT, refs(2))
+    assert cond.ref_latents.shape == (1, 16, 2, 4, 4) and cond.latent_shape == (16, 3, 4, 4)
+    x = torch.randn(2, *cond.latent_shape)
+    sigma = torch.tensor([0.7, 0.7], dtype=torch.float64)
+    v = policy.velocity(x, sigma, cond)
+    with torch.no_grad():
+        full = policy.transformer(hidden_states=torch.cat([x, cond.ref_latents.expand(2, -1, -1, -1, -1)], 2),
+                                  timestep=torch.full((2,), 700.0),
+                                  encoder_hidden_states=cond.prompt_embeds.expand(2, -1, -1)).sample
+    torch.testing.assert_close(v, full[:, :, :3], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="reference image"):
+        policy.encode_condition(PROMPT, [])
