@@ -1,20 +1,280 @@
 """Identity-GRPO training driver (single controller).
 
     python -m launcher.train --config cluster_configs/local_cpu.yaml [key.sub=value ...] [--print-config]
+
+The algorithm, one step:
+    prompts    P prompt samples (text + one reference photo per person) from the WebDataset stream
+    rollouts   each prompt -> a group of G videos from the policy, with per-step log-probs
+    rewards    reward workers score the videos (object refs go worker to worker, not via the driver)
+    advantages group-normalised rewards (policy/grpo.py)
+    update     DeepSpeed learner ranks apply the clipped-ratio GRPO loss + KL to the reference
+    sync       the new policy version's weights go to the rollout workers
+    log, checkpoint
+Sync mode is on-policy. Async mode launches the next step's rollouts before the update, with the
+weights of the version before it (staleness 1, bounded by trainer.max_staleness); the importance ratio
+against the recorded rollout log-probs corrects for it. A dead rollout or reward worker is restarted
+by Ray and its call re-run with the same seeds and version; a dead learner rank makes the driver
+restart the learner group and roll the whole run back to the last checkpoint.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from data.reader import ShardReader
+from launcher.checkpoint import CheckpointManager
 from launcher.cli import parse_config
+from launcher.cluster import (Workers, build_workers, connect_ray, restart_learner, split_groups,
+                              start_learner, stop_ray)
+from launcher.config import to_yaml
+from launcher.metrics import MetricsLogger
+from launcher.progress import Progress
+from policy.grpo import advantage_stats, group_advantages
+from workers.common import maybe_fault, sample_seed
+
+log = logging.getLogger("identity_grpo")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+@dataclass
+class RunState:
+    """Everything the driver needs to continue a run exactly (saved in every checkpoint)."""
+
+    step: int = 0  # last completed step
+    version: int = 0  # policy version the learner holds
+    reader: Optional[dict] = None  # prompt stream position after the last completed step's prompts
+    weights: Dict[int, object] = field(default_factory=dict)  # version -> ref of its published weights
+    resume_rollout_version: Optional[int] = None  # async resume: the in-flight step's (older) version
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.out = Path(cfg.trainer.output_dir)
+        self.checkpoints = CheckpointManager(self.out, cfg.trainer.keep_last)
+        self.started_ray = connect_ray(cfg)
+        self.workers: Workers = build_workers(cfg)
+        start_learner(self.workers.learner)
+        self.state = self.restore(self.checkpoints.resolve(cfg.trainer.resume))
+        self.metrics = MetricsLogger(self.out, cfg.logging.tensorboard, resume_step=self.state.step)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> RunState:
+        cfg = self.cfg
+        progress = Progress(cfg.trainer.steps, self.state.step, enabled=cfg.logging.progress_bar)
+        next_rollouts = None  # async mode: the next step's rollouts, already running
+        while self.state.step < cfg.trainer.steps:
+            step = self.state.step + 1
+            t_step = time.perf_counter()
+            try:
+                # 1-2. prompts -> rollouts (refs)
+                if next_rollouts is None:
+                    version = self.state.resume_rollout_version
+                    version = self.state.version if version is None else version
+                    self.state.resume_rollout_version = None
+                    next_rollouts = self.launch_rollouts(step, version)
+                samples, trajectories, reader_state = next_rollouts
+                next_rollouts = None
+                # 3. rewards: reward workers read the trajectories straight from the rollout workers
+                t0 = time.perf_counter()
+                scored = self.score(step, trajectories)
+                rewards_s = time.perf_counter() - t0
+                # 4. advantages within each prompt group
+                totals = torch.stack([s["scores"]["total"] for s in scored])
+                adv = group_advantages(totals, cfg.grpo.std_mode, cfg.grpo.adv_eps, cfg.grpo.adv_clip)
+                # async: start the next step's rollouts now, with the current weights
+                if cfg.trainer.mode == "async" and cfg.trainer.max_staleness >= 1 and step < cfg.trainer.steps:
+                    next_rollouts = self.launch_rollouts(step + 1, self.state.version)
+                staleness = [self.state.version - s["policy_version"] for s in scored]
+                if max(staleness) > cfg.trainer.max_staleness:
+                    raise AssertionError(f"trajectory staleness {max(staleness)} exceeds "
+                                         f"trainer.max_staleness={cfg.trainer.max_staleness}")
+                # 5. GRPO update on the learner ranks
+                t0 = time.perf_counter()
+                learn = self.update(step, trajectories, adv)
+                learn_s = time.perf_counter() - t0
+            except RayActorError as err:
+                if not self.is_learner_failure(err):
+                    raise
+                log.warning("learner rank died (%s); restarting the learner group from the last checkpoint", err)
+                next_rollouts = self.recover_learner()
+                continue
+            # 6. sync: publish the new version to the rollout workers
+            t0 = time.perf_counter()
+            self.state.version += 1
+            self.publish_weights()
+            sync_s = time.perf_counter() - t0
+            self.state.step, self.state.reader = step, reader_state
+            # 7. log and checkpoint
+            record = self.record(step, scored, adv, learn, staleness, rewards_s, learn_s, sync_s,
+                                 time.perf_counter() - t_step)
+            self.metrics.log(record)
+            if cfg.logging.video_every and step % cfg.logging.video_every == 0:
+                traj = ray.get(trajectories[0])
+                self.metrics.log_videos(step, traj.videos, traj.references)
+            if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps:
+                self.save_checkpoint(step, next_rollouts)
+            progress.update(step, record)
+        progress.close()
+        return self.state
+
+    # ------------------------------------------------------------------ phases
+
+    def launch_rollouts(self, step: int, version: int):
+        """Read P prompts and start one rollout per prompt group; returns (samples, refs, reader state)."""
+        cfg = self.cfg
+        stream = self._stream()
+        samples = [next(stream) for _ in range(cfg.grpo.prompts_per_step)]
+        reader_state = self.prompts.state_dict()
+        weights_box = [self.state.weights[version]]
+        refs = []
+        for g, sample in enumerate(samples):
+            seeds = [sample_seed(cfg.trainer.seed, step, g, i) for i in range(cfg.grpo.group_size)]
+            rollout = self.workers.rollout.actors[g % len(self.workers.rollout)]
+            refs.append(rollout.generate.remote(step, _light(sample), seeds, version, weights_box))
+        return samples, refs, reader_state
+
+    def score(self, step: int, trajectories: List) -> List[dict]:
+        """Round-robin the groups over reward workers; only the small scores come back to the driver."""
+        n = len(self.workers.reward)
+        pending = [self.workers.reward.actors[r].score.remote(step, *trajectories[r::n]) for r in range(n)]
+        results = ray.get(pending)
+        out = [None] * len(trajectories)
+        for r, chunk in enumerate(results):
+            for j, item in enumerate(chunk):
+                out[r + j * n] = item
+        return out
+
+    def update(self, step: int, trajectories: List, adv) -> Dict[str, float]:
+        shares = split_groups(len(trajectories), len(self.workers.learner))
+        calls = [(step, ids, [adv.values[i] for i in ids], [adv.mask[i] for i in ids],
+                  *[trajectories[i] for i in ids]) for ids in shares]
+        per_rank = ray.get(self.workers.learner.run_split("update", calls))
+        summed = {k: sum(r[k] for r in per_rank) for k in per_rank[0]}
+        micro = max(1, summed["micro_steps"])
+        stats = {k: summed[k] / micro for k in ("policy_loss", "kl", "ratio_mean", "clip_frac", "loss")}
+        stats.update(ratio_min=min(r["ratio_min"] for r in per_rank), ratio_max=max(r["ratio_max"] for r in per_rank),
+                     first_epoch_logprob_dev=max(r["first_epoch_logprob_dev"] for r in per_rank),
+                     grad_norm=per_rank[0]["grad_norm"], lr=per_rank[0]["lr"])
+        return stats
+
+    def publish_weights(self) -> None:
+        """Learner -> object store -> every rollout worker; older versions beyond the staleness bound go."""
+        refs = self.workers.learner.run("weights")
+        ray.wait(refs, num_returns=len(refs))
+        version = self.state.version
+        self.state.weights[version] = refs[0]
+        ray.get(self.workers.rollout.run("set_weights", version, refs[0]))
+        for old in [v for v in self.state.weights if v < version - max(1, self.cfg.trainer.max_staleness)]:
+            del self.state.weights[old]
+
+    # ------------------------------------------------------------------ checkpoints and recovery
+
+    def save_checkpoint(self, step: int, inflight) -> None:
+        cfg = self.cfg
+        inflight_version = None
+        if inflight is not None:  # async: the next step's rollouts use an older version: keep its weights
+            inflight_version = self.state.version - 1
+        driver_state = {
+            "step": step, "version": self.state.version, "reader": self.state.reader,
+            "inflight_version": inflight_version,
+            "inflight_weights": ray.get(self.state.weights[inflight_version]) if inflight_version is not None else None,
+            "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+        }
+
+        def write_parts(tmp: Path) -> None:
+            ray.get(self.workers.learner.run("save", str(tmp)))
+
+        self.checkpoints.save(step, write_parts, driver_state, to_yaml(cfg),
+                              before_commit=lambda: maybe_fault(cfg, "checkpoint", 0, step))
+
+    def restore(self, path: Optional[Path]) -> RunState:
+        """Learner weights and optimizer, reader position and step from a checkpoint (or a fresh start)."""
+        state = RunState()
+        if path is not None:
+            saved = CheckpointManager.load_driver_state(path)
+            ray.get(self.workers.learner.run("load", str(path)))
+            state = RunState(step=saved["step"], version=saved["version"], reader=saved["reader"])
+            if saved.get("inflight_version") is not None:
+                state.weights[saved["inflight_version"]] = ray.put(saved["inflight_weights"])
+                state.resume_rollout_version = saved["inflight_version"]
+            torch.set_rng_state(saved["torch_rng"])
+            np.random.set_state(saved["numpy_rng"])
+            log.info("resumed from %s (step %d, policy version %d)", path, state.step, state.version)
+        self.prompts = ShardReader.from_config(self.cfg.data, "prompt")
+        if state.reader is not None:
+            self.prompts.load_state_dict(state.reader)
+        self._iter = None
+        self.state = state
+        self.publish_weights()  # rollout workers get the restored weights before the first rollout
+        return state
+
+    def recover_learner(self):
+        restart_learner(self.workers.learner)
+        self.state = self.restore(self.checkpoints.latest())
+        self.metrics.truncate_after(self.state.step)
+        return None
+
+    def is_learner_failure(self, err: RayActorError) -> bool:
+        learner_ids = {a._actor_id.hex() for a in self.workers.learner.actors}
+        return getattr(err, "actor_id", None) in learner_ids or "LearnerWorker" in str(err)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _stream(self):
+        if getattr(self, "_iter", None) is None:
+            self._iter = iter(self.prompts)
+        return self._iter
+
+    def record(self, step, scored, adv, learn, staleness, reward_s, learn_s, sync_s, step_s) -> Dict[str, float]:
+        totals = torch.stack([s["scores"]["total"] for s in scored]).flatten()
+        finite = totals[torch.isfinite(totals)]
+        record = {
+            "step": step, "reward_mean": float(finite.mean()) if finite.numel() else float("nan"),
+            "reward_std": float(finite.std()) if finite.numel() > 1 else 0.0,
+            "reward_failed": int((~torch.isfinite(totals)).sum()), "policy_version": self.state.version,
+            "staleness_max": max(staleness), "rollout_s": max(s["rollout_s"] for s in scored),
+            "reward_s": reward_s, "learn_s": learn_s, "sync_s": sync_s, "step_s": step_s,
+            "data_skipped": self.prompts.num_skipped,
+        }
+        for name in scored[0]["scores"]:
+            if name != "total":
+                values = torch.stack([s["scores"][name] for s in scored]).flatten()
+                values = values[torch.isfinite(values)]
+                record[f"reward_{name}"] = float(values.mean()) if values.numel() else float("nan")
+        record.update(learn)
+        record.update(advantage_stats(adv))
+        return record
+
+    def close(self) -> None:
+        self.metrics.close()
+        stop_ray(self.started_ray, self.workers)
+
+
+def _light(sample: dict) -> dict:
+    """What a rollout needs of a prompt sample."""
+    return {"key": sample["key"], "prompt": sample["prompt"], "refs": list(sample["refs"])}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> RunState:
     cfg, _ = parse_config(__doc__, argv)
-    raise NotImplementedError(
-        "launcher.train: the distributed GRPO loop (rollout/reward/learner workers) is not built yet; "
-        "see README 'Not built yet'. `--print-config` works.")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    trainer = Trainer(cfg)
+    try:
+        state = trainer.train()
+    finally:
+        trainer.close()
+    log.info("done: %d steps, policy version %d; outputs in %s", state.step, state.version, cfg.trainer.output_dir)
+    return state
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ class Trajectory:
     guidance_scale: float
     policy_version: int = 0
     videos: Optional[torch.Tensor] = None  # (G, F, H, W, 3) uint8
+    prompt: str = ""
+    references: Optional[list] = None  # uint8 (H, W, 3) arrays, one per person: what rewards compare to
+    key: str = ""  # the prompt sample's key in its shard
+    rollout_s: float = 0.0
 
     @property
     def num_steps(self) -> int:

@@ -1,0 +1,70 @@
+"""What every worker shares: rebuilding the config, seeding, and deliberate faults for tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launcher.config import config_from_yaml_text
+
+log = logging.getLogger(__name__)
+
+
+def worker_config(cfg_yaml: str):
+    """Workers get the resolved config as YAML text (plain data travels through Ray without surprises)."""
+    torch.set_num_threads(1)  # colocated actors share the cores; one thread each avoids oversubscription
+    return config_from_yaml_text(cfg_yaml)
+
+
+def sample_seed(base_seed: int, step: int, group: int, member: int) -> int:
+    """A well-mixed 63-bit seed per (run seed, step, prompt group, group member).
+
+    A sample's noise depends on this seed alone, so a re-queued rollout reproduces the lost one
+    exactly and different members never share noise.
+    """
+    return int(np.random.SeedSequence([base_seed, step, group, member]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def maybe_fault(cfg, role: str, rank: int, step: int) -> None:
+    """Kill this process once if `faults.role/rank/step` name it (a marker file makes it happen once)."""
+    faults = cfg.faults
+    if faults.role != role or faults.rank != rank or faults.step != step:
+        return
+    marker = Path(cfg.trainer.output_dir) / "faults" / f"{role}_{rank}_step{step}.done"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"killed pid {os.getpid()}\n")
+    log.warning("faults: killing %s rank %d at step %d (pid %d)", role, rank, step, os.getpid())
+    os._exit(1)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class WorkerBase:
+    """Rank bookkeeping and a few introspection calls every actor answers."""
+
+    def __init__(self, rank: int, world_size: int, cfg_yaml: str):
+        self.rank, self.world_size = rank, world_size
+        self.cfg = worker_config(cfg_yaml)
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {type(self).__name__}[{rank}] %(message)s")
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def ping(self) -> bool:
+        return True

@@ -1,0 +1,144 @@
+"""A worker group: N Ray actors of one class, placed on placement-group bundles, called together.
+
+Single-controller style (verl, OpenRLHF): the driver holds the control flow and calls
+`group.run("method", ...)`, which fans out to every actor and returns object refs. Arguments that are
+object refs are passed through untouched, so data moves worker to worker without visiting the driver.
+
+Placement: each pool gets bundles {CPU: k, GPU: g, <node_resource>: 0.001} from its `workers.<pool>`
+config. With `workers.colocate=true` all pools share one placement group (one bundle per device slot)
+and each actor asks for a fraction of its slot's resources, so roles take turns on the same devices.
+Ray's placement groups: https://docs.ray.io/en/latest/ray-core/scheduling/placement-group.html
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+log = logging.getLogger(__name__)
+
+POOLS = ("rollout", "reward", "learner")
+# In colocated mode each role takes this share of a slot, so all three fit in one bundle.
+COLOCATED_SHARE = {"rollout": 0.3, "reward": 0.3, "learner": 0.3}
+
+
+@dataclass
+class Placement:
+    """Where a pool's actor i goes: a placement group, a bundle index and the resources it asks for."""
+
+    group: PlacementGroup
+    bundles: List[int]
+    num_cpus: float
+    num_gpus: float
+    resources: Dict[str, float]
+
+
+def _bundle(pool_cfg, device_is_gpu: bool) -> Dict[str, float]:
+    bundle = {"CPU": float(pool_cfg.num_cpus_per_worker)}
+    if device_is_gpu and pool_cfg.num_gpus_per_worker > 0:
+        bundle["GPU"] = float(pool_cfg.num_gpus_per_worker)
+    if pool_cfg.node_resource:
+        bundle[pool_cfg.node_resource] = 0.001
+    return bundle
+
+
+def plan_placements(workers_cfg, device_is_gpu: bool, timeout_s: float = 120) -> Dict[str, Placement]:
+    """Reserve resources for all pools (waits until the cluster can host them, else a clear error)."""
+    placements: Dict[str, Placement] = {}
+    if workers_cfg.colocate:
+        slots = max(workers_cfg[p].num_workers for p in POOLS)
+        slot = {"CPU": max(float(workers_cfg[p].num_cpus_per_worker) for p in POOLS)}
+        gpus = max(float(workers_cfg[p].num_gpus_per_worker) for p in POOLS)
+        if device_is_gpu and gpus > 0:
+            slot["GPU"] = gpus
+        group = _reserve([dict(slot) for _ in range(slots)], "colocated", timeout_s)
+        for pool in POOLS:
+            share = COLOCATED_SHARE[pool]
+            n = workers_cfg[pool].num_workers
+            placements[pool] = Placement(group, list(range(n)), slot["CPU"] * share,
+                                         slot.get("GPU", 0.0) * share, {})
+        return placements
+    for pool in POOLS:
+        pool_cfg = workers_cfg[pool]
+        bundle = _bundle(pool_cfg, device_is_gpu)
+        group = _reserve([dict(bundle) for _ in range(pool_cfg.num_workers)], pool, timeout_s)
+        extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+        placements[pool] = Placement(group, list(range(pool_cfg.num_workers)), bundle["CPU"],
+                                     bundle.get("GPU", 0.0), extra)
+    return placements
+
+
+def _reserve(bundles: List[Dict[str, float]], name: str, timeout_s: float) -> PlacementGroup:
+    group = placement_group(bundles, strategy="PACK", name=f"identity-grpo-{name}")
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        remove_placement_group(group)
+        raise RuntimeError(
+            f"workers.{name}: the Ray cluster cannot host bundles {bundles} within {timeout_s:.0f}s; "
+            f"cluster resources: {ray.cluster_resources()}")
+    return group
+
+
+class WorkerGroup:
+    """N actors of `actor_cls` (a plain class; made remote here), rank i on bundle i of its placement."""
+
+    def __init__(self, name: str, actor_cls, placement: Placement, actor_args: Sequence[Any] = (),
+                 max_restarts: int = 0, max_task_retries: int = 0):
+        self.name = name
+        self._placement = placement
+        self._remote_cls = ray.remote(actor_cls)
+        self._args = tuple(actor_args)
+        self._restarts = (max_restarts, max_task_retries)
+        self.actors = [self._spawn(rank) for rank in range(len(placement.bundles))]
+
+    def _spawn(self, rank: int):
+        p = self._placement
+        options = dict(
+            num_cpus=p.num_cpus, num_gpus=p.num_gpus, resources=p.resources or None,
+            max_restarts=self._restarts[0], max_task_retries=self._restarts[1],
+            scheduling_strategy=PlacementGroupSchedulingStrategy(p.group, placement_group_bundle_index=p.bundles[rank]),
+        )
+        return self._remote_cls.options(**options).remote(rank, len(self._placement.bundles), *self._args)
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def run(self, method: str, *args, **kwargs) -> List[ray.ObjectRef]:
+        """Call `method(*args, **kwargs)` on every actor; returns one ref per actor."""
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+
+    def run_rank(self, rank: int, method: str, *args, **kwargs) -> ray.ObjectRef:
+        return getattr(self.actors[rank], method).remote(*args, **kwargs)
+
+    def run_split(self, method: str, per_rank_args: Sequence[Sequence[Any]], **kwargs) -> List[ray.ObjectRef]:
+        """Call each actor with its own arguments (rank i gets per_rank_args[i])."""
+        if len(per_rank_args) != len(self.actors):
+            raise ValueError(f"{self.name}: {len(per_rank_args)} argument sets for {len(self.actors)} actors")
+        return [getattr(a, method).remote(*args, **kwargs) for a, args in zip(self.actors, per_rank_args)]
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+
+    def respawn(self) -> None:
+        """New actors on the same bundles (gang restart, e.g. the learner after a member died)."""
+        self.kill()
+        self.actors = [self._spawn(rank) for rank in range(len(self._placement.bundles))]
+
+
+def node_of(actor) -> str:
+    return ray.get(actor.node_id.remote())
+
+
+def release(placements: Optional[Dict[str, Placement]]) -> None:
+    seen = set()
+    for p in (placements or {}).values():
+        if id(p.group) not in seen:
+            seen.add(id(p.group))
+            remove_placement_group(p.group)

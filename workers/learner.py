@@ -1,0 +1,167 @@
+"""Learner worker: one rank of a DeepSpeed ZeRO engine group that applies GRPO updates.
+
+The ranks form one torch.distributed group (gloo on CPU, NCCL on GPU); rank 0 publishes the
+rendezvous address. Each rank trains on its share of the prompt groups. One micro-step is one group
+(all G samples in one batched forward, as in the rollout, so the first recomputed log-prob matches the
+rollout's bit for bit) at one sampled timestep; DeepSpeed accumulates the micro-steps of an update
+(`gradient_accumulation_steps` = groups per rank x trained timesteps) and steps the optimizer once,
+after all-reducing gradients across ranks and clipping them.
+
+A collective group cannot lose a member, so the driver gang-restarts this whole group from the last
+checkpoint when any rank dies (launcher/train.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from policy.grpo import grpo_loss, select_timesteps
+from policy.lora import lora_state_dict, save_lora
+from policy.models import build_components
+from policy.policy import WanPolicy
+from policy.sampler import score_step
+from workers.common import WorkerBase, free_port, maybe_fault, sample_seed
+
+ENGINE_TAG = "engine"
+
+
+def deepspeed_config(cfg, grad_accum: int) -> dict:
+    engine = cfg.workers.learner_engine
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": float(cfg.optim.grad_clip),
+        "zero_optimization": {"stage": int(engine.zero_stage)},
+        "bf16": {"enabled": engine.precision == "bf16"},
+        # torch_adam: the plain torch AdamW, so no fused op is compiled (see ../shared/CPU_STACK.md).
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": float(cfg.optim.lr), "betas": list(cfg.optim.betas),
+            "weight_decay": float(cfg.optim.weight_decay), "torch_adam": True}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optim.warmup_steps > 0:  # linear warm-up from 0, then constant; no scheduler = constant lr
+        config["scheduler"] = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": float(cfg.optim.lr),
+            "warmup_num_steps": int(cfg.optim.warmup_steps), "warmup_type": "linear"}}
+    return config
+
+
+def trained_timesteps(cfg) -> int:
+    return max(1, int(round(cfg.grpo.timestep_fraction * cfg.sampler.num_steps)))
+
+
+class LearnerWorker(WorkerBase):
+    def __init__(self, rank: int, world_size: int, cfg_yaml: str):
+        super().__init__(rank, world_size, cfg_yaml)
+        self.engine = None
+        self.policy: Optional[WanPolicy] = None
+
+    # ------------------------------------------------------------------ setup
+
+    def rendezvous(self) -> tuple:
+        import ray
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the process group and build the engine; returns the number of trainable parameters."""
+        import deepspeed
+
+        cfg = self.cfg
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          LOCAL_RANK="0" if cfg.trainer.device == "cpu" else str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_WORLD_SIZE=str(self.world_size))
+        if cfg.trainer.device.startswith("cuda"):
+            os.environ["LOCAL_RANK"] = "0"  # Ray gives each actor its own visible GPU
+        deepspeed.init_distributed(dist_backend="gloo" if cfg.trainer.device == "cpu" else "nccl")
+        torch.manual_seed(cfg.trainer.seed)
+        self.policy = WanPolicy(build_components(cfg.model, cfg.sampler.shift), cfg.model, cfg.sampler,
+                                device=cfg.trainer.device)
+        params = [p for p in self.policy.transformer.parameters() if p.requires_grad]
+        groups_per_rank = cfg.grpo.prompts_per_step // self.world_size
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.policy.transformer, model_parameters=params,
+            config=deepspeed_config(cfg, groups_per_rank * trained_timesteps(cfg)))
+        self.policy.transformer = self.engine.module
+        return sum(p.numel() for p in params)
+
+    def shutdown(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    # ------------------------------------------------------------------ training
+
+    def update(self, step: int, group_ids: List[int], advantages: List[torch.Tensor], masks: List[torch.Tensor],
+               *trajectories) -> Dict[str, float]:
+        """GRPO update on this rank's groups; returns summed stats (the driver averages over ranks)."""
+        maybe_fault(self.cfg, "learner", self.rank, step)
+        cfg, engine = self.cfg, self.engine
+        engine.train()
+        start = time.perf_counter()
+        sums: Dict[str, float] = {}
+        count, first_epoch_dev = 0, 0.0
+        for epoch in range(cfg.grpo.num_inner_epochs):
+            for gid, adv, mask, traj in zip(group_ids, advantages, masks, trajectories):
+                gen = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, step, gid, 10_000 + epoch))
+                for k in select_timesteps(traj.num_steps, cfg.grpo.timestep_fraction,
+                                          cfg.grpo.timestep_order, gen).tolist():
+                    score = score_step(self.policy, traj, k, with_kl=cfg.grpo.kl_beta > 0)
+                    loss, stats = grpo_loss(score.log_prob, traj.log_probs[:, k], adv, cfg.grpo.clip_range,
+                                            kl=score.kl, kl_beta=cfg.grpo.kl_beta, mask=mask)
+                    engine.backward(loss)
+                    engine.step()
+                    if epoch == 0:
+                        dev = (score.log_prob.detach() - traj.log_probs[:, k]).abs().max().item()
+                        first_epoch_dev = max(first_epoch_dev, dev)
+                    for name, value in stats.items():
+                        sums[name] = sums.get(name, 0.0) + float(value)
+                    count += 1
+        sums.update(micro_steps=count, first_epoch_logprob_dev=first_epoch_dev,
+                    learn_s=time.perf_counter() - start, lr=float(engine.get_lr()[0]),
+                    grad_norm=float(engine.get_global_grad_norm() or 0.0))
+        return sums
+
+    # ------------------------------------------------------------------ weights and checkpoints
+
+    def weights(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The trainable weights to publish (LoRA adapters, or the full state). Collective under ZeRO-3:
+        every rank must call it; rank 0 returns the gathered tensors, the others None."""
+        import deepspeed
+
+        module = self.engine.module
+        params = [p for p in module.parameters() if p.requires_grad] if self.cfg.model.lora.enabled \
+            else list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if self.rank != 0:
+                return None
+            if self.cfg.model.lora.enabled:
+                return lora_state_dict(module)
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    def save(self, directory: str) -> None:
+        """Engine state (model + optimizer + lr schedule) by every rank; LoRA in diffusers format by rank 0."""
+        import deepspeed
+
+        directory = Path(directory)
+        self.engine.save_checkpoint(str(directory / "learner"), tag=ENGINE_TAG)
+        if self.cfg.model.lora.enabled:
+            params = [p for p in self.engine.module.parameters() if p.requires_grad]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                if self.rank == 0:
+                    save_lora(self.engine.module, directory / "lora", self.cfg.model.kind)
+        torch.save(torch.get_rng_state(), directory / "learner" / f"rng_rank{self.rank}.pt")
+
+    def load(self, directory: str) -> None:
+        directory = Path(directory)
+        path, _ = self.engine.load_checkpoint(str(directory / "learner"), tag=ENGINE_TAG)
+        if path is None:
+            raise FileNotFoundError(f"no learner engine state under {directory / 'learner'}")
+        rng = directory / "learner" / f"rng_rank{self.rank}.pt"
+        if rng.exists():
+            torch.set_rng_state(torch.load(rng, weights_only=True))

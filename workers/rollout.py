@@ -1,0 +1,56 @@
+"""Rollout worker: samples groups of videos with the current policy and records their trajectories."""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional
+
+import ray
+import torch
+
+from policy.lora import load_lora_state_dict
+from policy.models import build_components
+from policy.policy import WanPolicy
+from policy.sampler import Trajectory, sample_group
+from policy.sde import NoiseRule
+from workers.common import WorkerBase, maybe_fault
+
+
+class RolloutWorker(WorkerBase):
+    def __init__(self, rank: int, world_size: int, cfg_yaml: str):
+        super().__init__(rank, world_size, cfg_yaml)
+        cfg = self.cfg
+        torch.manual_seed(cfg.trainer.seed)  # adapters are initialised like the learner's; synced anyway
+        self.policy = WanPolicy(build_components(cfg.model, cfg.sampler.shift), cfg.model, cfg.sampler,
+                                device=cfg.trainer.device)
+        self.policy.transformer.eval()
+        self.rule = NoiseRule.from_config(cfg.sampler)
+        self.version = -1
+
+    def set_weights(self, version: int, weights: Dict[str, torch.Tensor]) -> int:
+        """Install a published policy version: LoRA adapter weights, or the full state dict."""
+        if self.cfg.model.lora.enabled:
+            load_lora_state_dict(self.policy.transformer, weights)
+        else:
+            self.policy.transformer.load_state_dict(weights, strict=True)
+        self.version = version
+        return version
+
+    def generate(self, step: int, sample: dict, seeds: List[int], version: int,
+                 weights_box: Optional[list] = None, deterministic: bool = False) -> Trajectory:
+        """One prompt group. `weights_box` = [ref] of that version's weights: a restarted or lagging
+        worker fetches them first, so a re-queued task samples with exactly the recorded version."""
+        maybe_fault(self.cfg, "rollout", self.rank, step)
+        if version != self.version:
+            if weights_box is None:
+                raise RuntimeError(f"rollout {self.rank}: has version {self.version}, asked for {version} "
+                                   "without weights")
+            self.set_weights(version, ray.get(weights_box[0]))
+        start = time.perf_counter()
+        cond = self.policy.encode_condition(sample["prompt"], sample.get("refs", []))
+        trajectory = sample_group(self.policy, cond, seeds, self.rule, self.cfg.sampler.num_steps,
+                                  self.cfg.sampler.shift, deterministic=deterministic, policy_version=version)
+        trajectory.prompt, trajectory.key = sample["prompt"], sample.get("key", "")
+        trajectory.references = list(sample.get("refs", []))
+        trajectory.rollout_s = time.perf_counter() - start
+        return trajectory
