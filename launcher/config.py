@@ -123,6 +123,8 @@ class FaceRewardConfig:
     num_frames: int = 5
     aggregate: str = "mean"  # mean | min over identities
     missing_penalty: float = 0.0
+    upsample: int = 1  # dlib HOG upsampling passes: 0 finds faces >= ~80 px, 1 >= ~40 px (about 4x slower)
+    max_extra_faces: int = 2  # embed at most (people + this) largest faces per frame; bounds cost on crowds
 
 
 @dataclass

@@ -1,0 +1,244 @@
+"""The shard schema (see data/SCHEMA.md): member names, label/meta validation, encode and decode.
+
+One module owns the schema so the writer, the reader, the demo and the synthetic-pair builder
+cannot drift apart: they all build members with `prompt_members` / `preference_members` and read
+them with `decode_members`. Validation errors carry the offending *field* so that callers can add
+where it came from (manifest line, or shard and key).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from data.video import (
+    MediaError,
+    VideoInfo,
+    check_image,
+    decode_image,
+    decode_video,
+    encode_png,
+)
+
+SCHEMA_VERSION = 1
+KINDS = ("prompt", "preference")
+PREFERENCES = ("a", "b", "tie")
+LABEL_SOURCES = ("human", "auto", "synthetic")
+DISTORTION_KINDS = ("swap", "drift", "exchange", "degrade")
+
+PROMPT = "prompt.txt"
+META = "meta.json"
+LABEL = "label.json"
+VIDEO_A = "a.mp4"
+VIDEO_B = "b.mp4"
+REF_RE = re.compile(r"^ref_(\d+)\.(png|jpg|jpeg)$")
+# A key becomes the member-name prefix `<key>.<ext>`; WebDataset splits at the first dot of the
+# basename, so a key must not contain dots (or slashes, which would create folders).
+KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}$")
+
+_LABEL_FIELDS = {"preference", "source", "distortion", "extra"}
+_META_FIELDS = {"schema_version", "num_people", "identity_ids", "source", "videos", "extra"}
+
+
+class SampleError(ValueError):
+    """A sample's content violates the schema; `field` names the member or JSON field at fault."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def ref_name(i: int) -> str:
+    return f"ref_{i}.png"
+
+
+def check_key(key: str) -> str:
+    if not isinstance(key, str) or not KEY_RE.match(key):
+        raise SampleError("key", f"{key!r} is not a valid key (letters, digits, '_' and '-', no dots, <= 80 chars)")
+    return key
+
+
+def check_prompt(prompt: Any) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise SampleError("prompt", "must be a non-empty string")
+    return prompt
+
+
+def check_label(label: Any) -> dict[str, Any]:
+    """Validate a label dict and return it normalised (distortion None or {kind, params}, extra {})."""
+    if not isinstance(label, Mapping):
+        raise SampleError("label", f"must be a JSON object, got {type(label).__name__}")
+    unknown = set(label) - _LABEL_FIELDS
+    if unknown:
+        raise SampleError(f"label.{min(unknown)}", f"unknown field (allowed: {sorted(_LABEL_FIELDS)})")
+    pref = label.get("preference")
+    if pref not in PREFERENCES:
+        raise SampleError("label.preference", f"must be one of {list(PREFERENCES)}, got {pref!r}")
+    source = label.get("source")
+    if source not in LABEL_SOURCES:
+        raise SampleError("label.source", f"must be one of {list(LABEL_SOURCES)}, got {source!r}")
+    distortion = label.get("distortion")
+    if distortion is not None:
+        if not isinstance(distortion, Mapping) or distortion.get("kind") not in DISTORTION_KINDS:
+            raise SampleError("label.distortion.kind", f"must be one of {list(DISTORTION_KINDS)}, got "
+                              f"{distortion.get('kind') if isinstance(distortion, Mapping) else distortion!r}")
+        params = distortion.get("params", {})
+        if not isinstance(params, Mapping):
+            raise SampleError("label.distortion.params", "must be a JSON object")
+        distortion = {"kind": distortion["kind"], "params": dict(params)}
+    elif source == "synthetic":
+        raise SampleError("label.distortion", "a synthetic pair must record its distortion {kind, params}")
+    extra = label.get("extra", {})
+    if not isinstance(extra, Mapping):
+        raise SampleError("label.extra", "must be a JSON object")
+    return {"preference": pref, "source": source, "distortion": distortion, "extra": dict(extra)}
+
+
+def make_meta(num_people: int, identity_ids: Sequence[str] | None, source: str,
+              videos: Mapping[str, VideoInfo] | None = None, extra: Mapping | None = None) -> dict[str, Any]:
+    """Build a valid meta dict; identity ids default to 'unknown-<i>' (identity not known to be shared)."""
+    ids = list(identity_ids) if identity_ids is not None else [f"unknown-{i}" for i in range(num_people)]
+    meta = {"schema_version": SCHEMA_VERSION, "num_people": int(num_people), "identity_ids": ids,
+            "source": source, "extra": dict(extra or {})}
+    if videos is not None:
+        meta["videos"] = {name: info.to_dict() for name, info in videos.items()}
+    return check_meta(meta, "preference" if videos is not None else "prompt")
+
+
+def check_meta(meta: Any, kind: str) -> dict[str, Any]:
+    if not isinstance(meta, Mapping):
+        raise SampleError("meta", f"must be a JSON object, got {type(meta).__name__}")
+    unknown = set(meta) - _META_FIELDS
+    if unknown:
+        raise SampleError(f"meta.{min(unknown)}", f"unknown field (allowed: {sorted(_META_FIELDS)})")
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise SampleError("meta.schema_version", f"expected {SCHEMA_VERSION}, got {version!r}")
+    n = meta.get("num_people")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise SampleError("meta.num_people", f"must be an integer >= 1, got {n!r}")
+    ids = meta.get("identity_ids")
+    if not isinstance(ids, list) or len(ids) != n or not all(isinstance(i, str) and i for i in ids):
+        raise SampleError("meta.identity_ids", f"must be {n} non-empty strings, got {ids!r}")
+    if not isinstance(meta.get("source"), str):
+        raise SampleError("meta.source", "must be a string")
+    if not isinstance(meta.get("extra", {}), Mapping):
+        raise SampleError("meta.extra", "must be a JSON object")
+    if kind == "preference":
+        videos = meta.get("videos")
+        if not isinstance(videos, Mapping) or set(videos) != {"a", "b"}:
+            raise SampleError("meta.videos", "must hold the VideoInfo of 'a' and 'b'")
+        for name, info in videos.items():
+            if not isinstance(info, Mapping) or not isinstance(info.get("num_frames"), int) or info["num_frames"] < 1:
+                raise SampleError(f"meta.videos.{name}.num_frames", "must be an integer >= 1")
+    return dict(meta)
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _ref_members(refs: Sequence[Any]) -> dict[str, bytes]:
+    """Refs are uint8 (H, W, 3) arrays or already-encoded PNG bytes (validated by decoding)."""
+    if len(refs) < 1:
+        raise SampleError("refs", "a sample needs at least one reference image (one per person)")
+    out = {}
+    for i, ref in enumerate(refs):
+        try:
+            if isinstance(ref, (bytes, bytearray)):
+                decode_image(bytes(ref))
+                out[ref_name(i)] = bytes(ref)
+            else:
+                out[ref_name(i)] = encode_png(check_image(ref, f"refs[{i}]"))
+        except MediaError as err:
+            raise SampleError(f"refs[{i}]", str(err)) from None
+    return out
+
+
+def prompt_members(prompt: str, refs: Sequence[Any], meta: Mapping) -> dict[str, bytes]:
+    """Members of one prompt sample: prompt.txt, ref_0.png.., meta.json (keys are member names)."""
+    members = {PROMPT: check_prompt(prompt).encode("utf-8"), **_ref_members(refs)}
+    meta = check_meta(meta, "prompt")
+    if meta["num_people"] != len(refs):
+        raise SampleError("meta.num_people", f"is {meta['num_people']} but there are {len(refs)} references")
+    members[META] = _json(meta)
+    return members
+
+
+def preference_members(prompt: str, refs: Sequence[Any], video_a: bytes, video_b: bytes,
+                       label: Mapping, meta: Mapping) -> dict[str, bytes]:
+    """Members of one preference sample: a.mp4, b.mp4 (encoded), refs, prompt.txt, label.json, meta.json."""
+    members = prompt_members(prompt, refs, {k: v for k, v in meta.items() if k != "videos"})
+    members[META] = _json(check_meta(meta, "preference"))
+    members[LABEL] = _json(check_label(label))
+    members[VIDEO_A] = bytes(video_a)
+    members[VIDEO_B] = bytes(video_b)
+    return members
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _load_json(members: Mapping[str, bytes], name: str) -> Any:
+    if name not in members:
+        raise SampleError(name, "missing")
+    try:
+        return json.loads(members[name].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SampleError(name, f"invalid JSON ({err})") from None
+
+
+def _decode_refs(members: Mapping[str, bytes], num_people: int) -> list[np.ndarray]:
+    found = {}
+    for name in members:
+        m = REF_RE.match(name)
+        if m:
+            found[int(m.group(1))] = name
+    if not found:
+        raise SampleError(ref_name(0), "missing: the sample has no reference image")
+    for i in range(max(num_people, max(found) + 1)):
+        if i not in found:
+            raise SampleError(ref_name(i), f"missing (meta.num_people = {num_people}, refs found: "
+                                           f"{sorted(found.values())})")
+    if len(found) != num_people:
+        raise SampleError("meta.num_people", f"is {num_people} but the sample has {len(found)} references")
+    refs = []
+    for i in range(num_people):
+        try:
+            refs.append(decode_image(members[found[i]]))
+        except MediaError as err:
+            raise SampleError(found[i], str(err)) from None
+    return refs
+
+
+def decode_members(kind: str, members: Mapping[str, bytes]) -> dict[str, Any]:
+    """Decode one sample's members (name -> bytes) into python values, validating the schema.
+
+    prompt -> {prompt, refs, meta}; preference -> also {video_a, video_b, label}. Raises
+    SampleError naming the member or field at fault.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if PROMPT not in members:
+        raise SampleError(PROMPT, "missing")
+    try:
+        prompt = check_prompt(members[PROMPT].decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise SampleError(PROMPT, f"not UTF-8 ({err})") from None
+    meta = check_meta(_load_json(members, META), kind)
+    out: dict[str, Any] = {"prompt": prompt, "refs": _decode_refs(members, meta["num_people"]), "meta": meta}
+    if kind == "preference":
+        out["label"] = check_label(_load_json(members, LABEL))
+        for name, slot in ((VIDEO_A, "a"), (VIDEO_B, "b")):
+            if name not in members:
+                raise SampleError(name, "missing")
+            try:
+                out[f"video_{slot}"] = decode_video(members[name], meta["videos"][slot]["num_frames"])
+            except MediaError as err:
+                raise SampleError(name, str(err)) from None
+    return out

@@ -1,0 +1,326 @@
+"""Train the identity reward model on pairwise preferences with DeepSpeed (Identity-GRPO, Sec. 3).
+
+    python -m reward.train --config cluster_configs/reward_local_cpu.yaml [key.sub=value ...] [--print-config]
+    deepspeed --num_gpus 8 -m reward.train --config cluster_configs/reward_3b_8gpu.yaml
+
+Algorithm, top to bottom (`train`):
+1. distributed init from env (single process: defaults filled in; CPU: gloo);
+2. scan the shards' labels: held-out split by key, human and auto (auto + synthetic) pools;
+3. teacher filter (optional): a teacher trained on human pairs (`teacher.checkpoint`, or trained
+   here first into <output_dir>/teacher) scores the auto pairs and keeps those with
+   P_teacher(label) >= threshold (reward/vlm_eval.py); the decision is stored and reused on resume;
+4. model: tiny random-init VLM, a local Qwen2.5-VL (`model.path`) or a trained reward model
+   (`model.init_from`), trainable parts by config; DeepSpeed engine (ZeRO stage by config, client
+   AdamW, linear warmup);
+5. resume from the latest (or a given) checkpoint: engine state + step + reader positions + RNG;
+6. each step: auto-pool weight w_t of the curriculum, pool drawn per micro-batch (seeded by step),
+   A and B of every pair scored in one forward, Rao-Kupper (or Bradley-Terry) NLL, DeepSpeed step;
+7. log to stdout and TensorBoard (<output_dir>/tb), checkpoint every N steps (keep the last K),
+   evaluate on the held-out split every N steps and at the end (<output_dir>/eval.json);
+8. export the final model with `save_pretrained` to <output_dir>/model.
+A resumed run yields the same losses and weights as an uninterrupted one (tests/test_reward_train.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from reward.losses import label_indices, pairwise_accuracy, preference_loss
+from reward.train_config import parse_args, with_updates
+from reward.vlm import IdentityRewardModel
+from reward.vlm_data import (DataPlan, auto_weight, candidate_samples, choose_pool, eval_samples, make_pools,
+                             pair_inputs, plan_data)
+from reward.vlm_eval import evaluate, teacher_filter, write_json
+
+CKPT_DIR, TAG_PREFIX, MODEL_DIR = "checkpoints", "step_", "model"
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed(device: str):
+    """Fill single-process env defaults (../shared/CPU_STACK.md) and init torch.distributed once."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_model(cfg) -> IdentityRewardModel:
+    m = cfg.model
+    if m.init_from:
+        model = IdentityRewardModel.from_pretrained(m.init_from, config_key="model.init_from")
+    elif m.path:
+        model = IdentityRewardModel.from_base(m.path, m.image_size, m.num_frames, cfg.trainer.tie_theta, m.dtype,
+                                              m.instruction, seed=m.tiny_seed, config_key="model.path")
+    else:
+        model = IdentityRewardModel.build_tiny(m.image_size, m.num_frames, cfg.trainer.tie_theta, m.tiny_seed,
+                                               m.instruction)
+    lora = OmegaConf.to_container(m.lora) if m.lora.enabled else None
+    if lora is not None:
+        lora.pop("enabled")
+    model.configure_training(lora, language_model=m.train_language_model, vision=m.train_vision,
+                             merger=m.train_merger)
+    return model
+
+
+def build_engine(cfg, model: IdentityRewardModel, world: int):
+    import deepspeed
+
+    t, o = cfg.trainer, cfg.optim
+    ds_config = {
+        "train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world, "gradient_clipping": o.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage}, "bf16": {"enabled": t.precision == "bf16"},
+        "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
+    }
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    warmup = int(o.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                                           lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _resume_target(cfg, out: Path):
+    """(load_dir, tag) to resume from, or None. resume = auto | never | <checkpoints dir or step dir>."""
+    mode = cfg.trainer.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        root = out / CKPT_DIR
+        return (root, (root / "latest").read_text().strip()) if (root / "latest").is_file() else None
+    path = Path(mode)
+    if (path / "latest").is_file():
+        return path, (path / "latest").read_text().strip()
+    if path.is_dir() and path.name.startswith(TAG_PREFIX):
+        return path.parent, path.name
+    raise FileNotFoundError(f"trainer.resume: {mode!r} is neither 'auto', 'never', a checkpoints folder with a "
+                            f"'latest' file nor a {TAG_PREFIX}* folder")
+
+
+def save_checkpoint(engine, out: Path, step: int, pools, rank: int, keep_last: int) -> None:
+    """Engine state (model, optimizer, scheduler) + per-rank trainer state (reader positions, RNG)."""
+    root, tag = out / CKPT_DIR, f"{TAG_PREFIX}{step:06d}"
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    state = {"step": step, "pools": {name: p.state_dict() for name, p in pools.items()},
+             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    torch.save(state, root / tag / f"trainer_state_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+        for old in tags[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(engine, target, pools, rank: int) -> int:
+    load_dir, tag = target
+    path, client = engine.load_checkpoint(str(load_dir), tag=tag)
+    if path is None:
+        raise FileNotFoundError(f"trainer.resume: no DeepSpeed checkpoint {tag!r} in {load_dir}")
+    state = torch.load(Path(load_dir) / tag / f"trainer_state_rank{rank}.pt", weights_only=False)
+    if set(state["pools"]) != set(pools):
+        raise ValueError(f"checkpoint {tag} has pools {sorted(state['pools'])}, this run {sorted(pools)}")
+    for name, pool in pools.items():
+        pool.load_state_dict(state["pools"][name])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    return int(client["step"])
+
+
+def export_model(engine, directory: Path, zero_stage: int, rank: int) -> None:
+    """save_pretrained of the trained model (ZeRO-3 parameters gathered first), atomically renamed."""
+    import deepspeed
+
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            engine.module.save_pretrained(str(tmp))
+            shutil.rmtree(directory, ignore_errors=True)
+            tmp.rename(directory)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------- teacher
+
+
+def run_teacher(cfg, plan: DataPlan, out: Path, rank: int, world: int) -> Optional[set]:
+    """Kept auto-pair keys (None: filter off). Trains the teacher first when no checkpoint is given."""
+    t = cfg.teacher
+    if not t.enabled:
+        return None
+    result_file = out / "teacher_filter.json"
+    if result_file.is_file():
+        stored = json.loads(result_file.read_text())
+        if (stored["threshold"], stored["tie_theta"]) != (t.threshold, cfg.trainer.tie_theta):
+            raise ValueError(f"{result_file} was made with threshold {stored['threshold']}, tie_theta "
+                             f"{stored['tie_theta']}; this run asks for {t.threshold}, {cfg.trainer.tie_theta}: "
+                             "use another trainer.output_dir or delete the file")
+        return set(stored["kept_keys"])
+    checkpoint = t.checkpoint
+    if checkpoint is None:
+        teacher_out = out / "teacher"
+        checkpoint = str(teacher_out / MODEL_DIR)
+        if not (Path(checkpoint) / "reward_model.json").is_file():
+            teacher_cfg = with_updates(cfg, {"trainer.output_dir": str(teacher_out), "trainer.steps": t.train_steps,
+                                             "teacher.enabled": False, "trainer.eval_every": 0},
+                                       "teacher run (derived from the main config)")
+            train(teacher_cfg, human_only=True)
+    teacher = IdentityRewardModel.from_pretrained(checkpoint, config_key="teacher.checkpoint")
+    samples = candidate_samples(cfg.data, plan, list(t.sources), rank, world)
+    result = teacher_filter(teacher, samples, t.threshold, cfg.trainer.tie_theta, t.batch_size)
+    result["teacher"] = checkpoint
+    if rank == 0:
+        write_json(result_file, result)
+        print(f"teacher filter: kept {result['num_kept']} of {result['num_candidates']} "
+              f"{list(t.sources)} pairs ({result['kept_fraction']:.3f}) at P(label) >= {t.threshold}", flush=True)
+    dist.barrier()
+    return set(result["kept_keys"])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _eval_history(out: Path, step: int) -> List[Dict[str, Any]]:
+    """Evaluations of earlier runs of this output_dir up to the resumed step (eval.json keeps them all)."""
+    path = out / "eval.json"
+    if step == 0 or not path.is_file():
+        return []
+    return [h for h in json.loads(path.read_text()).get("history", []) if h["step"] <= step]
+
+
+def run_eval(cfg, engine, plan: DataPlan, rank: int, world: int) -> Dict[str, float]:
+    samples = eval_samples(cfg.data, plan, rank, world)
+    return evaluate(engine.module, samples, cfg.trainer.tie_theta, cfg.trainer.loss, cfg.trainer.eval_batch_size)
+
+
+def train(cfg, human_only: bool = False) -> Dict[str, Any]:
+    """Run (or resume) training; returns {'losses': this run's per-step losses, 'eval': final metrics, ...}."""
+    t = cfg.trainer
+    rank, world = setup_distributed(t.device)
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+
+    plan = plan_data(cfg.data)
+    keep = None if human_only else run_teacher(cfg, plan, out, rank, world)
+    pools = make_pools(cfg.data, plan, rank, world, keep, list(cfg.teacher.sources), human_only)
+    sizes = plan.pool_sizes(keep, list(cfg.teacher.sources))
+    if rank == 0:
+        print(f"pairs by source {plan.counts}; held out {len(plan.held_out)}; training pools {sizes}"
+              + (" (human only: teacher run)" if human_only else ""), flush=True)
+
+    engine = build_engine(cfg, build_model(cfg), world)
+    target = _resume_target(cfg, out)
+    step = load_checkpoint(engine, target, pools, rank) if target else 0
+    if target and rank == 0:
+        print(f"resumed from {target[0]}/{target[1]} at step {step}", flush=True)
+    writer = None
+    if cfg.logging.tensorboard and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+
+    total = int(cfg.curriculum.steps or t.steps)
+    available = {name: 1 for name in pools}
+    losses: List[float] = []
+    history = _eval_history(out, step)
+    stop = min(t.steps, step + t.max_steps_per_run) if t.max_steps_per_run else t.steps
+    engine.train()
+    tick = time.time()
+    while step < stop:
+        w = auto_weight(step, cfg.curriculum.schedule, cfg.curriculum.auto_weight_start,
+                        cfg.curriculum.auto_weight_end, total)
+        step_loss, step_acc, drawn = 0.0, 0.0, []
+        for micro in range(t.grad_accum):
+            pool = choose_pool(step * t.grad_accum + micro, w, t.seed, available)
+            samples = pools[pool].take(t.batch_size)
+            videos, refs, prompts, prefs = pair_inputs(samples)
+            batch = engine.module.device_inputs(engine.module.inputs(videos, refs, prompts))
+            scores = engine(**batch)
+            n = len(samples)
+            labels = label_indices(prefs, device=scores.device)
+            loss = preference_loss(t.loss, scores[:n], scores[n:], labels, t.tie_theta)
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.item() / t.grad_accum
+            step_acc += pairwise_accuracy(scores[:n], scores[n:], labels, t.tie_theta)["accuracy_with_ties"] / t.grad_accum
+            drawn.append(pool)
+        step += 1
+        losses.append(step_loss)
+        if writer is not None:
+            for name, value in (("loss", step_loss), ("batch_accuracy_with_ties", step_acc), ("auto_weight", w),
+                                ("auto_fraction", drawn.count("auto") / len(drawn)),
+                                ("lr", engine.get_lr()[0])):
+                writer.add_scalar(f"train/{name}", value, step)
+        if rank == 0 and (step % t.log_every == 0 or step == t.steps):
+            rate = (time.time() - tick) / t.log_every
+            tick = time.time()
+            print(f"step {step}/{t.steps} loss {step_loss:.4f} pools {drawn} w_auto {w:.3f} "
+                  f"lr {engine.get_lr()[0]:.2e} {rate:.2f}s/step", flush=True)
+        if step % t.checkpoint_every == 0 or step == stop:
+            save_checkpoint(engine, out, step, pools, rank, t.keep_last)
+        if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+            metrics = {"step": step, **run_eval(cfg, engine, plan, rank, world)}
+            engine.train()
+            history.append(metrics)
+            if rank == 0:
+                write_json(out / "eval.json", {**metrics, "history": history, "pool_sizes": sizes,
+                                               "counts_by_source": plan.counts, "num_held_out": len(plan.held_out)})
+            if writer is not None:
+                for name in ("accuracy_without_ties", "accuracy_with_ties", "loss"):
+                    writer.add_scalar(f"eval/{name}", metrics[name], step)
+            if rank == 0:
+                print(f"eval at step {step}: {metrics}", flush=True)
+    if step < t.steps:  # stopped early by max_steps_per_run: the checkpoint is the result
+        return {"losses": losses, "eval": None, "step": step, "model_dir": None}
+    final = history[-1] if history and history[-1]["step"] == step else None
+    if final is None:  # resumed at the last step: evaluate what was trained
+        final = {"step": step, **run_eval(cfg, engine, plan, rank, world)}
+        history.append(final)
+        if rank == 0:
+            write_json(out / "eval.json", {**final, "history": history, "pool_sizes": sizes,
+                                           "counts_by_source": plan.counts, "num_held_out": len(plan.held_out)})
+    export_model(engine, out / MODEL_DIR, t.zero_stage, rank)
+    if writer is not None:
+        writer.close()
+    return {"losses": losses, "eval": final, "step": step, "model_dir": str(out / MODEL_DIR)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    cfg = parse_args(argv, description=__doc__.splitlines()[0])
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Config tree of the reward-model trainer (`python -m reward.train`), separate from the GRPO tree.
+
+Same rules as launcher/config.py: OmegaConf structured configs from the dataclasses below; a YAML
+file and then `key.sub=value` overrides are merged onto the defaults, and an unknown key, a value of
+the wrong type, a value outside its choices or a missing required value is a `ConfigError` naming
+the key and where it came from. Defaults are the tiny CPU preset; cluster_configs/reward_3b_8gpu.yaml
+holds the paper's settings (Qwen2.5-VL-3B, LoRA r64 alpha128 on the LLM, vision + merger trained).
+
+    cfg = load_reward_config("cluster_configs/reward_local_cpu.yaml", ["trainer.steps=3"])
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from launcher.config import ConfigError
+from reward.vlm import LLM_LORA_TARGETS
+from reward.vlm_inputs import DEFAULT_INSTRUCTION
+
+
+@dataclass
+class RewardLoraConfig:
+    enabled: bool = False
+    rank: int = 64
+    alpha: float = 128.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: list(LLM_LORA_TARGETS))
+
+
+@dataclass
+class RewardModelConfig:
+    path: Optional[str] = None  # local Qwen2.5-VL directory; None = tiny random-init VLM (CPU)
+    init_from: Optional[str] = None  # a trained reward-model directory to start from (fine-tuning)
+    tiny_seed: int = 0
+    dtype: str = "float32"  # float32 | bfloat16 (trainer.precision=bf16 trains in bf16)
+    image_size: int = 56  # multiple of 28
+    num_frames: int = 5
+    instruction: str = DEFAULT_INSTRUCTION  # must contain {prompt}
+    lora: RewardLoraConfig = field(default_factory=RewardLoraConfig)
+    train_language_model: bool = True  # full fine-tuning of the LLM (only without LoRA)
+    train_vision: bool = True
+    train_merger: bool = True
+
+
+@dataclass
+class RewardDataConfig:
+    preference_shards: str = MISSING  # required: local brace pattern of preference shards
+    eval_shards: Optional[str] = None  # held-out shards; None: a held_out_fraction of preference_shards' keys
+    held_out_fraction: float = 0.1
+    eval_sources: List[str] = field(default_factory=lambda: ["human", "auto", "synthetic"])
+    shuffle_buffer: int = 16
+    seed: int = 0
+    on_error: str = "raise"  # raise | skip
+    num_loader_workers: int = 0
+
+
+@dataclass
+class CurriculumConfig:
+    """Weight of the auto pool at step t: end + (start - end) * 0.5 (1 + cos(pi min(t, T) / T))."""
+
+    schedule: str = "cosine"  # cosine | linear | constant (constant: always start)
+    auto_weight_start: float = 1.0
+    auto_weight_end: float = 0.0
+    steps: Optional[int] = None  # T; None = trainer.steps
+
+
+@dataclass
+class TeacherConfig:
+    """Filter auto pairs by a teacher trained on human pairs: keep P_teacher(label) >= threshold."""
+
+    enabled: bool = False
+    checkpoint: Optional[str] = None  # trained reward-model directory; None: train one on human pairs first
+    train_steps: int = 100  # when checkpoint is None: steps of the teacher run (in <output_dir>/teacher)
+    threshold: float = 0.5
+    sources: List[str] = field(default_factory=lambda: ["auto"])  # label sources the filter applies to
+    batch_size: int = 8
+
+
+@dataclass
+class RewardOptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class RewardTrainerConfig:
+    steps: int = 200
+    batch_size: int = 4  # pairs per micro-batch per rank (2x that many videos per forward)
+    grad_accum: int = 1
+    loss: str = "rao_kupper"  # rao_kupper (ties) | bradley_terry
+    tie_theta: float = 5.0
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda
+    zero_stage: int = 2
+    precision: str = "fp32"  # fp32 | bf16
+    output_dir: str = MISSING  # required
+    resume: str = "auto"  # auto | never | <checkpoint dir>
+    max_steps_per_run: Optional[int] = None  # stop (with a checkpoint) after this many steps: time-limited jobs
+    checkpoint_every: int = 50
+    keep_last: int = 2
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batch_size: int = 8
+    log_every: int = 10
+
+
+@dataclass
+class RewardLoggingConfig:
+    tensorboard: bool = True
+
+
+@dataclass
+class RewardTrainConfig:
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    data: RewardDataConfig = field(default_factory=RewardDataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: RewardOptimConfig = field(default_factory=RewardOptimConfig)
+    trainer: RewardTrainerConfig = field(default_factory=RewardTrainerConfig)
+    logging: RewardLoggingConfig = field(default_factory=RewardLoggingConfig)
+
+
+CHOICES = {
+    "model.dtype": {"float32", "bfloat16"},
+    "data.on_error": {"raise", "skip"},
+    "curriculum.schedule": {"cosine", "linear", "constant"},
+    "trainer.loss": {"rao_kupper", "bradley_terry"},
+    "trainer.device": {"cpu", "cuda"},
+    "trainer.zero_stage": {0, 1, 2, 3},
+    "trainer.precision": {"fp32", "bf16"},
+}
+POSITIVE = ["model.image_size", "model.num_frames", "model.lora.rank", "trainer.steps", "trainer.batch_size",
+            "trainer.grad_accum", "trainer.checkpoint_every", "trainer.keep_last", "trainer.eval_batch_size",
+            "trainer.log_every", "teacher.batch_size", "optim.lr"]
+SOURCES = {"human", "auto", "synthetic"}
+
+
+def _check(cfg: DictConfig, source: str) -> None:
+    def fail(key: str, why: str):
+        raise ConfigError(f"{source}: '{key}' {why}")
+
+    for key, allowed in CHOICES.items():
+        if OmegaConf.select(cfg, key) not in allowed:
+            fail(key, f"is {OmegaConf.select(cfg, key)!r}; allowed: {sorted(allowed, key=str)}")
+    for key in POSITIVE:
+        if OmegaConf.select(cfg, key) <= 0:
+            fail(key, f"must be > 0, got {OmegaConf.select(cfg, key)}")
+    if cfg.model.image_size % 28:
+        fail("model.image_size", f"must be a multiple of 28 (patch 14 x merge 2), got {cfg.model.image_size}")
+    if "{prompt}" not in cfg.model.instruction:
+        fail("model.instruction", "must contain '{prompt}'")
+    if cfg.model.lora.enabled and cfg.model.train_language_model:
+        fail("model.train_language_model", "must be false when model.lora.enabled (LoRA trains the LLM)")
+    if not 0.0 <= cfg.data.held_out_fraction < 1.0:
+        fail("data.held_out_fraction", f"must be in [0, 1), got {cfg.data.held_out_fraction}")
+    for key in ("data.eval_sources", "teacher.sources"):
+        bad = [s for s in OmegaConf.select(cfg, key) if s not in SOURCES]
+        if bad:
+            fail(key, f"has unknown source(s) {bad}; allowed: {sorted(SOURCES)}")
+    for key in ("curriculum.auto_weight_start", "curriculum.auto_weight_end", "teacher.threshold"):
+        if not 0.0 <= OmegaConf.select(cfg, key) <= 1.0:
+            fail(key, f"must be in [0, 1], got {OmegaConf.select(cfg, key)}")
+    if cfg.trainer.max_steps_per_run is not None and cfg.trainer.max_steps_per_run <= 0:
+        fail("trainer.max_steps_per_run", f"must be > 0 (or null), got {cfg.trainer.max_steps_per_run}")
+    if cfg.curriculum.steps is not None and cfg.curriculum.steps <= 0:
+        fail("curriculum.steps", f"must be > 0 (or null), got {cfg.curriculum.steps}")
+    if cfg.trainer.loss == "rao_kupper" and not cfg.trainer.tie_theta > 1.0:
+        fail("trainer.tie_theta", f"must be > 1 for Rao-Kupper, got {cfg.trainer.tie_theta}")
+    if cfg.teacher.enabled and cfg.teacher.checkpoint is None and cfg.teacher.train_steps <= 0:
+        fail("teacher.train_steps", "must be > 0 when the teacher is enabled without a checkpoint")
+    if len(cfg.optim.betas) != 2:
+        fail("optim.betas", f"must have two values, got {list(cfg.optim.betas)}")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{source}: missing required value(s): {', '.join(missing)}")
+
+
+def _describe(err: OmegaConfBaseException, source: str, key: Optional[str] = None) -> str:
+    key = key or getattr(err, "full_key", None) or "?"
+    return f"{source}: invalid config key '{key}': {str(err).splitlines()[0]}"
+
+
+def load_reward_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults <- YAML file <- `key=value` overrides, type-checked and validated; read-only."""
+    cfg = OmegaConf.structured(RewardTrainConfig)
+    source, key = "defaults", None
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            source = str(path)
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+            source, key = f"override '{item}'", item.split("=", 1)[0]
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err, source, key)) from None
+    origin = " + ".join([str(path)] * (path is not None) + [f"overrides {list(overrides)}"] * bool(overrides))
+    _check(cfg, origin or "defaults")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def with_updates(cfg: DictConfig, updates: Dict[str, Any], source: str) -> DictConfig:
+    """A validated, read-only copy of `cfg` with {dotted key: value} updates (e.g. the teacher run)."""
+    merged = OmegaConf.merge(OmegaConf.structured(RewardTrainConfig), OmegaConf.to_container(cfg))
+    try:
+        for key, value in updates.items():
+            OmegaConf.update(merged, key, value, merge=False)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err, source)) from None
+    _check(merged, source)
+    OmegaConf.set_readonly(merged, True)
+    return merged
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, description: str = "") -> DictConfig:
+    """`--config FILE key=value ... [--print-config]`; a bad key or value exits 2 naming it.
+    Also accepts `--local_rank=N`, which the `deepspeed` launcher appends."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="cluster_configs/reward_local_cpu.yaml", help="YAML (default: %(default)s)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.steps=3")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_reward_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg), end="")
+        raise SystemExit(0)
+    return cfg

@@ -1,0 +1,199 @@
+"""Reward-model trainer (reward/train.py): curriculum, teacher filter, resume equality, learning.
+
+Real pieces only: preference shards written with data/distort.py + data/write_shards.py from the
+real face photographs of data/faces.py, the real ShardReader, a real DeepSpeed engine (ZeRO-2, gloo,
+world size 1) around a tiny random-init Qwen2.5-VL reward model.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data.demo import _backgrounds, compose_clip, make_prompt
+from data.distort import CleanClip, DistortionConfig, make_pair
+from data.faces import crop_face, load_face_photos
+from data.write_shards import ShardWriter, brace_pattern
+from reward.train import train
+from reward.train_config import load_reward_config
+from reward.vlm import IdentityRewardModel
+from reward.vlm_data import auto_weight, choose_pool, make_pools, plan_data
+from reward.vlm_eval import score_pairs
+from reward.losses import label_probability
+
+
+def write_pair_shards(out, n, sources=("synthetic",), flip_auto=0.0, frames=2, size=56, max_people=2, seed=0,
+                      min_severity=0.6):
+    """n synthetic-distortion pairs (clean vs distorted clip of 1..max_people real faces); pair i gets
+    source sources[i % len], and an 'auto' label is flipped with probability flip_auto (noisy voting)."""
+    photos = load_face_photos()
+    refs = [crop_face(p.image, p.face_box, margin=0.5, size=size) for p in photos]
+    faces = [crop_face(p.image, p.face_box, margin=0.15, size=48) for p in photos]
+    backgrounds = _backgrounds()
+    cfg = DistortionConfig(min_severity=min_severity)
+    with ShardWriter(out, "pairs", 32) as writer:
+        for i in range(n):
+            rng = np.random.default_rng([seed, i])
+            order = [int(j) for j in rng.permutation(len(photos))]
+            k = 1 + i % max_people
+            video, boxes = compose_clip([faces[j] for j in order[:k]], backgrounds[i % len(backgrounds)], frames,
+                                        size, size, rng)
+            clip = CleanClip(f"pair{i:05d}", make_prompt(rng, [photos[j].description for j in order[:k]]), video,
+                             boxes, [faces[j] for j in order], [refs[j] for j in order[:k]],
+                             [photos[j].identity_id for j in order[:k]], [photos[j].identity_id for j in order[k:]])
+            members, _ = make_pair(clip, rng, cfg)
+            label = json.loads(members["label.json"])
+            label["source"] = sources[i % len(sources)]
+            if label["source"] == "auto" and rng.random() < flip_auto:
+                label["preference"] = "b" if label["preference"] == "a" else "a"
+            members["label.json"] = json.dumps(label).encode()
+            writer.write(clip.key, members)
+    return brace_pattern(out, "pairs", len(writer.paths))
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory):
+    """40 pairs: human, auto (a third of labels flipped) and synthetic, in turn."""
+    return write_pair_shards(tmp_path_factory.mktemp("mixed"), 40, ("human", "auto", "synthetic"), flip_auto=0.35)
+
+
+def tiny_cfg(shards, out, *extra):
+    return load_reward_config(None, [
+        f"data.preference_shards={shards}", f"trainer.output_dir={out}", "data.held_out_fraction=0.2",
+        "model.num_frames=2", "model.instruction='Prompt: {prompt}'", "trainer.batch_size=2", "trainer.log_every=2",
+        "trainer.checkpoint_every=2", "trainer.eval_every=2", "trainer.eval_batch_size=8", "logging.tensorboard=true", *extra])
+
+
+# ----------------------------------------------------------------------------- curriculum
+
+
+def test_cosine_curriculum_values():
+    T = 100
+    assert auto_weight(0, "cosine", 1.0, 0.0, T) == pytest.approx(1.0)
+    assert auto_weight(25, "cosine", 1.0, 0.0, T) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))  # 0.853553
+    assert auto_weight(50, "cosine", 1.0, 0.0, T) == pytest.approx(0.5)
+    assert auto_weight(75, "cosine", 1.0, 0.0, T) == pytest.approx(0.146447, abs=1e-6)
+    assert auto_weight(100, "cosine", 1.0, 0.0, T) == pytest.approx(0.0, abs=1e-12)
+    assert auto_weight(150, "cosine", 1.0, 0.0, T) == pytest.approx(0.0, abs=1e-12)  # held after T
+    assert auto_weight(50, "cosine", 0.8, 0.2, T) == pytest.approx(0.5)
+    assert auto_weight(25, "linear", 1.0, 0.0, T) == pytest.approx(0.75)
+    assert auto_weight(60, "constant", 0.3, 0.0, T) == pytest.approx(0.3)
+
+
+def test_pool_draws_follow_the_weight_and_are_stateless():
+    both = {"human": 1, "auto": 1}
+    for w in (0.1, 0.5, 0.9):
+        draws = [choose_pool(step, w, 0, both) for step in range(4000)]
+        assert draws.count("auto") / 4000 == pytest.approx(w, abs=0.03)
+    assert [choose_pool(s, 0.5, 7, both) for s in range(50)] == [choose_pool(s, 0.5, 7, both) for s in range(50)]
+    assert {choose_pool(s, 0.0, 0, {"auto": 1}) for s in range(20)} == {"auto"}  # an empty pool is never drawn
+    assert {choose_pool(s, 1.0, 0, {"human": 1}) for s in range(20)} == {"human"}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from launcher.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'trainer.lr'"):
+        load_reward_config(None, ["trainer.lr=1", "data.preference_shards=x", f"trainer.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="'model.train_language_model' must be false"):
+        load_reward_config(None, ["model.lora.enabled=true", "data.preference_shards=x", f"trainer.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="data.preference_shards"):
+        load_reward_config(None, [f"trainer.output_dir={tmp_path}"])
+    cli = subprocess.run([sys.executable, "-m", "reward.train", "--config", "cluster_configs/reward_local_cpu.yaml",
+                          "curriculum.shape=cosine"], capture_output=True, text=True)
+    assert cli.returncode == 2 and "curriculum.shape" in cli.stderr
+    cli = subprocess.run([sys.executable, "-m", "reward.train", "--config", "cluster_configs/reward_3b_8gpu.yaml",
+                          "--print-config"], capture_output=True, text=True)
+    assert cli.returncode == 0 and "rank: 64" in cli.stdout and "alpha: 128.0" in cli.stdout
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_continues_identically(mixed_shards, tmp_path):
+    """4 steps straight == 2 steps, stop, resume to 4: same losses, same final weights."""
+    straight = train(tiny_cfg(mixed_shards, tmp_path / "straight", "trainer.steps=4"))
+    first = train(tiny_cfg(mixed_shards, tmp_path / "resumed", "trainer.steps=4", "trainer.max_steps_per_run=2"))
+    assert first["step"] == 2 and first["model_dir"] is None
+    second = train(tiny_cfg(mixed_shards, tmp_path / "resumed", "trainer.steps=4"))
+    assert second["step"] == 4 and len(second["losses"]) == 2
+    assert first["losses"] + second["losses"] == straight["losses"]  # bit-identical, not merely close
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["eval"]["accuracy_without_ties"] == second["eval"]["accuracy_without_ties"]
+    # outputs: eval.json with both accuracies, TensorBoard events, rotated checkpoints
+    ev = json.loads((tmp_path / "resumed" / "eval.json").read_text())
+    assert {"accuracy_without_ties", "accuracy_with_ties", "tie_threshold", "num_pairs"} <= set(ev)
+    assert ev["num_pairs"] > 0 and [h["step"] for h in ev["history"]] == [2, 4]
+    assert any((tmp_path / "resumed" / "tb").iterdir())
+    tags = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert tags == ["step_000002", "step_000004"]
+    # the exported model scores like the engine did at the end
+    model = IdentityRewardModel.from_pretrained(str(tmp_path / "resumed" / "model"))
+    assert torch.isfinite(model.score(*_one_pair(mixed_shards))).all()
+
+
+def _one_pair(shards):
+    from data.reader import ShardReader
+
+    s = next(iter(ShardReader(shards, kind="preference", epochs=1, shuffle=False)))
+    return [s["video_a"], s["video_b"]], [s["refs"], s["refs"]], [s["prompt"]] * 2
+
+
+# ----------------------------------------------------------------------------- teacher filter
+
+
+def test_teacher_filter_keeps_the_fraction_it_reports(mixed_shards, tmp_path):
+    # threshold 1/6 = P(label) at r_a == r_b under theta = 5: keep the pairs the teacher agrees with.
+    cfg = tiny_cfg(mixed_shards, tmp_path, "trainer.steps=1", "teacher.enabled=true", "teacher.train_steps=4",
+                   f"teacher.threshold={1 / 6}", "teacher.sources=[auto]")
+    train(cfg)
+    report = json.loads((tmp_path / "teacher_filter.json").read_text())
+    probs, kept = report["probabilities"], set(report["kept_keys"])
+    plan = plan_data(cfg.data)
+    auto_keys = {p.key for p in plan.pools["auto"] if p.source == "auto"}
+    assert set(probs) == auto_keys and report["num_candidates"] == len(auto_keys)
+    assert kept == {k for k, p in probs.items() if p >= 1 / 6}
+    assert report["kept_fraction"] == pytest.approx(len(kept) / len(auto_keys))
+    assert 0 < len(kept) < len(auto_keys)
+    # the probabilities are the teacher's (trained on human pairs only, in <output_dir>/teacher)
+    teacher = IdentityRewardModel.from_pretrained(str(tmp_path / "teacher" / "model"))
+    from data.reader import ShardReader
+
+    samples = [s for s in ShardReader(mixed_shards, kind="preference", epochs=1, shuffle=False) if s["key"] in auto_keys]
+    r_a, r_b, y = score_pairs(teacher, samples)
+    recomputed = label_probability(r_a, r_b, y, 5.0)
+    for s, p in zip(samples, recomputed):
+        assert probs[s["key"]] == pytest.approx(float(p), abs=1e-6)
+    # the auto pool serves exactly the kept auto pairs (plus the synthetic ones, which are not filtered)
+    pools = make_pools(cfg.data, plan, 0, 1, kept, ["auto"])
+    synthetic = {p.key for p in plan.pools["auto"] if p.source == "synthetic"}
+    epoch = [s["key"] for s in pools["auto"].take(len(kept | synthetic))]  # one epoch of the pool
+    assert sorted(epoch) == sorted(kept | synthetic)
+    assert plan.pool_sizes(kept, ["auto"])["auto"] == len(kept | synthetic)
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_synthetic_distortions(tmp_path):
+    """A few hundred CPU steps on synthetic distortion pairs: held-out accuracy >= 0.75 (chance 0.5)."""
+    shards = write_pair_shards(tmp_path / "shards", 160, ("synthetic",))
+    result = train(tiny_cfg(shards, tmp_path / "run", "trainer.steps=300", "trainer.batch_size=4",
+                            "trainer.checkpoint_every=300", "trainer.log_every=50", "optim.lr=1e-3",
+                            "data.held_out_fraction=0.25"))
+    losses = result["losses"]
+    assert np.mean(losses[-50:]) < np.mean(losses[:50]) - 0.1
+    ev = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert ev["num_pairs"] >= 30
+    assert ev["accuracy_without_ties"] >= 0.75, ev
