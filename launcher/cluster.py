@@ -33,7 +33,9 @@ def connect_ray(cfg) -> bool:
     address = cfg.workers.ray_address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": dict(WORKER_ENV)}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        # A `ray job submit` job already carries its runtime env (cluster_configs/runtime_env.yaml);
+        # Ray refuses to merge a second one, so attach plainly: workers set their own threads.
+        ray.init(address=address, log_to_driver=True)
         return True
     needed = _cpus_needed(cfg.workers)
     ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False, runtime_env=runtime_env,

@@ -66,7 +66,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         cfg = load_config(args.config, DEMO_OVERRIDES + list(args.overrides))
     except ConfigError as err:
-        raise SystemExit(f"config error: {err}")
+        raise SystemExit(f"config error: {err}") from None
     logging.basicConfig(level=logging.WARNING)
     ensure_demo_shards(cfg.data.prompt_shards)
 

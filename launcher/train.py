@@ -20,6 +20,7 @@ restart the learner group and roll the whole run back to the last checkpoint.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,12 @@ class Trainer:
         start_learner(self.workers.learner)
         self.state = self.restore(self.checkpoints.resolve(cfg.trainer.resume))
         self.metrics = MetricsLogger(self.out, cfg.logging.tensorboard, resume_step=self.state.step)
+        self.stop_requested = False
+
+    def request_stop(self, signum=None, frame=None) -> None:
+        """SIGTERM/SIGUSR1 (Slurm preemption, scancel, requeue): checkpoint after the current step, exit."""
+        log.warning("signal %s: will checkpoint after the current step and stop", signum)
+        self.stop_requested = True
 
     # ------------------------------------------------------------------ the loop
 
@@ -121,9 +128,12 @@ class Trainer:
             if cfg.logging.video_every and step % cfg.logging.video_every == 0:
                 traj = ray.get(trajectories[0])
                 self.metrics.log_videos(step, traj.videos, traj.references)
-            if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps:
+            if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps or self.stop_requested:
                 self.save_checkpoint(step, next_rollouts)
             progress.update(step, record)
+            if self.stop_requested:
+                log.warning("stopped at step %d on request; resume with trainer.resume=auto", step)
+                break
         progress.close()
         return self.state
 
@@ -269,10 +279,15 @@ def main(argv: Optional[Sequence[str]] = None) -> RunState:
     cfg, _ = parse_config(__doc__, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     trainer = Trainer(cfg)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, trainer.request_stop)
     try:
         state = trainer.train()
     finally:
         trainer.close()
+    if trainer.stop_requested and state.step < cfg.trainer.steps:
+        log.warning("interrupted at step %d of %d (checkpoint saved)", state.step, cfg.trainer.steps)
+        raise SystemExit(143)  # 128 + SIGTERM: a scheduler sees an interrupted job, not a finished one
     log.info("done: %d steps, policy version %d; outputs in %s", state.step, state.version, cfg.trainer.output_dir)
     return state
 

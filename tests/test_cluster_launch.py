@@ -1,0 +1,85 @@
+"""Cluster launch paths, for real: `ray job submit` to a loopback head, and pools pinned to nodes."""
+
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+
+from launcher.config import load_config
+from launcher.metrics import read_metrics
+from tests.ray_nodes import RAY, LocalRayCluster, ray_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from data.demo import build_demo
+
+    prompts, _ = build_demo(tmp_path_factory.mktemp("demo_data"), num_prompts=4, num_pairs=2, samples_per_shard=4)
+    return prompts
+
+
+def test_ray_job_submit_runs_a_step(root, shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cluster = LocalRayCluster(port=6481, dashboard_port=8481).start_head(num_cpus=4)
+    out = tmp_path / "run"
+    try:
+        entry = [sys.executable, "-m", "launcher.train", "--config", "cluster_configs/local_cpu.yaml",
+                 f"data.prompt_shards={shards}", f"trainer.output_dir={out}", "trainer.steps=1",
+                 "logging.progress_bar=false", "sampler.num_steps=2", "grpo.group_size=2"]
+        for _ in range(20):  # the head's job agent needs a few seconds after `ray start` returns
+            submit = subprocess.run(
+                [RAY, "job", "submit", "--address", "http://127.0.0.1:8481", "--no-wait", "--working-dir", ".",
+                 "--runtime-env", "cluster_configs/runtime_env.yaml", "--", *entry],
+                cwd=root, env=ray_env(), capture_output=True, text=True, timeout=180)
+            if submit.returncode == 0 or "No available agent" not in submit.stderr:
+                break
+            time.sleep(3)
+        assert submit.returncode == 0, submit.stderr + submit.stdout
+        job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submit.stdout + submit.stderr).group(0)
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient("http://127.0.0.1:8481")
+        status, deadline = None, time.time() + 400
+        while time.time() < deadline:
+            status = client.get_job_status(job_id)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                break
+            time.sleep(3)
+        assert status == JobStatus.SUCCEEDED, f"{status}\n{client.get_job_logs(job_id)[-3000:]}"
+        assert [r["step"] for r in read_metrics(out)] == [1]
+        assert (out / "checkpoints" / "step_000001" / "lora").is_dir()
+    finally:
+        cluster.stop()
+    assert not cluster.processes()  # only what this test started is gone, and all of it
+
+
+def test_pools_land_on_the_nodes_the_config_names(root, shards, tmp_path):
+    from launcher.cluster import build_workers, pool_nodes
+
+    cluster = LocalRayCluster(port=6482).start_head(
+        num_cpus=4, resources={"rollout_node": 1, "learner_node": 1})
+    cluster.add_node(num_cpus=2, resources={"reward_node": 1})
+    workers = None
+    try:
+        ray.init(address=cluster.address)
+        nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+        assert len(nodes) == 2
+        cfg = load_config(root / "cluster_configs" / "local_cpu.yaml", [
+            f"data.prompt_shards={shards}", f"trainer.output_dir={tmp_path / 'run'}", "workers.colocate=false",
+            "workers.rollout.node_resource=rollout_node", "workers.reward.node_resource=reward_node",
+            "workers.learner.node_resource=learner_node"])
+        workers = build_workers(cfg)
+        reward_nodes = pool_nodes(workers.reward)
+        assert all("reward_node" in nodes[n] for n in reward_nodes)
+        for pool in (workers.rollout, workers.learner):
+            assert all("rollout_node" in nodes[n] and "reward_node" not in nodes[n] for n in pool_nodes(pool))
+    finally:
+        if workers is not None:
+            workers.shutdown()
+        ray.shutdown()
+        cluster.stop()
