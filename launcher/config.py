@@ -143,6 +143,7 @@ class RewardConfig:
 class DataConfig:
     prompt_shards: str = MISSING  # required: local paths or a brace pattern of prompt shards
     preference_shards: Optional[str] = None  # reward-model training only
+    eval_prompt_shards: Optional[str] = None  # held-out prompts: launcher.evaluate's default and the training monitor
     shuffle_buffer: int = 16
     seed: int = 0
     on_error: str = "raise"  # raise | skip
@@ -199,6 +200,9 @@ class LoggingConfig:
     tensorboard: bool = True
     video_every: int = 5
     progress_bar: bool = True
+    eval_every: int = 0  # held-out over-optimisation monitor every N steps (0 = off); needs data.eval_prompt_shards
+    eval_num_prompts: int = 4
+    eval_seeds_per_prompt: int = 1
 
 
 @dataclass
@@ -246,7 +250,7 @@ POSITIVE = [
     "model.height", "model.width", "model.num_frames", "model.lora.rank", "sampler.num_steps",
     "grpo.group_size", "grpo.prompts_per_step", "grpo.num_inner_epochs", "trainer.steps",
     "trainer.checkpoint_every", "workers.rollout.num_workers", "workers.reward.num_workers",
-    "workers.learner.num_workers",
+    "workers.learner.num_workers", "logging.eval_num_prompts", "logging.eval_seeds_per_prompt",
 ]
 
 
@@ -268,6 +272,8 @@ def _check_values(cfg: DictConfig, source: str) -> None:
         raise ConfigError(f"{source}: 'grpo.timestep_fraction' must be in (0, 1]")
     if cfg.grpo.group_size < 2:
         raise ConfigError(f"{source}: 'grpo.group_size' must be >= 2 (advantages are relative)")
+    if cfg.logging.eval_every < 0 or (cfg.logging.eval_every and not cfg.data.eval_prompt_shards):
+        raise ConfigError(f"{source}: 'logging.eval_every' must be >= 0 and, when > 0, needs 'data.eval_prompt_shards'")
     if cfg.model.num_frames % 4 != 1:
         raise ConfigError(f"{source}: 'model.num_frames' must be 4k+1 (Wan VAE), got {cfg.model.num_frames}")
     if cfg.model.height % 16 or cfg.model.width % 16:

@@ -61,6 +61,8 @@ class MetricsLogger:
 
 
 def _tag(key: str) -> str:
+    if key.startswith("heldout_"):
+        return f"eval/{key}"
     if key.startswith("reward"):
         return f"reward/{key}"
     if key.endswith("_s"):

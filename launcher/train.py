@@ -37,6 +37,7 @@ from launcher.cli import parse_config
 from launcher.cluster import (Workers, build_workers, connect_ray, restart_learner, split_groups,
                               start_learner, stop_ray)
 from launcher.config import to_yaml
+from launcher.evaluate import eval_seeds, load_prompts
 from launcher.metrics import MetricsLogger
 from launcher.progress import Progress
 from policy.grpo import advantage_stats, group_advantages
@@ -67,6 +68,9 @@ class Trainer:
         self.state = self.restore(self.checkpoints.resolve(cfg.trainer.resume))
         self.metrics = MetricsLogger(self.out, cfg.logging.tensorboard, resume_step=self.state.step)
         self.stop_requested = False
+        self.eval_prompts = (load_prompts(cfg.data.eval_prompt_shards, cfg.logging.eval_num_prompts, cfg.data.on_error)
+                             if cfg.logging.eval_every else [])
+        self.eval_seeds = eval_seeds(cfg.trainer.seed, cfg.logging.eval_seeds_per_prompt)
 
     def request_stop(self, signum=None, frame=None) -> None:
         """SIGTERM/SIGUSR1 (Slurm preemption, scancel, requeue): checkpoint after the current step, exit."""
@@ -124,6 +128,12 @@ class Trainer:
             # 7. log and checkpoint
             record = self.record(step, scored, adv, learn, staleness, rewards_s, learn_s, sync_s,
                                  time.perf_counter() - t_step)
+            if self.eval_prompts and step % cfg.logging.eval_every == 0:
+                # held-out prompts, scored with rewards the policy is not trained on (launcher/evaluate.py)
+                t0 = time.perf_counter()
+                record.update(ray.get(self.workers.rollout.actors[0].held_out.remote(self.eval_prompts,
+                                                                                     self.eval_seeds)))
+                record["eval_s"] = time.perf_counter() - t0
             self.metrics.log(record)
             if cfg.logging.video_every and step % cfg.logging.video_every == 0:
                 traj = ray.get(trajectories[0])

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import ray
@@ -56,8 +55,10 @@ def strip(records):
 
 
 def test_two_step_sync_run(root, shards, tmp_path):
-    records = run(config(root, shards, tmp_path / "run"))
+    records = run(config(root, shards, tmp_path / "run", "logging.eval_every=2", f"data.eval_prompt_shards={shards}",
+                         "logging.eval_num_prompts=2"))
     assert [r["step"] for r in records] == [1, 2]
+    assert "heldout_face_mean" not in records[0] and "heldout_face_mean" in records[1]  # the monitor ran
     for r in records:
         assert r["first_epoch_logprob_dev"] == 0.0 and r["ratio_mean"] == 1.0  # fresh rollouts: ratio 1
         assert r["staleness_max"] == 0 and r["policy_version"] == r["step"]

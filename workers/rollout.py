@@ -54,3 +54,9 @@ class RolloutWorker(WorkerBase):
         trajectory.references = list(sample.get("refs", []))
         trajectory.rollout_s = time.perf_counter() - start
         return trajectory
+
+    def held_out(self, prompts: List[dict], seeds: List[int]) -> Dict[str, float]:
+        """Over-optimisation monitor (launcher/evaluate.py) with this worker's current weights."""
+        from launcher.evaluate import held_out_monitor
+
+        return held_out_monitor(self.policy, self.cfg, prompts, seeds)
