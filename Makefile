@@ -8,7 +8,7 @@ ARGS    ?=
 OUT     ?= outputs
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast demo shards train-reward train eval bench lint tensorboard clean
+.PHONY: install test test-fast demo shards train-reward train eval bench lint tensorboard submit clean
 
 install: $(STAMP)
 
@@ -49,6 +49,12 @@ bench: install
 
 lint: install
 	$(PY) -m ruff check launcher workers reward policy data tests bench
+
+# Submit to a running Ray cluster: make submit ADDRESS=http://head:8265 CONFIG=... ARGS="..."
+ADDRESS ?= http://127.0.0.1:8265
+submit: install
+	.venv/bin/ray job submit --address $(ADDRESS) --working-dir . \
+		--runtime-env cluster_configs/runtime_env.yaml -- python -m launcher.train --config $(CONFIG) $(ARGS)
 
 tensorboard: install
 	.venv/bin/tensorboard --logdir $(OUT) --bind_all

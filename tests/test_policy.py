@@ -173,3 +173,4 @@ def test_phantom_guidance_terms(root):
     torch.testing.assert_close(v, full[:, :, :3], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="reference image"):
         policy.encode_condition(PROMPT, [])
+
