@@ -4,28 +4,28 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from launcher.config import ConfigError, load_config, to_yaml
 
 DEFAULT_CONFIG = "cluster_configs/local_cpu.yaml"
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def build_parser(description: str, default_config: str = DEFAULT_CONFIG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="OmegaConf YAML (default: %(default)s)")
+    parser.add_argument("--config", default=default_config, help="OmegaConf YAML (default: %(default)s)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.steps=3")
     return parser
 
 
 def parse_config(description: str, argv: Optional[Sequence[str]] = None,
-                 parser: Optional[argparse.ArgumentParser] = None):
+                 parser: Optional[argparse.ArgumentParser] = None, loader: Callable = load_config):
     """Parse argv into (config, args). A bad key or value exits with status 2 and names it."""
     parser = parser or build_parser(description)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = loader(args.config, args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -254,7 +254,7 @@ POSITIVE = [
 ]
 
 
-def _describe(err: OmegaConfBaseException, source: str, key: Optional[str] = None) -> str:
+def describe_error(err: OmegaConfBaseException, source: str, key: Optional[str] = None) -> str:
     key = key or getattr(err, "full_key", None) or "?"
     msg = str(err).splitlines()[0]
     return f"{source}: invalid config key '{key}': {msg}"
@@ -290,9 +290,14 @@ def _check_values(cfg: DictConfig, source: str) -> None:
 KNOWN_REWARDS = {"face", "vlm", "demo_brightness", "demo_reference_color"}
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Defaults <- YAML file <- `key=value` overrides, type-checked against the dataclasses."""
-    cfg = OmegaConf.structured(Config)
+def load_structured(schema, check: Callable[[DictConfig, str], None], path: Optional[str | Path] = None,
+                    overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults of dataclass `schema` <- YAML file <- `key=value` overrides, type-checked, then `check`ed.
+
+    Shared by every config tree of the project (training here, reward-model training in
+    reward/train_config.py), so all of them report bad keys the same way. Returns a read-only tree.
+    """
+    cfg = OmegaConf.structured(schema)
     source, key = "defaults", None
     try:
         if path is not None:
@@ -307,11 +312,16 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             source, key = f"override '{item}'", item.split("=", 1)[0]
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
     except OmegaConfBaseException as err:
-        raise ConfigError(_describe(err, source, key)) from None
+        raise ConfigError(describe_error(err, source, key)) from None
     origin = " + ".join([str(path)] * (path is not None) + [f"overrides {list(overrides)}"] * bool(overrides))
-    _check_values(cfg, origin or "defaults")
+    check(cfg, origin or "defaults")
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """The training config: defaults <- YAML file <- `key=value` overrides."""
+    return load_structured(Config, _check_values, path, overrides)
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -323,7 +333,7 @@ def config_from_yaml_text(text: str) -> DictConfig:
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
     except OmegaConfBaseException as err:
-        raise ConfigError(_describe(err, "stored config")) from None
+        raise ConfigError(describe_error(err, "stored config")) from None
     _check_values(cfg, "stored config")
     return cfg
 

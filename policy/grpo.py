@@ -65,11 +65,12 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: to
               clip_range: float, kl: Optional[torch.Tensor] = None, kl_beta: float = 0.0,
               mask: Optional[torch.Tensor] = None):
     """Mean GRPO loss over unmasked elements, plus detached stats for logging."""
-    mask = torch.ones_like(advantages, dtype=torch.bool) if mask is None else mask.bool()
+    # Stored rollout values live on the CPU; follow the log-prob's device and dtype.
+    advantages = advantages.to(log_prob)
+    mask = torch.ones_like(advantages, dtype=torch.bool) if mask is None else mask.to(log_prob.device).bool()
     weights = mask.to(log_prob.dtype)
     denom = weights.sum().clamp(min=1)
-    per_elem, ratio = clipped_policy_loss(log_prob, old_log_prob.to(log_prob.dtype),
-                                          advantages.to(log_prob.dtype), clip_range)
+    per_elem, ratio = clipped_policy_loss(log_prob, old_log_prob.to(log_prob), advantages, clip_range)
     policy_loss = (per_elem * weights).sum() / denom
     loss = policy_loss
     kl_mean = torch.zeros((), dtype=log_prob.dtype)
