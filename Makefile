@@ -21,6 +21,7 @@ $(STAMP): requirements.txt setup.cfg
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m pip check
+	$(PY) -m launcher.warm_ops
 	touch $(STAMP)
 
 test: install
@@ -35,8 +36,10 @@ demo: install
 shards: install
 	$(PY) -m data.demo --out $(OUT)/demo_data
 
+REWARD_CONFIG ?= cluster_configs/reward_local_cpu.yaml
 train-reward: install
-	$(PY) -m reward.train --config $(CONFIG) $(ARGS)
+	test -e $(OUT)/demo_data/pairs-000000.tar || $(PY) -m data.demo --out $(OUT)/demo_data
+	$(PY) -m reward.train --config $(REWARD_CONFIG) $(ARGS)
 
 train: install
 	$(PY) -m launcher.train --config $(CONFIG) $(ARGS)

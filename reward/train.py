@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 
 from reward.losses import label_indices, pairwise_accuracy, preference_loss
 from reward.train_config import parse_args, with_updates
-from reward.vlm import IdentityRewardModel
+from reward.vlm import DTYPES, IdentityRewardModel
 from reward.vlm_data import (DataPlan, auto_weight, candidate_samples, choose_pool, eval_samples, make_pools,
                              pair_inputs, plan_data)
 from reward.vlm_eval import evaluate, teacher_filter, write_json
@@ -76,7 +76,7 @@ def build_model(cfg) -> IdentityRewardModel:
                                               m.instruction, seed=m.tiny_seed, config_key="model.path")
     else:
         model = IdentityRewardModel.build_tiny(m.image_size, m.num_frames, cfg.trainer.tie_theta, m.tiny_seed,
-                                               m.instruction)
+                                               m.instruction).to(DTYPES[m.dtype])
     lora = OmegaConf.to_container(m.lora) if m.lora.enabled else None
     if lora is not None:
         lora.pop("enabled")
@@ -125,12 +125,16 @@ def _resume_target(cfg, out: Path):
 
 
 def save_checkpoint(engine, out: Path, step: int, pools, rank: int, keep_last: int) -> None:
-    """Engine state (model, optimizer, scheduler) + per-rank trainer state (reader positions, RNG)."""
+    """Per-rank trainer state (reader positions, RNG), then the engine state (model, optimizer, scheduler):
+    DeepSpeed rewrites the `latest` pointer only after its own files, so `latest` never names a partial step."""
     root, tag = out / CKPT_DIR, f"{TAG_PREFIX}{step:06d}"
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    (root / tag).mkdir(parents=True, exist_ok=True)
     state = {"step": step, "pools": {name: p.state_dict() for name, p in pools.items()},
              "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
     torch.save(state, root / tag / f"trainer_state_rank{rank}.pt")
+    dist.barrier()
+    # Frozen weights (a LoRA'd 3B base) are not saved: a resume rebuilds them from model.path / the seed.
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, exclude_frozen_parameters=True)
     dist.barrier()
     if rank == 0:
         tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
@@ -140,7 +144,7 @@ def save_checkpoint(engine, out: Path, step: int, pools, rank: int, keep_last: i
 
 def load_checkpoint(engine, target, pools, rank: int) -> int:
     load_dir, tag = target
-    path, client = engine.load_checkpoint(str(load_dir), tag=tag)
+    path, client = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=False)
     if path is None:
         raise FileNotFoundError(f"trainer.resume: no DeepSpeed checkpoint {tag!r} in {load_dir}")
     state = torch.load(Path(load_dir) / tag / f"trainer_state_rank{rank}.pt", weights_only=False)
@@ -221,8 +225,51 @@ def run_eval(cfg, engine, plan: DataPlan, rank: int, world: int) -> Dict[str, fl
     return evaluate(engine.module, samples, cfg.trainer.tie_theta, cfg.trainer.loss, cfg.trainer.eval_batch_size)
 
 
+def train_step(cfg, engine, pools, step: int, weight: float, available: Dict[str, int]):
+    """One optimizer step (grad_accum micro-batches, each drawn whole from one pool): loss, accuracy, pools."""
+    t = cfg.trainer
+    loss_sum, acc_sum, drawn = 0.0, 0.0, []
+    for micro in range(t.grad_accum):
+        pool = choose_pool(step * t.grad_accum + micro, weight, t.seed, available)
+        samples = pools[pool].take(t.batch_size)
+        videos, refs, prompts, prefs = pair_inputs(samples)
+        scores = engine(**engine.module.device_inputs(engine.module.inputs(videos, refs, prompts)))
+        n = len(samples)  # scores: A of every pair, then B of every pair
+        labels = label_indices(prefs, device=scores.device)
+        loss = preference_loss(t.loss, scores[:n], scores[n:], labels, t.tie_theta)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+        loss_sum += loss.item()
+        acc_sum += pairwise_accuracy(scores[:n], scores[n:], labels, t.tie_theta)["accuracy_with_ties"]
+        drawn.append(pool)
+    return loss_sum / t.grad_accum, acc_sum / t.grad_accum, drawn
+
+
+def record_eval(out: Path, metrics: Dict[str, Any], history: List[Dict[str, Any]], extra: Dict[str, Any],
+                writer, rank: int) -> None:
+    """Append to the history, rewrite <output_dir>/eval.json, log to TensorBoard and stdout (rank 0)."""
+    history.append(metrics)
+    if rank != 0:
+        return
+    write_json(out / "eval.json", {**metrics, "history": history, **extra})
+    if writer is not None:
+        for name in ("accuracy_without_ties", "accuracy_with_ties", "loss"):
+            writer.add_scalar(f"eval/{name}", metrics[name], metrics["step"])
+    print(f"eval at step {metrics['step']}: {metrics}", flush=True)
+
+
 def train(cfg, human_only: bool = False) -> Dict[str, Any]:
     """Run (or resume) training; returns {'losses': this run's per-step losses, 'eval': final metrics, ...}."""
+    threads = torch.get_num_threads()
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    try:
+        return _train(cfg, human_only)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting (tests run several trainings in one process)
+
+
+def _train(cfg, human_only: bool) -> Dict[str, Any]:
     t = cfg.trainer
     rank, world = setup_distributed(t.device)
     out = Path(t.output_dir)
@@ -232,14 +279,17 @@ def train(cfg, human_only: bool = False) -> Dict[str, Any]:
     torch.manual_seed(t.seed)
     random.seed(t.seed)
 
+    # data: label scan, held-out split, teacher filter, pools
     plan = plan_data(cfg.data)
     keep = None if human_only else run_teacher(cfg, plan, out, rank, world)
     pools = make_pools(cfg.data, plan, rank, world, keep, list(cfg.teacher.sources), human_only)
     sizes = plan.pool_sizes(keep, list(cfg.teacher.sources))
+    extra = {"pool_sizes": sizes, "counts_by_source": plan.counts, "num_held_out": len(plan.held_out)}
     if rank == 0:
         print(f"pairs by source {plan.counts}; held out {len(plan.held_out)}; training pools {sizes}"
               + (" (human only: teacher run)" if human_only else ""), flush=True)
 
+    # model, engine, resume
     engine = build_engine(cfg, build_model(cfg), world)
     target = _resume_target(cfg, out)
     step = load_checkpoint(engine, target, pools, rank) if target else 0
@@ -251,6 +301,7 @@ def train(cfg, human_only: bool = False) -> Dict[str, Any]:
 
         writer = SummaryWriter(str(out / "tb"))
 
+    # loop
     total = int(cfg.curriculum.steps or t.steps)
     available = {name: 1 for name in pools}
     losses: List[float] = []
@@ -259,62 +310,32 @@ def train(cfg, human_only: bool = False) -> Dict[str, Any]:
     engine.train()
     tick = time.time()
     while step < stop:
-        w = auto_weight(step, cfg.curriculum.schedule, cfg.curriculum.auto_weight_start,
-                        cfg.curriculum.auto_weight_end, total)
-        step_loss, step_acc, drawn = 0.0, 0.0, []
-        for micro in range(t.grad_accum):
-            pool = choose_pool(step * t.grad_accum + micro, w, t.seed, available)
-            samples = pools[pool].take(t.batch_size)
-            videos, refs, prompts, prefs = pair_inputs(samples)
-            batch = engine.module.device_inputs(engine.module.inputs(videos, refs, prompts))
-            scores = engine(**batch)
-            n = len(samples)
-            labels = label_indices(prefs, device=scores.device)
-            loss = preference_loss(t.loss, scores[:n], scores[n:], labels, t.tie_theta)
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.item() / t.grad_accum
-            step_acc += pairwise_accuracy(scores[:n], scores[n:], labels, t.tie_theta)["accuracy_with_ties"] / t.grad_accum
-            drawn.append(pool)
+        c = cfg.curriculum
+        w = auto_weight(step, c.schedule, c.auto_weight_start, c.auto_weight_end, total)
+        loss, acc, drawn = train_step(cfg, engine, pools, step, w, available)
         step += 1
-        losses.append(step_loss)
+        losses.append(loss)
         if writer is not None:
-            for name, value in (("loss", step_loss), ("batch_accuracy_with_ties", step_acc), ("auto_weight", w),
-                                ("auto_fraction", drawn.count("auto") / len(drawn)),
-                                ("lr", engine.get_lr()[0])):
+            for name, value in (("loss", loss), ("batch_accuracy_with_ties", acc), ("auto_weight", w),
+                                ("auto_fraction", drawn.count("auto") / len(drawn)), ("lr", engine.get_lr()[0])):
                 writer.add_scalar(f"train/{name}", value, step)
-        if rank == 0 and (step % t.log_every == 0 or step == t.steps):
-            rate = (time.time() - tick) / t.log_every
-            tick = time.time()
-            print(f"step {step}/{t.steps} loss {step_loss:.4f} pools {drawn} w_auto {w:.3f} "
+        if rank == 0 and (step % t.log_every == 0 or step == stop):
+            rate, tick = (time.time() - tick) / t.log_every, time.time()
+            print(f"step {step}/{t.steps} loss {loss:.4f} pools {drawn} w_auto {w:.3f} "
                   f"lr {engine.get_lr()[0]:.2e} {rate:.2f}s/step", flush=True)
         if step % t.checkpoint_every == 0 or step == stop:
             save_checkpoint(engine, out, step, pools, rank, t.keep_last)
         if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-            metrics = {"step": step, **run_eval(cfg, engine, plan, rank, world)}
+            record_eval(out, {"step": step, **run_eval(cfg, engine, plan, rank, world)}, history, extra, writer, rank)
             engine.train()
-            history.append(metrics)
-            if rank == 0:
-                write_json(out / "eval.json", {**metrics, "history": history, "pool_sizes": sizes,
-                                               "counts_by_source": plan.counts, "num_held_out": len(plan.held_out)})
-            if writer is not None:
-                for name in ("accuracy_without_ties", "accuracy_with_ties", "loss"):
-                    writer.add_scalar(f"eval/{name}", metrics[name], step)
-            if rank == 0:
-                print(f"eval at step {step}: {metrics}", flush=True)
     if step < t.steps:  # stopped early by max_steps_per_run: the checkpoint is the result
         return {"losses": losses, "eval": None, "step": step, "model_dir": None}
-    final = history[-1] if history and history[-1]["step"] == step else None
-    if final is None:  # resumed at the last step: evaluate what was trained
-        final = {"step": step, **run_eval(cfg, engine, plan, rank, world)}
-        history.append(final)
-        if rank == 0:
-            write_json(out / "eval.json", {**final, "history": history, "pool_sizes": sizes,
-                                           "counts_by_source": plan.counts, "num_held_out": len(plan.held_out)})
+    if not history or history[-1]["step"] != step:  # resumed at the last step: evaluate what was trained
+        record_eval(out, {"step": step, **run_eval(cfg, engine, plan, rank, world)}, history, extra, writer, rank)
     export_model(engine, out / MODEL_DIR, t.zero_stage, rank)
     if writer is not None:
         writer.close()
-    return {"losses": losses, "eval": final, "step": step, "model_dir": str(out / MODEL_DIR)}
+    return {"losses": losses, "eval": history[-1], "step": step, "model_dir": str(out / MODEL_DIR)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

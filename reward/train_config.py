@@ -12,7 +12,6 @@ holds the paper's settings (Qwen2.5-VL-3B, LoRA r64 alpha128 on the LLM, vision 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -20,7 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from launcher.config import ConfigError
+from launcher.cli import build_parser, parse_config
+from launcher.config import ConfigError, describe_error, load_structured
 from reward.vlm import LLM_LORA_TARGETS
 from reward.vlm_inputs import DEFAULT_INSTRUCTION
 
@@ -73,7 +73,9 @@ class CurriculumConfig:
 
 @dataclass
 class TeacherConfig:
-    """Filter auto pairs by a teacher trained on human pairs: keep P_teacher(label) >= threshold."""
+    """Filter auto pairs by a teacher trained on human pairs: keep P_teacher(label) >= threshold.
+    The decision is stored in <output_dir>/teacher_filter.json and reused by every later run of that
+    output_dir (also with trainer.resume=never) as long as threshold and tie_theta match."""
 
     enabled: bool = False
     checkpoint: Optional[str] = None  # trained reward-model directory; None: train one on human pairs first
@@ -101,6 +103,9 @@ class RewardTrainerConfig:
     tie_theta: float = 5.0
     seed: int = 0
     device: str = "cpu"  # cpu | cuda
+    # torch intra-op threads (null: torch's default). Tiny CPU models run several times faster with 1 thread
+    # on a shared machine: with more, OpenMP threads spin-wait for cores other processes hold.
+    num_threads: Optional[int] = None
     zero_stage: int = 2
     precision: str = "fp32"  # fp32 | bf16
     output_dir: str = MISSING  # required
@@ -169,6 +174,8 @@ def _check(cfg: DictConfig, source: str) -> None:
     for key in ("curriculum.auto_weight_start", "curriculum.auto_weight_end", "teacher.threshold"):
         if not 0.0 <= OmegaConf.select(cfg, key) <= 1.0:
             fail(key, f"must be in [0, 1], got {OmegaConf.select(cfg, key)}")
+    if cfg.trainer.num_threads is not None and cfg.trainer.num_threads <= 0:
+        fail("trainer.num_threads", f"must be > 0 (or null), got {cfg.trainer.num_threads}")
     if cfg.trainer.max_steps_per_run is not None and cfg.trainer.max_steps_per_run <= 0:
         fail("trainer.max_steps_per_run", f"must be > 0 (or null), got {cfg.trainer.max_steps_per_run}")
     if cfg.curriculum.steps is not None and cfg.curriculum.steps <= 0:
@@ -184,33 +191,9 @@ def _check(cfg: DictConfig, source: str) -> None:
         raise ConfigError(f"{source}: missing required value(s): {', '.join(missing)}")
 
 
-def _describe(err: OmegaConfBaseException, source: str, key: Optional[str] = None) -> str:
-    key = key or getattr(err, "full_key", None) or "?"
-    return f"{source}: invalid config key '{key}': {str(err).splitlines()[0]}"
-
-
 def load_reward_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults <- YAML file <- `key=value` overrides, type-checked and validated; read-only."""
-    cfg = OmegaConf.structured(RewardTrainConfig)
-    source, key = "defaults", None
-    try:
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            source = str(path)
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override '{item}' is not of the form key.sub=value")
-            source, key = f"override '{item}'", item.split("=", 1)[0]
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-    except OmegaConfBaseException as err:
-        raise ConfigError(_describe(err, source, key)) from None
-    origin = " + ".join([str(path)] * (path is not None) + [f"overrides {list(overrides)}"] * bool(overrides))
-    _check(cfg, origin or "defaults")
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
+    return load_structured(RewardTrainConfig, _check, path, overrides)
 
 
 def with_updates(cfg: DictConfig, updates: Dict[str, Any], source: str) -> DictConfig:
@@ -220,7 +203,7 @@ def with_updates(cfg: DictConfig, updates: Dict[str, Any], source: str) -> DictC
         for key, value in updates.items():
             OmegaConf.update(merged, key, value, merge=False)
     except OmegaConfBaseException as err:
-        raise ConfigError(_describe(err, source)) from None
+        raise ConfigError(describe_error(err, source)) from None
     _check(merged, source)
     OmegaConf.set_readonly(merged, True)
     return merged
@@ -229,18 +212,7 @@ def with_updates(cfg: DictConfig, updates: Dict[str, Any], source: str) -> DictC
 def parse_args(argv: Optional[Sequence[str]] = None, description: str = "") -> DictConfig:
     """`--config FILE key=value ... [--print-config]`; a bad key or value exits 2 naming it.
     Also accepts `--local_rank=N`, which the `deepspeed` launcher appends."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default="cluster_configs/reward_local_cpu.yaml", help="YAML (default: %(default)s)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser = build_parser(description, default_config="cluster_configs/reward_local_cpu.yaml")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.steps=3")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_reward_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if args.print_config:
-        print(OmegaConf.to_yaml(cfg), end="")
-        raise SystemExit(0)
+    cfg, _ = parse_config(description, argv, parser=parser, loader=load_reward_config)
     return cfg

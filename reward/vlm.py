@@ -164,7 +164,8 @@ class IdentityRewardModel(nn.Module):
             raise ValueError("LoRA on the language model and full language-model training exclude each other")
         self.vlm.requires_grad_(False)
         if lora is not None:
-            lora = {"rank": int(lora["rank"]), "alpha": float(lora["alpha"]), "dropout": float(lora.get("dropout", 0.0)),
+            lora = {"rank": int(lora["rank"]), "alpha": float(lora["alpha"]),
+                    "dropout": float(lora.get("dropout", 0.0)),
                     "target_modules": list(lora.get("target_modules") or LLM_LORA_TARGETS)}
             if self.lora is not None and self.lora != lora:
                 raise ValueError(f"LoRA already configured as {self.lora}, cannot change to {lora}")
@@ -263,7 +264,8 @@ class IdentityRewardModel(nn.Module):
         missing = sorted(set(own) - set(state)) if strict else sorted(
             n for n, p in self.named_parameters() if p.requires_grad and n not in state)
         if unexpected or missing:
-            raise KeyError(f"{source}: weights do not match the model: unexpected {unexpected[:5]}, missing {missing[:5]}")
+            raise KeyError(f"{source}: weights do not match the model: unexpected {unexpected[:5]}, "
+                           f"missing {missing[:5]}")
         self.load_state_dict(state, strict=strict)
         if row is not None:
             with torch.no_grad():
@@ -294,4 +296,5 @@ def load_reward_model(path: Optional[str], image_size: int = 56, num_frames: int
             logger.warning("%s: using the trained model's image_size, num_frames, tie_theta %s, not the "
                            "configured %s", config_key, saved, (image_size, num_frames, float(tie_theta)))
         return model
-    return IdentityRewardModel.from_base(path, image_size, num_frames, tie_theta, dtype, config_key=config_key, seed=seed)
+    return IdentityRewardModel.from_base(path, image_size, num_frames, tie_theta, dtype, config_key=config_key,
+                                         seed=seed)

@@ -65,7 +65,8 @@ def build_tiny_tokenizer(vocab_size: int = 384, with_reward_token: bool = True):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS + [REWARD_TOKEN] * with_reward_token,
+    special = QWEN_SPECIAL_TOKENS + [REWARD_TOKEN] * with_reward_token
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_TINY_CORPUS, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token="<|im_end|>")
@@ -102,8 +103,8 @@ class RewardInputBuilder:
                  instruction: str = DEFAULT_INSTRUCTION):
         factor = int(image_processor.patch_size) * int(image_processor.merge_size)
         if image_size <= 0 or image_size % factor:
-            raise ValueError(f"reward.vlm.image_size must be a positive multiple of {factor} "
-                             f"(patch {image_processor.patch_size} x merge {image_processor.merge_size}), got {image_size}")
+            raise ValueError(f"reward.vlm.image_size must be a positive multiple of {factor} (patch "
+                             f"{image_processor.patch_size} x merge {image_processor.merge_size}), got {image_size}")
         if num_frames < 1:
             raise ValueError(f"reward.vlm.num_frames must be >= 1, got {num_frames}")
         if "{prompt}" not in instruction:
@@ -117,7 +118,8 @@ class RewardInputBuilder:
         self.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.reward_token_id = tokenizer.convert_tokens_to_ids(REWARD_TOKEN)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.tokens_per_image = (image_size // int(image_processor.patch_size)) ** 2 // int(image_processor.merge_size) ** 2
+        patches = (image_size // int(image_processor.patch_size)) ** 2
+        self.tokens_per_image = patches // int(image_processor.merge_size) ** 2
 
     # ------------------------------------------------------------------ text
 
@@ -155,7 +157,8 @@ class RewardInputBuilder:
 
     # ------------------------------------------------------------------ batch
 
-    def __call__(self, videos: Sequence, references: Sequence[Sequence], prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
+    def __call__(self, videos: Sequence, references: Sequence[Sequence],
+                 prompts: Sequence[str]) -> Dict[str, torch.Tensor]:
         """Right-padded batch: input_ids, attention_mask, mm_token_type_ids, pixel_values,
         image_grid_thw, reward_index (position of <|reward|> per row)."""
         if not len(videos) == len(references) == len(prompts) or not len(videos):
@@ -201,6 +204,7 @@ class RewardInputBuilder:
         settings = json.loads((directory / INPUTS_FILE).read_text())
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         size = int(image_size or settings["image_size"])
+        area = size * size
         proc = Qwen2VLImageProcessorPil.from_pretrained(directory, local_files_only=True,
-                                                        size={"shortest_edge": size * size, "longest_edge": size * size})
+                                                        size={"shortest_edge": area, "longest_edge": area})
         return cls(tokenizer, proc, size, int(num_frames or settings["num_frames"]), settings["instruction"])

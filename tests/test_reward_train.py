@@ -66,7 +66,9 @@ def tiny_cfg(shards, out, *extra):
     return load_reward_config(None, [
         f"data.preference_shards={shards}", f"trainer.output_dir={out}", "data.held_out_fraction=0.2",
         "model.num_frames=2", "model.instruction='Prompt: {prompt}'", "trainer.batch_size=2", "trainer.log_every=2",
-        "trainer.checkpoint_every=2", "trainer.eval_every=2", "trainer.eval_batch_size=8", "logging.tensorboard=true", *extra])
+        "trainer.num_threads=1",
+        "trainer.checkpoint_every=2", "trainer.eval_every=2", "trainer.eval_batch_size=8", "logging.tensorboard=true",
+        *extra])
 
 
 # ----------------------------------------------------------------------------- curriculum
@@ -104,7 +106,8 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="'trainer.lr'"):
         load_reward_config(None, ["trainer.lr=1", "data.preference_shards=x", f"trainer.output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="'model.train_language_model' must be false"):
-        load_reward_config(None, ["model.lora.enabled=true", "data.preference_shards=x", f"trainer.output_dir={tmp_path}"])
+        load_reward_config(None, ["model.lora.enabled=true", "data.preference_shards=x",
+                                  f"trainer.output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="data.preference_shards"):
         load_reward_config(None, [f"trainer.output_dir={tmp_path}"])
     cli = subprocess.run([sys.executable, "-m", "reward.train", "--config", "cluster_configs/reward_local_cpu.yaml",
@@ -118,12 +121,18 @@ def test_config_errors_name_the_key(tmp_path):
 # ----------------------------------------------------------------------------- resume
 
 
-def test_resume_continues_identically(mixed_shards, tmp_path):
+LORA = ("model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=8", "model.train_language_model=false",
+        "model.train_vision=false")  # frozen weights are left out of checkpoints and rebuilt on resume
+
+
+@pytest.mark.parametrize("parts", [(), LORA], ids=["full", "lora"])
+def test_resume_continues_identically(mixed_shards, tmp_path, parts):
     """4 steps straight == 2 steps, stop, resume to 4: same losses, same final weights."""
-    straight = train(tiny_cfg(mixed_shards, tmp_path / "straight", "trainer.steps=4"))
-    first = train(tiny_cfg(mixed_shards, tmp_path / "resumed", "trainer.steps=4", "trainer.max_steps_per_run=2"))
+    straight = train(tiny_cfg(mixed_shards, tmp_path / "straight", "trainer.steps=4", *parts))
+    first = train(tiny_cfg(mixed_shards, tmp_path / "resumed", "trainer.steps=4", "trainer.max_steps_per_run=2",
+                           *parts))
     assert first["step"] == 2 and first["model_dir"] is None
-    second = train(tiny_cfg(mixed_shards, tmp_path / "resumed", "trainer.steps=4"))
+    second = train(tiny_cfg(mixed_shards, tmp_path / "resumed", "trainer.steps=4", *parts))
     assert second["step"] == 4 and len(second["losses"]) == 2
     assert first["losses"] + second["losses"] == straight["losses"]  # bit-identical, not merely close
     a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
@@ -169,7 +178,8 @@ def test_teacher_filter_keeps_the_fraction_it_reports(mixed_shards, tmp_path):
     teacher = IdentityRewardModel.from_pretrained(str(tmp_path / "teacher" / "model"))
     from data.reader import ShardReader
 
-    samples = [s for s in ShardReader(mixed_shards, kind="preference", epochs=1, shuffle=False) if s["key"] in auto_keys]
+    reader = ShardReader(mixed_shards, kind="preference", epochs=1, shuffle=False)
+    samples = [s for s in reader if s["key"] in auto_keys]
     r_a, r_b, y = score_pairs(teacher, samples)
     recomputed = label_probability(r_a, r_b, y, 5.0)
     for s, p in zip(samples, recomputed):
@@ -190,7 +200,8 @@ def test_tiny_model_learns_synthetic_distortions(tmp_path):
     """A few hundred CPU steps on synthetic distortion pairs: held-out accuracy >= 0.75 (chance 0.5)."""
     shards = write_pair_shards(tmp_path / "shards", 160, ("synthetic",))
     result = train(tiny_cfg(shards, tmp_path / "run", "trainer.steps=300", "trainer.batch_size=4",
-                            "trainer.checkpoint_every=300", "trainer.log_every=50", "optim.lr=1e-3",
+                            "trainer.checkpoint_every=300", "trainer.eval_every=0", "trainer.log_every=50",
+                            "optim.lr=1e-3",
                             "data.held_out_fraction=0.25"))
     losses = result["losses"]
     assert np.mean(losses[-50:]) < np.mean(losses[:50]) - 0.1
