@@ -81,7 +81,8 @@ def _face_model_dir() -> str:
     """
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("reward.face.backend=dlib needs the PyPI package face-recognition-models (see requirements.txt)")
+        raise ImportError("reward.face.backend=dlib needs the PyPI package face-recognition-models "
+                          "(see requirements.txt)")
     return os.path.join(list(spec.submodule_search_locations)[0], "models")
 
 
@@ -91,7 +92,8 @@ def _dlib_models():
     try:
         import dlib
     except ImportError as err:
-        raise ImportError("the face reward needs dlib: install the PyPI package dlib-bin (see requirements.txt)") from err
+        raise ImportError("the face reward needs dlib: install the PyPI package dlib-bin "
+                          "(see requirements.txt)") from err
     d = _face_model_dir()
     return (dlib.get_frontal_face_detector(),
             dlib.shape_predictor(os.path.join(d, "shape_predictor_5_face_landmarks.dat")),

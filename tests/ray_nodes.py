@@ -50,7 +50,8 @@ class LocalRayCluster:
                 f"--temp-dir={self.temp_dir}", f"--object-store-memory={object_store_mb * 1024 * 1024}",
                 f"--resources={json.dumps(resources or {})}"]
         if self.dashboard_port:
-            args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+            args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                     f"--dashboard-port={self.dashboard_port}"]
         else:
             args += ["--include-dashboard=false"]
         self._start(args)

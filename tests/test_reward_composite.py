@@ -120,7 +120,8 @@ def test_a_failed_sample_is_counted_logged_and_masked_not_zeroed(sample, caplog)
 def test_on_nan_raise_names_component_and_sample(sample):
     video, ref, cat = sample
     comp = CompositeReward.from_config(cfg(weights={"face": 1.0}, on_nan="raise"))
-    with pytest.raises(RewardError, match=r"'face' failed on sample 1: \(re-run alone as batch index 0\) FaceNotFoundError: sample 0: reference 0"):
+    expected = r"'face' failed on sample 1: \(re-run alone as batch index 0\) FaceNotFoundError: sample 0: reference 0"
+    with pytest.raises(RewardError, match=expected):
         comp.score([video, video], [[ref], [cat]], ["p", "p"])
     black = np.zeros_like(video)
     strict = CompositeReward({"logb": log_brightness}, {"logb": 1.0}, on_nan="raise")

@@ -28,7 +28,8 @@ def photos():
     refs = {k: crop_face(ph[k].image, ph[k].face_box, margin=0.5, size=128) for k in ("eileen_collins", "grace_hopper")}
     faces = {k: (crop_face(ph[k].image, ph[k].face_box, margin=0.3, size=80)[:, ::-1] * 0.85).astype(np.uint8)
              for k in refs}
-    return {"E": refs["eileen_collins"], "G": refs["grace_hopper"]}, {"E": faces["eileen_collins"], "G": faces["grace_hopper"]}
+    return ({"E": refs["eileen_collins"], "G": refs["grace_hopper"]},
+            {"E": faces["eileen_collins"], "G": faces["grace_hopper"]})
 
 
 @pytest.fixture(scope="module")

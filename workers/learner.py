@@ -117,7 +117,8 @@ class LearnerWorker(WorkerBase):
                     engine.backward(loss)
                     engine.step()
                     if epoch == 0:
-                        dev = (score.log_prob.detach() - traj.log_probs[:, k].to(score.log_prob.device)).abs().max().item()
+                        old = traj.log_probs[:, k].to(score.log_prob.device)
+                        dev = (score.log_prob.detach() - old).abs().max().item()
                         first_epoch_dev = max(first_epoch_dev, dev)
                     for name, value in stats.items():
                         sums[name] = sums.get(name, 0.0) + float(value)
