@@ -8,7 +8,7 @@ ARGS    ?=
 OUT     ?= outputs
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install test test-fast demo shards train-reward train eval bench lint tensorboard submit clean
+.PHONY: install test test-slurm test-fast demo shards train-reward train eval bench lint tensorboard submit clean
 
 install: $(STAMP)
 
@@ -26,6 +26,9 @@ $(STAMP): requirements.txt setup.cfg
 
 test: install
 	$(PY) -m pytest -q tests
+
+test-slurm: install
+	$(PY) -m pytest -q tests/test_slurm.py
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests

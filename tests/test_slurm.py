@@ -1,0 +1,191 @@
+"""The Slurm batch scripts, submitted with `sbatch` to a real one-node Slurm on localhost.
+
+tests/slurm_cluster.py starts slurmctld + slurmd from Debian's packages (installing them when missing);
+a machine that cannot (not root, no apt) skips with the reason. Each job starts its own Ray head with
+per-job ports and temp dir, then the driver on the tiny CPU config.
+
+Preemption is tested the way Slurm announces it: `scancel --batch --signal=USR1` is exactly what
+`#SBATCH --signal=B:USR1@180` (time limit) or PreemptParameters=send_user_signal delivers. The script
+forwards it to the driver, which checkpoints after its current step and exits 143; the script then
+runs `scontrol requeue` on itself and the second run resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from tests.slurm_cluster import SlurmCluster
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "cluster_configs" / "slurm"
+TINY = ["logging.progress_bar=false", "logging.tensorboard=false", "sampler.num_steps=2", "grpo.group_size=2"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("the CPU config needs 2 CPUs for its 2 learner ranks; this machine has 1")
+    # Random first job id: job ids pick the Ray ports and temp dirs, so a concurrent run of this module
+    # on the same machine (another Slurm test cluster) does not reuse ours.
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), first_job_id=random.randrange(1000, 10**6, 100) + 1)
+    reason = cluster.unavailable()
+    if reason:
+        pytest.skip(f"cannot run a local Slurm: {reason}")
+    try:
+        cluster.start()
+    except Exception as err:  # installed but broken: a failure, not a skip
+        cluster.stop()
+        pytest.fail(f"local Slurm did not start: {err}\n{cluster.log_tail('slurmctld')}{cluster.log_tail('slurmd')}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> str:
+    from data.demo import build_demo
+
+    pattern, _ = build_demo(tmp_path_factory.mktemp("shards"), num_prompts=8, num_pairs=2)
+    return pattern
+
+
+@pytest.fixture
+def jobs(slurm):
+    """Job ids a test submits; afterwards none may be left running, nor any Ray process of theirs."""
+    ids: List[int] = []
+    yield ids
+    slurm.cancel_all()
+    for job in ids:
+        for pid in ray_pids(job):  # only a broken script leaves these; kill exactly those
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for tmp in Path("/tmp").glob(f"ray_{job}_*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ray_pids(job: int) -> List[int]:
+    """Processes whose command line names this job's Ray temp dir (/tmp/ray_<job>_<restart>)."""
+    mark = f"/tmp/ray_{job}_".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if mark in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                pass
+    return found
+
+
+def submit(slurm: SlurmCluster, jobs: List[int], script: str, log_dir: Path, env: Dict[str, str],
+           sbatch_args=()) -> int:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "RAY_ADDRESS"}
+    full_env.update(CONFIG="cluster_configs/local_cpu.yaml", PYTHON=sys.executable, RAY_AUTH_MODE="disabled",
+                    RAY_OBJECT_STORE_BYTES=str(300 * 1024 * 1024), SLURM_CONF=str(slurm.conf), **env)
+    args = ["-c", "2", "-o", str(log_dir / "job-%j.out"), *sbatch_args, str(SCRIPTS / script)]
+    proc = slurm.run(["sbatch", "--parsable", *args], env=full_env, cwd=ROOT)
+    job = int(proc.stdout.strip().split(";")[0])
+    jobs.append(job)
+    return job
+
+
+def job_log(log_dir: Path, job: int) -> str:
+    path = log_dir / f"job-{job}.out"
+    return path.read_text(errors="replace") if path.exists() else "(no job output)"
+
+
+def metric_steps(out: Path) -> List[int]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def ray_port(job: int) -> int:
+    return 20000 + (job % 100) * 120  # the scripts' per-job port slot
+
+
+def test_single_node_job_trains_and_checkpoints(slurm, prompts, jobs, tmp_path):
+    out = tmp_path / "run"
+    args = ["trainer.steps=3", f"trainer.output_dir={out}", f"data.prompt_shards={prompts}",
+            "trainer.checkpoint_every=1", *TINY]
+    job = submit(slurm, jobs, "train.sbatch", tmp_path, {"ARGS": " ".join(args)})
+    info = slurm.wait_done(job, timeout=360)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-6000:]
+    assert f"ray 127.0.0.1:{ray_port(job)}" in log and f"tmp=/tmp/ray_{job}_0" in log
+    assert "done: 3 steps" in log, log[-4000:]
+    assert metric_steps(out) == [1, 2, 3]
+    assert (out / "checkpoints" / "latest").read_text().strip().endswith("step_000003")
+    assert (out / "checkpoints" / "step_000003").is_dir()
+    # The script stopped its Ray: no process of this job left, temp dir gone.
+    assert not ray_pids(job) and not list(Path("/tmp").glob(f"ray_{job}_*"))
+
+
+def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, prompts, jobs, tmp_path):
+    steps = 30
+    out = tmp_path / "run"
+    # checkpoint_every > steps: the only checkpoint before the end is the one the signal makes.
+    args = [f"trainer.steps={steps}", f"trainer.output_dir={out}", f"data.prompt_shards={prompts}",
+            "trainer.checkpoint_every=1000", *TINY]
+    job = submit(slurm, jobs, "train.sbatch", tmp_path, {"ARGS": " ".join(args)})
+    deadline = time.monotonic() + 300
+    while len(metric_steps(out)) < 2:
+        state = slurm.job(job).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state}\n{job_log(tmp_path, job)[-6000:]}"
+        assert time.monotonic() < deadline, "no 2 steps within 300 s\n" + job_log(tmp_path, job)[-6000:]
+        time.sleep(0.5)
+    done_at_signal = len(metric_steps(out))
+    # What Slurm sends at --signal=B:USR1@<t> before the time limit, or on preemption with send_user_signal.
+    slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
+
+    info = slurm.wait_done(job, timeout=420)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-8000:]
+    assert "got USR1" in log and "will checkpoint after the current step" in log, log[-8000:]
+    stopped = re.search(r"interrupted at step (\d+) of %d" % steps, log)
+    assert stopped, log[-8000:]
+    k = int(stopped.group(1))
+    assert done_at_signal <= k < steps
+    assert "driver exited with 143" in log and f"requeueing job {job}" in log
+    assert "restart 1 on" in log and f"tmp=/tmp/ray_{job}_1" in log
+    assert re.search(r"resumed from \S+step_%06d \(step %d," % (k, k), log), log[-8000:]
+    assert f"done: {steps} steps" in log
+    assert metric_steps(out) == list(range(1, steps + 1))  # every step once: none lost, none twice
+    assert not ray_pids(job) and not list(Path("/tmp").glob(f"ray_{job}_*"))
+
+
+def test_multinode_script_roles_and_address(slurm, jobs, tmp_path):
+    # One node here, so this checks the script's mechanics: Ray head through srun, the node's role
+    # resources, the driver pointed at the head (--print-config: the resolved config, no training).
+    # A real multi-node run needs a multi-node cluster.
+    job = submit(slurm, jobs, "train_multinode.sbatch", tmp_path,
+                 {"NODE_ROLES": "learner+rollout", "ARGS": "--print-config"}, sbatch_args=["--nodes=1"])
+    info = slurm.wait_done(job, timeout=240)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-6000:]
+    usage = log[log.index("Total Usage:"):]
+    assert re.search(r"0\.0/1\.0 learner_node", usage) and re.search(r"0\.0/1\.0 rollout_node", usage), log[-4000:]
+    assert re.search(r"ray_address: \S+:%d\b" % ray_port(job), log), log[-4000:]
+    assert not ray_pids(job) and not list(Path("/tmp").glob(f"ray_{job}_*"))
+
+    # A role list that does not match the node count stops before anything starts.
+    bad = submit(slurm, jobs, "train_multinode.sbatch", tmp_path, {"NODE_ROLES": "learner reward"},
+                 sbatch_args=["--nodes=1"])
+    info = slurm.wait_done(bad, timeout=60)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0")
+    assert "NODE_ROLES has 2 words for 1 nodes" in job_log(tmp_path, bad)
