@@ -93,11 +93,12 @@ class Trainer:
                     version = self.state.version if version is None else version
                     self.state.resume_rollout_version = None
                     next_rollouts = self.launch_rollouts(step, version)
-                samples, trajectories, reader_state = next_rollouts
+                samples, trajectories, pending_scores, reader_state = next_rollouts
                 next_rollouts = None
-                # 3. rewards: reward workers read the trajectories straight from the rollout workers
+                # 3. rewards: already queued on the reward workers, which read the trajectories straight
+                #    from the rollout workers as soon as each is done
                 t0 = time.perf_counter()
-                scored = self.score(step, trajectories)
+                scored = self.collect_scores(pending_scores, len(trajectories))
                 rewards_s = time.perf_counter() - t0
                 # 4. advantages within each prompt group
                 totals = torch.stack([s["scores"]["total"] for s in scored])
@@ -150,7 +151,12 @@ class Trainer:
     # ------------------------------------------------------------------ phases
 
     def launch_rollouts(self, step: int, version: int):
-        """Read P prompts and start one rollout per prompt group; returns (samples, refs, reader state)."""
+        """Read P prompts, start one rollout per prompt group and queue its scoring right behind it.
+
+        Returns (samples, trajectory refs, pending score refs, reader state). Scoring is queued now, with
+        the not-yet-ready trajectory refs as arguments: Ray runs it as soon as the rollout finishes, so
+        in async mode the next step's rewards are computed while the learner trains on this step.
+        """
         cfg = self.cfg
         stream = self._stream()
         samples = [next(stream) for _ in range(cfg.grpo.prompts_per_step)]
@@ -161,15 +167,15 @@ class Trainer:
             seeds = [sample_seed(cfg.trainer.seed, step, g, i) for i in range(cfg.grpo.group_size)]
             rollout = self.workers.rollout.actors[g % len(self.workers.rollout)]
             refs.append(rollout.generate.remote(step, _light(sample), seeds, version, weights_box))
-        return samples, refs, reader_state
-
-    def score(self, step: int, trajectories: List) -> List[dict]:
-        """Round-robin the groups over reward workers; only the small scores come back to the driver."""
         n = len(self.workers.reward)
-        pending = [self.workers.reward.actors[r].score.remote(step, *trajectories[r::n]) for r in range(n)]
-        results = ray.get(pending)
-        out = [None] * len(trajectories)
-        for r, chunk in enumerate(results):
+        pending = [self.workers.reward.actors[r].score.remote(step, *refs[r::n]) for r in range(n)]
+        return samples, refs, pending, reader_state
+
+    def collect_scores(self, pending: List, num_groups: int) -> List[dict]:
+        """Round-robin chunks back into group order; only the small scores come back to the driver."""
+        n = len(pending)
+        out = [None] * num_groups
+        for r, chunk in enumerate(ray.get(pending)):
             for j, item in enumerate(chunk):
                 out[r + j * n] = item
         return out
@@ -193,7 +199,11 @@ class Trainer:
         ray.wait(refs, num_returns=len(refs))
         version = self.state.version
         self.state.weights[version] = refs[0]
-        ray.get(self.workers.rollout.run("set_weights", version, refs[0]))
+        # Not awaited: an actor runs a caller's calls in order, so the next rollout on each worker comes
+        # after this install (and carries the version's weights ref anyway). The previous round's
+        # installs are collected here, which surfaces their errors.
+        ray.get(getattr(self, "_installs", []))
+        self._installs = self.workers.rollout.run("set_weights", version, refs[0])
         for old in [v for v in self.state.weights if v < version - max(1, self.cfg.trainer.max_staleness)]:
             del self.state.weights[old]
 

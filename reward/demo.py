@@ -25,7 +25,8 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 
 def _as_float(x: ArrayLike, ndim: int, what: str) -> torch.Tensor:
     """uint8 array/tensor -> float64 tensor in [0, 1], shape-checked (errors name `what`)."""
-    t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    # np.array copies: inputs may be read-only views (decoded shards), which torch will not wrap.
+    t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x))
     if t.dtype != torch.uint8:
         raise ValueError(f"{what} must be uint8 RGB, got dtype {t.dtype}")
     shape = "(F, H, W, 3)" if ndim == 4 else "(H, W, 3)"
