@@ -17,13 +17,6 @@ from bench.gpu_wan import (ACT_COEF, SIZES, WAN21_1_3B, build_transformer, count
                            latent_shape, peak_bf16_tflops, train_step_flops, video_tokens)
 
 
-@pytest.fixture
-def one_thread():
-    """The bench's tiny phases are many small ops: one thread is faster and steadier on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

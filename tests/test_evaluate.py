@@ -21,13 +21,8 @@ from launcher.evaluate import (EvalError, build_eval_policy, check_compatible, e
 FAST = ["sampler.num_steps=2", "reward.face.num_frames=2", "logging.progress_bar=false"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast alone and much faster on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
