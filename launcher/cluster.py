@@ -68,9 +68,6 @@ class Workers:
 
 
 def build_workers(cfg) -> Workers:
-    if cfg.grpo.prompts_per_step % cfg.workers.learner.num_workers:
-        raise ValueError(f"grpo.prompts_per_step={cfg.grpo.prompts_per_step} must be a multiple of "
-                         f"workers.learner.num_workers={cfg.workers.learner.num_workers} (groups are split evenly)")
     cfg_yaml = to_yaml(cfg)
     placements = plan_placements(cfg.workers, device_is_gpu=cfg.trainer.device.startswith("cuda"))
     return Workers(

@@ -209,7 +209,7 @@ class LoggingConfig:
 class FaultsConfig:
     """Deliberate failures for tests and demos: kill `role` worker `rank` at `step` (-1 = never)."""
 
-    role: Optional[str] = None  # rollout | reward | learner
+    role: Optional[str] = None  # rollout | reward | learner | checkpoint (the driver, mid-commit)
     rank: int = 0
     step: int = -1
 
@@ -244,6 +244,7 @@ CHOICES = {
     "workers.learner_engine.zero_stage": {0, 1, 2, 3},
     "workers.learner_engine.precision": {"fp32", "bf16"},
     "trainer.mode": {"sync", "async"},
+    "faults.role": {None, "rollout", "reward", "learner", "checkpoint"},
 }
 
 POSITIVE = [
@@ -270,6 +271,9 @@ def _check_values(cfg: DictConfig, source: str) -> None:
             raise ConfigError(f"{source}: '{key}' must be > 0, got {OmegaConf.select(cfg, key)}")
     if not 0.0 < cfg.grpo.timestep_fraction <= 1.0:
         raise ConfigError(f"{source}: 'grpo.timestep_fraction' must be in (0, 1]")
+    if cfg.grpo.prompts_per_step % cfg.workers.learner.num_workers:
+        raise ConfigError(f"{source}: 'grpo.prompts_per_step' ({cfg.grpo.prompts_per_step}) must be a multiple of "
+                          f"'workers.learner.num_workers' ({cfg.workers.learner.num_workers}): groups split evenly")
     if cfg.grpo.group_size < 2:
         raise ConfigError(f"{source}: 'grpo.group_size' must be >= 2 (advantages are relative)")
     if cfg.logging.eval_every < 0 or (cfg.logging.eval_every and not cfg.data.eval_prompt_shards):

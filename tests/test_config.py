@@ -38,6 +38,8 @@ def test_overrides_are_typed(root):
     ("model.kind=foo", "model.kind"),
     ("grpo.group_size=1", "grpo.group_size"),
     ("model.num_frames=8", "model.num_frames"),
+    ("grpo.prompts_per_step=3", "grpo.prompts_per_step"),
+    ("faults.role=driver", "faults.role"),
 ])
 def test_bad_override_names_the_key(root, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
