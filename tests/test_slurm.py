@@ -169,6 +169,32 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, prompts, jobs
     assert not ray_pids(job) and not list(Path("/tmp").glob(f"ray_{job}_*"))
 
 
+def test_plain_scontrol_requeue_resumes_from_last_checkpoint(slurm, prompts, jobs, tmp_path):
+    """`scontrol requeue` gives no warning (SIGTERM to every process of the job at once): the step in
+    progress is lost, and the requeued job resumes from the last periodic checkpoint."""
+    steps = 12
+    out = tmp_path / "run"
+    args = [f"trainer.steps={steps}", f"trainer.output_dir={out}", f"data.prompt_shards={prompts}",
+            "trainer.checkpoint_every=2", *TINY]
+    job = submit(slurm, jobs, "train.sbatch", tmp_path, {"ARGS": " ".join(args)})
+    deadline = time.monotonic() + 300
+    while len(metric_steps(out)) < 3:
+        state = slurm.job(job).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state}\n{job_log(tmp_path, job)[-6000:]}"
+        assert time.monotonic() < deadline, "no 3 steps within 300 s\n" + job_log(tmp_path, job)[-6000:]
+        time.sleep(0.5)
+    slurm.run(["scontrol", "requeue", str(job)])
+
+    info = slurm.wait_done(job, timeout=420)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-8000:]
+    resumed = re.search(r"resumed from \S+step_(\d{6}) \(step (\d+),", log)
+    assert resumed and int(resumed.group(2)) >= 2 and int(resumed.group(2)) % 2 == 0, log[-8000:]
+    assert f"done: {steps} steps" in log
+    assert metric_steps(out) == list(range(1, steps + 1))  # steps after the checkpoint were redone once
+    assert not ray_pids(job) and not list(Path("/tmp").glob(f"ray_{job}_*"))
+
+
 def test_multinode_script_roles_and_address(slurm, jobs, tmp_path):
     # One node here, so this checks the script's mechanics: Ray head through srun, the node's role
     # resources, the driver pointed at the head (--print-config: the resolved config, no training).
