@@ -166,7 +166,9 @@ class PoolConfig:
 class LearnerConfig:
     zero_stage: int = 2
     precision: str = "fp32"  # fp32 | bf16
-    micro_batch_size: int = 1
+    # Samples of one group per forward/backward; 0 = the whole group (the rollout's own batch, so the
+    # first recomputed log-prob matches bit for bit). Large models split a group (e.g. 14B: 4).
+    micro_batch_size: int = 0
 
 
 @dataclass
@@ -274,6 +276,10 @@ def _check_values(cfg: DictConfig, source: str) -> None:
     if cfg.grpo.prompts_per_step % cfg.workers.learner.num_workers:
         raise ConfigError(f"{source}: 'grpo.prompts_per_step' ({cfg.grpo.prompts_per_step}) must be a multiple of "
                           f"'workers.learner.num_workers' ({cfg.workers.learner.num_workers}): groups split evenly")
+    mb = cfg.workers.learner_engine.micro_batch_size
+    if mb < 0 or (mb and cfg.grpo.group_size % mb):
+        raise ConfigError(f"{source}: 'workers.learner_engine.micro_batch_size' ({mb}) must be 0 (whole group) "
+                          f"or divide 'grpo.group_size' ({cfg.grpo.group_size})")
     if cfg.grpo.group_size < 2:
         raise ConfigError(f"{source}: 'grpo.group_size' must be >= 2 (advantages are relative)")
     if cfg.logging.eval_every < 0 or (cfg.logging.eval_every and not cfg.data.eval_prompt_shards):

@@ -40,6 +40,7 @@ def test_overrides_are_typed(root):
     ("model.num_frames=8", "model.num_frames"),
     ("grpo.prompts_per_step=3", "grpo.prompts_per_step"),
     ("faults.role=driver", "faults.role"),
+    ("workers.learner_engine.micro_batch_size=3", "workers.learner_engine.micro_batch_size"),
 ])
 def test_bad_override_names_the_key(root, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -56,6 +56,12 @@ def trained_timesteps(cfg) -> int:
     return max(1, int(round(cfg.grpo.timestep_fraction * cfg.sampler.num_steps)))
 
 
+def row_chunks(cfg) -> List[List[int]]:
+    """Rows of a group per micro-step: the whole group, or chunks of `micro_batch_size`."""
+    size = cfg.workers.learner_engine.micro_batch_size or cfg.grpo.group_size
+    return [list(range(i, i + size)) for i in range(0, cfg.grpo.group_size, size)]
+
+
 class LearnerWorker(WorkerBase):
     def __init__(self, rank: int, world_size: int, cfg_yaml: str):
         super().__init__(rank, world_size, cfg_yaml)
@@ -87,7 +93,7 @@ class LearnerWorker(WorkerBase):
         groups_per_rank = cfg.grpo.prompts_per_step // self.world_size
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.policy.transformer, model_parameters=params,
-            config=deepspeed_config(cfg, groups_per_rank * trained_timesteps(cfg)))
+            config=deepspeed_config(cfg, groups_per_rank * trained_timesteps(cfg) * len(row_chunks(cfg))))
         self.policy.transformer = self.engine.module
         return sum(p.numel() for p in params)
 
@@ -109,15 +115,16 @@ class LearnerWorker(WorkerBase):
         for epoch in range(cfg.grpo.num_inner_epochs):
             for gid, adv, mask, traj in zip(group_ids, advantages, masks, trajectories):
                 gen = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, step, gid, 10_000 + epoch))
-                for k in select_timesteps(traj.num_steps, cfg.grpo.timestep_fraction,
-                                          cfg.grpo.timestep_order, gen).tolist():
-                    score = score_step(self.policy, traj, k, with_kl=cfg.grpo.kl_beta > 0)
-                    loss, stats = grpo_loss(score.log_prob, traj.log_probs[:, k], adv, cfg.grpo.clip_range,
-                                            kl=score.kl, kl_beta=cfg.grpo.kl_beta, mask=mask)
+                timesteps = select_timesteps(traj.num_steps, cfg.grpo.timestep_fraction,
+                                             cfg.grpo.timestep_order, gen).tolist()
+                for k, rows in ((k, rows) for k in timesteps for rows in row_chunks(cfg)):
+                    score = score_step(self.policy, traj, k, rows=rows, with_kl=cfg.grpo.kl_beta > 0)
+                    loss, stats = grpo_loss(score.log_prob, traj.log_probs[rows, k], adv[rows], cfg.grpo.clip_range,
+                                            kl=score.kl, kl_beta=cfg.grpo.kl_beta, mask=mask[rows])
                     engine.backward(loss)
                     engine.step()
                     if epoch == 0:
-                        old = traj.log_probs[:, k].to(score.log_prob.device)
+                        old = traj.log_probs[rows, k].to(score.log_prob.device)
                         dev = (score.log_prob.detach() - old).abs().max().item()
                         first_epoch_dev = max(first_epoch_dev, dev)
                     for name, value in stats.items():
