@@ -86,13 +86,9 @@ def plain_loop(cfg) -> list:
 
 def distributed_loop(cfg) -> list:
     from launcher.metrics import read_metrics
-    from launcher.train import Trainer
+    from launcher.train import run
 
-    trainer = Trainer(cfg)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    run(cfg)
     return read_metrics(cfg.trainer.output_dir)
 
 

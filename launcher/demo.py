@@ -31,10 +31,10 @@ def ensure_demo_shards(pattern: str) -> None:
     from data.tarindex import expand_pattern
 
     try:
-        if expand_pattern(pattern):
-            return
-    except (FileNotFoundError, ValueError):
-        pass
+        expand_pattern(pattern)  # raises FileNotFoundError naming the first missing shard
+        return
+    except FileNotFoundError:
+        pass  # not built yet (first run): build them below
     out = Path(pattern).parent
     print(f"[demo] building demo shards in {out}")
     build_demo(out)
@@ -72,13 +72,9 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     from launcher.checkpoint import CheckpointManager
     from launcher.metrics import read_metrics
-    from launcher.train import Trainer
+    from launcher.train import run
 
-    trainer = Trainer(cfg)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    run(cfg)
 
     out = Path(cfg.trainer.output_dir)
     records = read_metrics(out)

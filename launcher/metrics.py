@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -87,7 +87,3 @@ def video_with_references(videos: torch.Tensor, references: List[np.ndarray]) ->
 def read_metrics(output_dir: str | Path) -> List[Dict[str, float]]:
     path = Path(output_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def summarize(values: Optional[List[float]]) -> float:
-    return float(np.mean(values)) if values else float("nan")

@@ -295,16 +295,24 @@ def _light(sample: dict) -> dict:
     return {"key": sample["key"], "prompt": sample["prompt"], "refs": list(sample["refs"])}
 
 
+def run(cfg, handle_signals: bool = False) -> Trainer:
+    """Build the workers, train, and always release them; returns the finished trainer."""
+    trainer = Trainer(cfg)
+    if handle_signals:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, trainer.request_stop)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return trainer
+
+
 def main(argv: Optional[Sequence[str]] = None) -> RunState:
     cfg, _ = parse_config(__doc__, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    trainer = Trainer(cfg)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, trainer.request_stop)
-    try:
-        state = trainer.train()
-    finally:
-        trainer.close()
+    trainer = run(cfg, handle_signals=True)
+    state = trainer.state
     if trainer.stop_requested and state.step < cfg.trainer.steps:
         log.warning("interrupted at step %d of %d (checkpoint saved)", state.step, cfg.trainer.steps)
         raise SystemExit(143)  # 128 + SIGTERM: a scheduler sees an interrupted job, not a finished one

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
@@ -240,10 +239,6 @@ def build_components(model_cfg, shift: float = 3.0) -> WanComponents:
     return components
 
 
-def num_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 def pipeline_for(components: WanComponents):
     """The matching diffusers pipeline over the same module objects (used for interop and tests)."""
     from diffusers import WanPipeline, WanVACEPipeline
@@ -251,9 +246,3 @@ def pipeline_for(components: WanComponents):
     cls = WanVACEPipeline if components.kind == "vace" else WanPipeline
     return cls(tokenizer=components.tokenizer, text_encoder=components.text_encoder, vae=components.vae,
                transformer=components.transformer, scheduler=components.scheduler)
-
-
-def default_device(name: Optional[str] = None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,26 +15,18 @@ Both follow the composite RewardFn interface:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
+from reward.inputs import ArrayLike, as_uint8_rgb
 
 
 def _as_float(x: ArrayLike, ndim: int, what: str) -> torch.Tensor:
     """uint8 array/tensor -> float64 tensor in [0, 1], shape-checked (errors name `what`)."""
     # np.array copies: inputs may be read-only views (decoded shards), which torch will not wrap.
-    t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x))
-    if t.dtype != torch.uint8:
-        raise ValueError(f"{what} must be uint8 RGB, got dtype {t.dtype}")
-    shape = "(F, H, W, 3)" if ndim == 4 else "(H, W, 3)"
-    if t.ndim != ndim or t.shape[-1] != 3:
-        raise ValueError(f"{what} must have shape {shape}, got {tuple(t.shape)}")
-    if min(t.shape[:-1]) < 1:
-        raise ValueError(f"{what} is empty: shape {tuple(t.shape)}")
-    return t.double() / 255.0
+    return torch.from_numpy(np.array(as_uint8_rgb(x, ndim, what))).double() / 255.0
 
 
 def demo_brightness(videos: Sequence[ArrayLike], references: Optional[Sequence] = None,

@@ -37,7 +37,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -45,8 +45,8 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from data.video import sample_frame_indices
+from reward.inputs import ArrayLike, as_uint8_rgb
 
-ArrayLike = Union[np.ndarray, torch.Tensor]
 
 # Where dlib's 5 landmarks (in dlib's order: eye corners image-right outer/inner, image-left
 # outer/inner, base of the nose) sit in the standard ArcFace 112x112 crop. Derived by fitting the
@@ -98,20 +98,6 @@ def _dlib_models():
     return (dlib.get_frontal_face_detector(),
             dlib.shape_predictor(os.path.join(d, "shape_predictor_5_face_landmarks.dat")),
             dlib.face_recognition_model_v1(os.path.join(d, "dlib_face_recognition_resnet_model_v1.dat")))
-
-
-def _as_uint8(x: ArrayLike, ndim: int, what: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.dtype != np.uint8:
-        raise ValueError(f"{what} must be uint8 RGB, got dtype {x.dtype}")
-    shape = "(F, H, W, 3)" if ndim == 4 else "(H, W, 3)"
-    if x.ndim != ndim or x.shape[-1] != 3:
-        raise ValueError(f"{what} must have shape {shape}, got {tuple(x.shape)}")
-    if min(x.shape[:-1]) < 1:
-        raise ValueError(f"{what} is empty: shape {tuple(x.shape)} (a video needs at least one frame)")
-    return np.ascontiguousarray(x)
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -242,7 +228,7 @@ class FaceIdentityReward:
             raise ValueError(f"{pre}{len(references)} reference image(s) given for {num_people} expected people")
         out = []
         for k, ref in enumerate(references):
-            img = _as_uint8(ref, 3, f"{pre}reference {k}")
+            img = as_uint8_rgb(ref, 3, f"{pre}reference {k}")
             key = (self.backend, self.upsample, img.shape, hashlib.blake2b(img.tobytes(), digest_size=16).digest())
             emb = self._ref_cache.get(key)
             if emb is None:
@@ -269,7 +255,7 @@ class FaceIdentityReward:
 
         `num_people`, when given, must equal len(references) (a mismatch is a data error).
         """
-        frames = _as_uint8(video, 4, where)
+        frames = as_uint8_rgb(video, 4, where)
         refs = self.embed_references(references, num_people, where)
         k = len(refs)
         idx = sorted(set(sample_frame_indices(len(frames), self.num_frames)))  # short clips: no repeats

@@ -11,7 +11,7 @@ import ray
 from launcher.checkpoint import CheckpointManager
 from launcher.config import load_config
 from launcher.metrics import read_metrics
-from launcher.train import Trainer
+from launcher.train import run as train_run
 
 pytestmark = pytest.mark.slow
 
@@ -42,11 +42,7 @@ def config(root, shards, out, *overrides):
 
 
 def run(cfg):
-    trainer = Trainer(cfg)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    train_run(cfg)
     return read_metrics(cfg.trainer.output_dir)
 
 

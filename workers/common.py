@@ -58,13 +58,7 @@ class WorkerBase:
         self.cfg = worker_config(cfg_yaml)
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {type(self).__name__}[{rank}] %(message)s")
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def node_id(self) -> str:
         import ray
 
         return ray.get_runtime_context().get_node_id()
-
-    def ping(self) -> bool:
-        return True

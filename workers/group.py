@@ -132,10 +132,6 @@ class WorkerGroup:
         self.actors = [self._spawn(rank) for rank in range(len(self._placement.bundles))]
 
 
-def node_of(actor) -> str:
-    return ray.get(actor.node_id.remote())
-
-
 def release(placements: Optional[Dict[str, Placement]]) -> None:
     seen = set()
     for p in (placements or {}).values():
