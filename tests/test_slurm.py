@@ -115,6 +115,16 @@ def metric_steps(out: Path) -> List[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
 
 
+def wait_for_steps(slurm, job: int, out: Path, log_dir: Path, n: int, timeout: float = 300) -> None:
+    """Poll until the running job has logged n steps; fail (with its log) if it stops or stalls."""
+    deadline = time.monotonic() + timeout
+    while len(metric_steps(out)) < n:
+        state = slurm.job(job).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state}\n{job_log(log_dir, job)[-6000:]}"
+        assert time.monotonic() < deadline, f"no {n} steps within {timeout:.0f} s\n" + job_log(log_dir, job)[-6000:]
+        time.sleep(0.5)
+
+
 def ray_port(job: int) -> int:
     return 20000 + (job % 100) * 120  # the scripts' per-job port slot
 
@@ -143,12 +153,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, prompts, jobs
     args = [f"trainer.steps={steps}", f"trainer.output_dir={out}", f"data.prompt_shards={prompts}",
             "trainer.checkpoint_every=1000", *TINY]
     job = submit(slurm, jobs, "train.sbatch", tmp_path, {"ARGS": " ".join(args)})
-    deadline = time.monotonic() + 300
-    while len(metric_steps(out)) < 2:
-        state = slurm.job(job).get("JobState")
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state}\n{job_log(tmp_path, job)[-6000:]}"
-        assert time.monotonic() < deadline, "no 2 steps within 300 s\n" + job_log(tmp_path, job)[-6000:]
-        time.sleep(0.5)
+    wait_for_steps(slurm, job, out, tmp_path, 2)
     done_at_signal = len(metric_steps(out))
     # What Slurm sends at --signal=B:USR1@<t> before the time limit, or on preemption with send_user_signal.
     slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
@@ -177,12 +182,7 @@ def test_plain_scontrol_requeue_resumes_from_last_checkpoint(slurm, prompts, job
     args = [f"trainer.steps={steps}", f"trainer.output_dir={out}", f"data.prompt_shards={prompts}",
             "trainer.checkpoint_every=2", *TINY]
     job = submit(slurm, jobs, "train.sbatch", tmp_path, {"ARGS": " ".join(args)})
-    deadline = time.monotonic() + 300
-    while len(metric_steps(out)) < 3:
-        state = slurm.job(job).get("JobState")
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state}\n{job_log(tmp_path, job)[-6000:]}"
-        assert time.monotonic() < deadline, "no 3 steps within 300 s\n" + job_log(tmp_path, job)[-6000:]
-        time.sleep(0.5)
+    wait_for_steps(slurm, job, out, tmp_path, 3)
     slurm.run(["scontrol", "requeue", str(job)])
 
     info = slurm.wait_done(job, timeout=420)
