@@ -179,6 +179,11 @@ class WorkersConfig:
     reward: PoolConfig = field(default_factory=PoolConfig)
     learner: PoolConfig = field(default_factory=lambda: PoolConfig(num_workers=2))
     learner_engine: LearnerConfig = field(default_factory=LearnerConfig)
+    # How a new policy version reaches the rollout workers: "broadcast" = a process group of learner
+    # rank 0 + the rollout workers (workers/weight_sync.py), "object_store" = a Ray object ref each
+    # worker fetches, "auto" = broadcast for full fine-tuning, the object store for (small) LoRA.
+    weight_sync: str = "auto"
+    weight_sync_timeout_s: float = 600.0  # a broadcast (or group build) slower than this raises
 
 
 # ----------------------------------------------------------------------------- trainer / logging
@@ -245,6 +250,7 @@ CHOICES = {
     "data.on_error": {"raise", "skip"},
     "workers.learner_engine.zero_stage": {0, 1, 2, 3},
     "workers.learner_engine.precision": {"fp32", "bf16"},
+    "workers.weight_sync": {"auto", "object_store", "broadcast"},
     "trainer.mode": {"sync", "async"},
     "faults.role": {None, "rollout", "reward", "learner", "checkpoint"},
 }
@@ -254,6 +260,7 @@ POSITIVE = [
     "grpo.group_size", "grpo.prompts_per_step", "grpo.num_inner_epochs", "trainer.steps",
     "trainer.checkpoint_every", "workers.rollout.num_workers", "workers.reward.num_workers",
     "workers.learner.num_workers", "logging.eval_num_prompts", "logging.eval_seeds_per_prompt",
+    "workers.weight_sync_timeout_s",
 ]
 
 

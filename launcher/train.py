@@ -42,6 +42,7 @@ from launcher.metrics import MetricsLogger
 from launcher.progress import Progress
 from policy.grpo import advantage_stats, group_advantages
 from workers.common import maybe_fault, sample_seed
+from workers.weight_sync import WeightSync, sync_mode
 
 log = logging.getLogger("identity_grpo")
 
@@ -65,6 +66,10 @@ class Trainer:
         self.started_ray = connect_ray(cfg)
         self.workers: Workers = build_workers(cfg)
         start_learner(self.workers.learner)
+        # Full weights go by broadcast (a group of learner rank 0 + rollout workers, built on the first
+        # publish and rebuilt whenever a member is new); LoRA through the object store (workers.weight_sync).
+        self.weight_sync = (WeightSync(self.workers, cfg.workers.weight_sync_timeout_s)
+                            if sync_mode(cfg) == "broadcast" else None)
         self.state = self.restore(self.checkpoints.resolve(cfg.trainer.resume))
         self.metrics = MetricsLogger(self.out, cfg.logging.tensorboard, resume_step=self.state.step)
         self.stop_requested = False
@@ -194,16 +199,23 @@ class Trainer:
         return stats
 
     def publish_weights(self) -> None:
-        """Learner -> object store -> every rollout worker; older versions beyond the staleness bound go."""
-        refs = self.workers.learner.run("weights")
-        ray.wait(refs, num_returns=len(refs))
+        """Learner -> every rollout worker, by broadcast or through the object store. Either way the driver
+        keeps a ref per version to its weights in the object store (for a restarted worker's re-queued
+        rollout and async checkpoints); older versions beyond the staleness bound go."""
         version = self.state.version
-        self.state.weights[version] = refs[0]
-        # Not awaited: an actor runs a caller's calls in order, so the next rollout on each worker comes
-        # after this install (and carries the version's weights ref anyway). The previous round's
-        # installs are collected here, which surfaces their errors.
-        ray.get(getattr(self, "_installs", []))
-        self._installs = self.workers.rollout.run("set_weights", version, refs[0])
+        if self.weight_sync is not None:
+            # Waits for the workers' queued rollouts, then broadcasts; a failure is retried once on a
+            # rebuilt group. The returned ref is rank 0's recovery copy, fetched by nobody healthy.
+            self.state.weights[version] = self.weight_sync.publish(version)
+        else:
+            refs = self.workers.learner.run("weights")
+            ray.wait(refs, num_returns=len(refs))
+            self.state.weights[version] = refs[0]
+            # Not awaited: an actor runs a caller's calls in order, so the next rollout on each worker comes
+            # after this install (and carries the version's weights ref anyway). The previous round's
+            # installs are collected here, which surfaces their errors.
+            ray.get(getattr(self, "_installs", []))
+            self._installs = self.workers.rollout.run("set_weights", version, refs[0])
         for old in [v for v in self.state.weights if v < version - max(1, self.cfg.trainer.max_staleness)]:
             del self.state.weights[old]
 
@@ -249,6 +261,8 @@ class Trainer:
         return state
 
     def recover_learner(self):
+        """Gang-restart the learner group and roll back to the last checkpoint. (Broadcast sync: the new
+        learner rank 0 is in no weight group yet, so the publish in restore() rebuilds the group.)"""
         restart_learner(self.workers.learner)
         self.state = self.restore(self.checkpoints.latest())
         self.metrics.truncate_after(self.state.step)

@@ -7,10 +7,12 @@ import sys
 
 import pytest
 import ray
+import torch
 
 from launcher.checkpoint import CheckpointManager
 from launcher.config import load_config
 from launcher.metrics import read_metrics
+from launcher.train import Trainer
 from launcher.train import run as train_run
 
 pytestmark = pytest.mark.slow
@@ -120,3 +122,64 @@ def test_kill_during_checkpoint_write_keeps_previous(root, shards, tmp_path):
     records = run(load_config(root / "cluster_configs" / "local_cpu.yaml", args[:-2]))
     assert [r["step"] for r in records] == [1, 2, 3]
     assert manager.latest().name == "step_000003" and not list(manager.root.glob("*.tmp-*"))
+
+
+# ----------------------------------------------------------------------------- full weights by broadcast
+
+FULL = ["model.lora.enabled=false", "trainer.checkpoint_every=2", "logging.video_every=0"]
+
+
+def run_with_weight_status(cfg):
+    """Train; then, before the workers go, ask each rollout worker how it got its weights."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+        status = ray.get(trainer.workers.rollout.run("weight_status"))
+    finally:
+        trainer.close()
+    return strip(read_metrics(cfg.trainer.output_dir)), status
+
+
+@pytest.fixture(scope="module")
+def broadcast_run(root, shards, tmp_path_factory):
+    """2 steps of full fine-tuning, weights broadcast from learner rank 0 (workers/weight_sync.py)."""
+    out = tmp_path_factory.mktemp("broadcast")
+    return run_with_weight_status(config(root, shards, out, *FULL, "workers.weight_sync=broadcast"))
+
+
+def test_full_weights_by_broadcast_equal_object_store(root, shards, tmp_path, broadcast_run):
+    records, status = broadcast_run
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:  # step 2 sampled with version 1, received by broadcast: recomputed log-probs are exact
+        assert r["first_epoch_logprob_dev"] == 0.0 and r["ratio_mean"] == 1.0 and r["staleness_max"] == 0
+    assert status == [{"version": 2, "epoch": 1, "fetched": []}]  # never needed the object-store copy
+    by_store, store_status = run_with_weight_status(config(root, shards, tmp_path, *FULL,
+                                                           "workers.weight_sync=object_store"))
+    assert store_status == [{"version": 2, "epoch": None, "fetched": []}]
+    assert records == by_store
+
+
+def test_killed_rollout_worker_with_broadcast(root, shards, tmp_path, broadcast_run):
+    records, status = run_with_weight_status(config(root, shards, tmp_path, *FULL, "workers.weight_sync=broadcast",
+                                                    "faults.role=rollout", "faults.rank=0", "faults.step=2"))
+    assert (tmp_path / "faults" / "rollout_0_step2.done").exists()  # the worker really died
+    assert records == broadcast_run[0]
+    # The restarted worker re-ran step 2 with version 1's recovery copy (the object store), then joined
+    # a rebuilt group (epoch 2) for version 2's broadcast.
+    assert status == [{"version": 2, "epoch": 2, "fetched": [1]}]
+
+
+def test_failed_broadcast_is_retried_on_a_rebuilt_group(root, shards, tmp_path, caplog):
+    trainer = Trainer(config(root, shards, tmp_path, *FULL, "workers.weight_sync=broadcast"))
+    try:
+        sync = trainer.weight_sync
+        assert sync.epoch == 1  # built for the first publish (version 0)
+        ray.kill(trainer.workers.rollout.actors[0], no_restart=False)  # Ray restarts it, in no group
+        sync.ensure_group = lambda: None  # skip the membership check: the broadcast itself must fail
+        recovery_copy = ray.get(sync.publish(1))
+        status = ray.get(trainer.workers.rollout.run("weight_status"))
+    finally:
+        trainer.close()
+    assert "broadcast of version 1 failed" in caplog.text  # the first attempt did fail
+    assert sync.epoch == 2 and status == [{"version": 1, "epoch": 2, "fetched": []}]
+    assert recovery_copy and all(isinstance(v, torch.Tensor) for v in recovery_copy.values())

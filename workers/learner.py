@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import ray
 import torch
 
 from policy.grpo import grpo_loss, select_timesteps
@@ -26,6 +27,7 @@ from policy.models import build_components
 from policy.policy import WanPolicy
 from policy.sampler import score_step
 from workers.common import WorkerBase, free_port, maybe_fault, sample_seed
+from workers.weight_sync import WeightGroupMember, sync_tensors
 
 ENGINE_TAG = "engine"
 
@@ -62,7 +64,7 @@ def row_chunks(cfg) -> List[List[int]]:
     return [list(range(i, i + size)) for i in range(0, cfg.grpo.group_size, size)]
 
 
-class LearnerWorker(WorkerBase):
+class LearnerWorker(WeightGroupMember, WorkerBase):
     def __init__(self, rank: int, world_size: int, cfg_yaml: str):
         super().__init__(rank, world_size, cfg_yaml)
         self.engine = None
@@ -71,8 +73,7 @@ class LearnerWorker(WorkerBase):
     # ------------------------------------------------------------------ setup
 
     def rendezvous(self) -> tuple:
-        import ray
-
+        """This node's address and a free port on it (the DeepSpeed group's, or a weight group's store)."""
         return ray.util.get_node_ip_address(), free_port()
 
     def setup(self, master_addr: str, master_port: int) -> int:
@@ -140,17 +141,37 @@ class LearnerWorker(WorkerBase):
     def weights(self) -> Optional[Dict[str, torch.Tensor]]:
         """The trainable weights to publish (LoRA adapters, or the full state). Collective under ZeRO-3:
         every rank must call it; rank 0 returns the gathered tensors, the others None."""
+        with self._gathered():
+            return self._weights_copy() if self.rank == 0 else None
+
+    @ray.method(num_returns=2)
+    def broadcast_weights(self, version: int):
+        """Publish `version` by broadcast: rank 0 sends the gathered tensors to the weight group (the
+        rollout workers receive them in place) and returns a CPU copy as well, the recovery copy the
+        driver keeps for a restarted rollout worker and for async checkpoints. Collective under ZeRO-3:
+        every rank must call it. Returns (version, copy) on rank 0, (version, None) on the others; two
+        object refs, so the driver can wait on the small one without fetching the weights."""
+        with self._gathered():
+            if self.rank != 0:
+                return version, None
+            self.weight_group().broadcast(sync_tensors(self.engine.module, self.cfg.model.lora.enabled))
+            return version, self._weights_copy()
+
+    def _gathered(self):
+        """ZeRO-3: gather the published parameters on every rank for the duration (a no-op below stage 3)."""
         import deepspeed
 
         module = self.engine.module
         params = [p for p in module.parameters() if p.requires_grad] if self.cfg.model.lora.enabled \
             else list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if self.rank != 0:
-                return None
-            if self.cfg.model.lora.enabled:
-                return lora_state_dict(module)
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def _weights_copy(self) -> Dict[str, torch.Tensor]:
+        """Inside `_gathered()`: LoRA adapters in peft format, or a CPU copy of the full state dict."""
+        module = self.engine.module
+        if self.cfg.model.lora.enabled:
+            return lora_state_dict(module)
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
     def save(self, directory: str) -> None:
         """Engine state (model + optimizer + lr schedule) by every rank; LoRA in diffusers format by rank 0."""

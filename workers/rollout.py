@@ -1,7 +1,13 @@
-"""Rollout worker: samples groups of videos with the current policy and records their trajectories."""
+"""Rollout worker: samples groups of videos with the current policy and records their trajectories.
+
+A policy version arrives by `receive_weights` (broadcast from learner rank 0, workers/weight_sync.py)
+or by `set_weights` (an object-store copy); `generate` carries the version it must sample with and a
+ref to that version's copy, which only a restarted or lagging worker fetches.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Dict, List, Optional
 
@@ -14,9 +20,12 @@ from policy.policy import WanPolicy
 from policy.sampler import Trajectory, sample_group
 from policy.sde import NoiseRule
 from workers.common import WorkerBase, maybe_fault
+from workers.weight_sync import WeightGroupMember, sync_tensors
+
+log = logging.getLogger(__name__)
 
 
-class RolloutWorker(WorkerBase):
+class RolloutWorker(WeightGroupMember, WorkerBase):
     def __init__(self, rank: int, world_size: int, cfg_yaml: str):
         super().__init__(rank, world_size, cfg_yaml)
         cfg = self.cfg
@@ -26,6 +35,7 @@ class RolloutWorker(WorkerBase):
         self.policy.transformer.eval()
         self.rule = NoiseRule.from_config(cfg.sampler)
         self.version = -1
+        self.fetched_versions: List[int] = []  # versions installed from the object-store copy (recovery)
 
     def set_weights(self, version: int, weights: Dict[str, torch.Tensor]) -> int:
         """Install a published policy version: LoRA adapter weights, or the full state dict."""
@@ -36,6 +46,18 @@ class RolloutWorker(WorkerBase):
         self.version = version
         return version
 
+    def receive_weights(self, version: int) -> int:
+        """Install a policy version broadcast by learner rank 0, in place into the model's own tensors.
+        Until it is all in, the worker claims no version, so a failed receive is never sampled with."""
+        self.version = -1
+        self.weight_group().receive(sync_tensors(self.policy.transformer, self.cfg.model.lora.enabled))
+        self.version = version
+        return version
+
+    def weight_status(self) -> Dict[str, object]:
+        """Which version this worker holds, its weight-group epoch, and the versions it had to fetch."""
+        return {"version": self.version, "epoch": self.weight_group_epoch(), "fetched": list(self.fetched_versions)}
+
     def generate(self, step: int, sample: dict, seeds: List[int], version: int,
                  weights_box: Optional[list] = None, deterministic: bool = False) -> Trajectory:
         """One prompt group. `weights_box` = [ref] of that version's weights: a restarted or lagging
@@ -45,7 +67,9 @@ class RolloutWorker(WorkerBase):
             if weights_box is None:
                 raise RuntimeError(f"rollout {self.rank}: has version {self.version}, asked for {version} "
                                    "without weights")
+            log.info("rollout %d: fetching version %d's object-store copy (has %d)", self.rank, version, self.version)
             self.set_weights(version, ray.get(weights_box[0]))
+            self.fetched_versions.append(version)
         start = time.perf_counter()
         cond = self.policy.encode_condition(sample["prompt"], sample.get("refs", []))
         trajectory = sample_group(self.policy, cond, seeds, self.rule, self.cfg.sampler.num_steps,
