@@ -33,8 +33,9 @@ test-slurm: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
+DEMO_CONFIG ?= cluster_configs/demo_cpu.yaml
 demo: install
-	$(PY) -m launcher.demo --config $(CONFIG) $(ARGS)
+	$(PY) -m launcher.demo --config $(DEMO_CONFIG) $(ARGS)
 
 shards: install
 	$(PY) -m data.demo --out $(OUT)/demo_data

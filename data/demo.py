@@ -35,7 +35,7 @@ PLACES = ["in a sunny park", "in a busy kitchen", "on a city street at night", "
 STYLES = ["cinematic lighting", "handheld camera", "soft morning light", "35mm film look", "slow motion"]
 
 
-def _backgrounds() -> list[np.ndarray]:
+def background_photos() -> list[np.ndarray]:
     """Real photographs without people (scikit-image sample data) used as clip backgrounds."""
     from skimage import data
 
@@ -86,7 +86,7 @@ def build_demo(out: str | Path, num_prompts: int = 16, num_pairs: int = 16, samp
     photos = load_face_photos()
     refs = [crop_face(ph.image, ph.face_box, margin=0.5, size=ref_size) for ph in photos]
     tight = [crop_face(ph.image, ph.face_box, margin=0.15, size=96) for ph in photos]
-    backgrounds = _backgrounds()
+    backgrounds = background_photos()
     out = Path(out)
 
     with ShardWriter(out, "prompts", samples_per_shard) as writer:

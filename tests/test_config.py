@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 from launcher.config import ConfigError, config_from_yaml_text, load_config, to_yaml
 
-CONFIGS = ["local_cpu", "vace_1.3b_8gpu", "phantom_1.3b_8gpu", "vace_14b_multinode"]
+CONFIGS = ["local_cpu", "demo_cpu", "vace_1.3b_8gpu", "phantom_1.3b_8gpu", "vace_14b_multinode"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
