@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.demo import _backgrounds, compose_clip, make_prompt
+from data.demo import background_photos, compose_clip, make_prompt
 from data.distort import CleanClip, DistortionConfig, make_pair
 from data.faces import crop_face, load_face_photos
 from data.write_shards import ShardWriter, brace_pattern
@@ -34,7 +34,7 @@ def write_pair_shards(out, n, sources=("synthetic",), flip_auto=0.0, frames=2, s
     photos = load_face_photos()
     refs = [crop_face(p.image, p.face_box, margin=0.5, size=size) for p in photos]
     faces = [crop_face(p.image, p.face_box, margin=0.15, size=48) for p in photos]
-    backgrounds = _backgrounds()
+    backgrounds = background_photos()
     cfg = DistortionConfig(min_severity=min_severity)
     with ShardWriter(out, "pairs", 32) as writer:
         for i in range(n):
