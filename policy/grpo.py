@@ -64,7 +64,11 @@ def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adva
 def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
               clip_range: float, kl: Optional[torch.Tensor] = None, kl_beta: float = 0.0,
               mask: Optional[torch.Tensor] = None):
-    """Mean GRPO loss over unmasked elements, plus detached stats for logging."""
+    """Mean GRPO loss over unmasked elements, plus detached stats for logging.
+
+    The stats are 0-dim tensors on the log-prob's device, computed without boolean indexing or
+    `.item()`, so a training step never waits for the GPU; callers convert them when they log.
+    """
     # Stored rollout values live on the CPU; follow the log-prob's device and dtype.
     advantages = advantages.to(log_prob)
     mask = torch.ones_like(advantages, dtype=torch.bool) if mask is None else mask.to(log_prob.device).bool()
@@ -73,17 +77,21 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: to
     per_elem, ratio = clipped_policy_loss(log_prob, old_log_prob.to(log_prob), advantages, clip_range)
     policy_loss = (per_elem * weights).sum() / denom
     loss = policy_loss
-    kl_mean = torch.zeros((), dtype=log_prob.dtype)
+    kl_mean = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
     if kl is not None:
         kl_mean = (kl * weights).sum() / denom
         loss = loss + kl_beta * kl_mean
     with torch.no_grad():
-        r = ratio[mask] if mask.any() else ratio.new_ones(1)
-        clipped = ((ratio - 1).abs() > clip_range)[mask].float()
-        stats: Dict[str, float] = {
-            "policy_loss": float(policy_loss), "kl": float(kl_mean), "loss": float(loss),
-            "ratio_mean": float(r.mean()), "ratio_min": float(r.min()), "ratio_max": float(r.max()),
-            "clip_frac": float(clipped.mean()) if clipped.numel() else 0.0, "num_trained": int(mask.sum()),
+        r = ratio.detach()
+        any_trained = mask.any()  # a tensor: no host sync
+        inf = torch.full_like(r, float("inf"))
+        stats: Dict[str, torch.Tensor] = {
+            "policy_loss": policy_loss.detach(), "kl": kl_mean.detach(), "loss": loss.detach(),
+            "ratio_mean": torch.where(any_trained, (r * weights).sum() / denom, torch.ones_like(denom)),
+            "ratio_min": torch.where(any_trained, torch.where(mask, r, inf).min(), torch.ones_like(denom)),
+            "ratio_max": torch.where(any_trained, torch.where(mask, r, -inf).max(), torch.ones_like(denom)),
+            "clip_frac": (((r - 1).abs() > clip_range).to(r.dtype) * weights).sum() / denom,
+            "num_trained": weights.sum(),
         }
     return loss, stats
 

@@ -53,6 +53,14 @@ def initial_noise(seeds: Sequence[int], shape: tuple, device="cpu") -> tuple[tor
     return noise.to(device), generators
 
 
+def _to_device(cpu: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> GPU without stalling the host: per-sample noise comes from CPU generators (seeded and
+    reproducible on any device); a pinned, non-blocking copy lets the transfer overlap the model."""
+    if device.type != "cuda":
+        return cpu.to(device)
+    return cpu.pin_memory().to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def sample_group(policy: WanPolicy, cond: Condition, seeds: Sequence[int], rule: NoiseRule,
                  num_steps: int, shift: float, deterministic: bool = False, decode: bool = True,
@@ -67,8 +75,8 @@ def sample_group(policy: WanPolicy, cond: Condition, seeds: Sequence[int], rule:
         v = policy.velocity(x, sigma, cond)
         step_noise = None
         if not deterministic:
-            step_noise = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32)
-                                      for g in generators]).to(x.device)
+            step_noise = _to_device(torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32)
+                                                 for g in generators]), x.device)
         step = sde_step_with_logprob(x, v, sigmas[k], sigmas[k + 1], rule, noise=step_noise,
                                      deterministic=deterministic)
         x = step.prev_sample

@@ -63,8 +63,9 @@ class SdeStep:
     scale: torch.Tensor  # (B,) std_k * sqrt(-dt): the Gaussian's scale
 
 
-def _per_sample(value, batch: int, like: torch.Tensor) -> torch.Tensor:
-    value = torch.as_tensor(value, dtype=torch.float64, device=like.device)
+def _per_sample(value, batch: int) -> torch.Tensor:
+    """(B,) float64 on the value's own device (the CPU for numbers and schedule entries)."""
+    value = torch.as_tensor(value, dtype=torch.float64)
     if value.ndim == 0:
         value = value.expand(batch)
     if value.shape != (batch,):
@@ -103,13 +104,14 @@ def sde_step_with_logprob(
     Arithmetic is in float64 and the sample is cast back to the latents' dtype.
     """
     batch = latents.shape[0]
-    s = _per_sample(sigma, batch, latents)
-    s_next = _per_sample(sigma_next, batch, latents)
-    dt = s_next - s
-    if (dt >= 0).any():
+    s, s_next = _per_sample(sigma, batch), _per_sample(sigma_next, batch)
+    # Checked where the sigmas live (the sampler passes CPU schedule values: no GPU sync), then moved.
+    if (s_next >= s).any():
         raise ValueError(f"sigma_next must be < sigma (got {s.tolist()} -> {s_next.tolist()})")
     if (s <= 0).any():
         raise ValueError("sigma must be > 0 for an SDE step")
+    s, s_next = s.to(latents.device), s_next.to(latents.device)
+    dt = s_next - s
     x, v = latents.double(), velocity.double()
     std = torch.zeros_like(s) if deterministic else rule.std(s, s_next)
     scale = std * torch.sqrt(-dt)

@@ -56,6 +56,17 @@ def test_kl_term_and_mask():
     assert stats["kl"] == pytest.approx(2.0) and loss.item() == pytest.approx(1.0)
 
 
+def test_ratio_stats_skip_masked_elements():
+    lp = torch.log(torch.tensor([0.5, 1.0, 2.0, 50.0]))
+    mask = torch.tensor([True, True, True, False])
+    _, stats = grpo_loss(lp, torch.zeros(4), torch.ones(4), 0.2, mask=mask)
+    assert float(stats["ratio_min"]) == pytest.approx(0.5) and float(stats["ratio_max"]) == pytest.approx(2.0)
+    assert float(stats["ratio_mean"]) == pytest.approx(3.5 / 3) and float(stats["clip_frac"]) == pytest.approx(2 / 3)
+    assert float(stats["num_trained"]) == 3
+    _, none = grpo_loss(lp, torch.zeros(4), torch.ones(4), 0.2, mask=torch.zeros(4, dtype=torch.bool))
+    assert float(none["ratio_min"]) == float(none["ratio_max"]) == 1.0 and float(none["clip_frac"]) == 0.0
+
+
 def test_select_timesteps():
     g = torch.Generator().manual_seed(0)
     assert select_timesteps(10, 0.3, "fixed", g).tolist() == [0, 1, 2]

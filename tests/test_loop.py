@@ -59,6 +59,7 @@ def test_two_step_sync_run(root, shards, tmp_path):
     assert "heldout_face_mean" not in records[0] and "heldout_face_mean" in records[1]  # the monitor ran
     for r in records:
         assert r["first_epoch_logprob_dev"] == 0.0 and r["ratio_mean"] == 1.0  # fresh rollouts: ratio 1
+        assert r["ratio_min"] == r["ratio_max"] == 1.0  # reduced by min/max over micro-steps, not summed
         assert r["staleness_max"] == 0 and r["policy_version"] == r["step"]
     ckpt = CheckpointManager(tmp_path / "run").latest()
     assert ckpt.name == "step_000002"

@@ -30,6 +30,9 @@ from workers.common import WorkerBase, free_port, maybe_fault, sample_seed
 from workers.weight_sync import WeightGroupMember, sync_tensors
 
 ENGINE_TAG = "engine"
+# grpo_loss stats summed over micro-steps (the driver divides by the micro-step count); ratio_min and
+# ratio_max are reduced by min and max instead.
+SUMMED_STATS = ("policy_loss", "kl", "loss", "ratio_mean", "clip_frac", "num_trained")
 
 
 def deepspeed_config(cfg, grad_accum: int) -> dict:
@@ -111,8 +114,8 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         cfg, engine = self.cfg, self.engine
         engine.train()
         start = time.perf_counter()
-        sums: Dict[str, float] = {}
-        count, first_epoch_dev = 0, 0.0
+        sums: Dict[str, torch.Tensor] = {}
+        lows, highs, deviations = [], [], []  # stats stay tensors until the end: no per-micro-step sync
         for epoch in range(cfg.grpo.num_inner_epochs):
             for gid, adv, mask, traj in zip(group_ids, advantages, masks, trajectories):
                 gen = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, step, gid, 10_000 + epoch))
@@ -126,15 +129,18 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
                     engine.step()
                     if epoch == 0:
                         old = traj.log_probs[rows, k].to(score.log_prob.device)
-                        dev = (score.log_prob.detach() - old).abs().max().item()
-                        first_epoch_dev = max(first_epoch_dev, dev)
-                    for name, value in stats.items():
-                        sums[name] = sums.get(name, 0.0) + float(value)
-                    count += 1
-        sums.update(micro_steps=count, first_epoch_logprob_dev=first_epoch_dev,
-                    learn_s=time.perf_counter() - start, lr=float(engine.get_lr()[0]),
-                    grad_norm=float(engine.get_global_grad_norm() or 0.0))
-        return sums
+                        deviations.append((score.log_prob.detach() - old).abs().max())
+                    for name in SUMMED_STATS:
+                        sums[name] = sums.get(name, 0.0) + stats[name]
+                    lows.append(stats["ratio_min"])
+                    highs.append(stats["ratio_max"])
+        out = {name: float(value) for name, value in sums.items()}
+        out.update(micro_steps=len(lows), ratio_min=float(torch.stack(lows).min()) if lows else 1.0,
+                   ratio_max=float(torch.stack(highs).max()) if highs else 1.0,
+                   first_epoch_logprob_dev=float(torch.stack(deviations).max()) if deviations else 0.0,
+                   learn_s=time.perf_counter() - start, lr=float(engine.get_lr()[0]),
+                   grad_norm=float(engine.get_global_grad_norm() or 0.0))
+        return out
 
     # ------------------------------------------------------------------ weights and checkpoints
 
