@@ -216,7 +216,9 @@ class LoggingConfig:
 class FaultsConfig:
     """Deliberate failures for tests and demos: kill `role` worker `rank` at `step` (-1 = never)."""
 
-    role: Optional[str] = None  # rollout | reward | learner | checkpoint (the driver, mid-commit)
+    # rollout | reward | learner (in the update) | publish (a learner rank, while publishing that step's
+    # weights) | checkpoint (the driver, mid-commit)
+    role: Optional[str] = None
     rank: int = 0
     step: int = -1
 
@@ -252,7 +254,7 @@ CHOICES = {
     "workers.learner_engine.precision": {"fp32", "bf16"},
     "workers.weight_sync": {"auto", "object_store", "broadcast"},
     "trainer.mode": {"sync", "async"},
-    "faults.role": {None, "rollout", "reward", "learner", "checkpoint"},
+    "faults.role": {None, "rollout", "reward", "learner", "publish", "checkpoint"},
 }
 
 POSITIVE = [

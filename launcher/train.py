@@ -119,17 +119,17 @@ class Trainer:
                 t0 = time.perf_counter()
                 learn = self.update(step, trajectories, adv)
                 learn_s = time.perf_counter() - t0
+                # 6. sync: publish the new version to the rollout workers
+                t0 = time.perf_counter()
+                self.state.version += 1
+                self.publish_weights()
+                sync_s = time.perf_counter() - t0
             except RayActorError as err:
                 if not self.is_learner_failure(err):
                     raise
                 log.warning("learner rank died (%s); restarting the learner group from the last checkpoint", err)
                 next_rollouts = self.recover_learner()
                 continue
-            # 6. sync: publish the new version to the rollout workers
-            t0 = time.perf_counter()
-            self.state.version += 1
-            self.publish_weights()
-            sync_s = time.perf_counter() - t0
             self.state.step, self.state.reader = step, reader_state
             # 7. log and checkpoint
             record = self.record(step, scored, adv, learn, staleness, rewards_s, learn_s, sync_s,
@@ -208,14 +208,14 @@ class Trainer:
             # rebuilt group. The returned ref is rank 0's recovery copy, fetched by nobody healthy.
             self.state.weights[version] = self.weight_sync.publish(version)
         else:
-            refs = self.workers.learner.run("weights")
-            ray.wait(refs, num_returns=len(refs))
-            self.state.weights[version] = refs[0]
+            published = self.workers.learner.run("weights", version)
+            ray.get([done for done, _ in published])  # a rank that died publishing raises here
+            copy = self.state.weights[version] = published[0][1]
             # Not awaited: an actor runs a caller's calls in order, so the next rollout on each worker comes
             # after this install (and carries the version's weights ref anyway). The previous round's
             # installs are collected here, which surfaces their errors.
             ray.get(getattr(self, "_installs", []))
-            self._installs = self.workers.rollout.run("set_weights", version, refs[0])
+            self._installs = self.workers.rollout.run("set_weights", version, copy)
         for old in [v for v in self.state.weights if v < version - max(1, self.cfg.trainer.max_staleness)]:
             del self.state.weights[old]
 

@@ -90,10 +90,12 @@ def test_killed_worker_gives_same_metrics(root, shards, tmp_path, straight, role
     assert records == straight
 
 
-def test_killed_learner_rank_resumes_from_checkpoint(root, shards, tmp_path, straight):
+@pytest.mark.parametrize("role,step", [("learner", 4), ("publish", 3)])
+def test_killed_learner_rank_resumes_from_checkpoint(root, shards, tmp_path, straight, role, step):
+    """A learner rank dies in the update, or while publishing the new version's weights."""
     records = strip(run(config(root, shards, tmp_path, "trainer.steps=4", "trainer.checkpoint_every=2",
-                               "faults.role=learner", "faults.rank=1", "faults.step=4")))
-    assert (tmp_path / "faults" / "learner_1_step4.done").exists()
+                               f"faults.role={role}", "faults.rank=1", f"faults.step={step}")))
+    assert (tmp_path / "faults" / f"{role}_1_step{step}.done").exists()
     assert records == straight
 
 

@@ -144,11 +144,15 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
 
     # ------------------------------------------------------------------ weights and checkpoints
 
-    def weights(self) -> Optional[Dict[str, torch.Tensor]]:
-        """The trainable weights to publish (LoRA adapters, or the full state). Collective under ZeRO-3:
-        every rank must call it; rank 0 returns the gathered tensors, the others None."""
+    @ray.method(num_returns=2)
+    def weights(self, version: int):
+        """Publish `version` through the object store: the trainable weights (LoRA adapters, or the full
+        state). Collective under ZeRO-3: every rank must call it. Returns (version, copy) on rank 0,
+        (version, None) on the others; two refs, so the driver can check every rank finished without
+        fetching the weights."""
+        maybe_fault(self.cfg, "publish", self.rank, version)
         with self._gathered():
-            return self._weights_copy() if self.rank == 0 else None
+            return version, (self._weights_copy() if self.rank == 0 else None)
 
     @ray.method(num_returns=2)
     def broadcast_weights(self, version: int):
@@ -157,6 +161,7 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         driver keeps for a restarted rollout worker and for async checkpoints. Collective under ZeRO-3:
         every rank must call it. Returns (version, copy) on rank 0, (version, None) on the others; two
         object refs, so the driver can wait on the small one without fetching the weights."""
+        maybe_fault(self.cfg, "publish", self.rank, version)
         with self._gathered():
             if self.rank != 0:
                 return version, None
