@@ -20,7 +20,7 @@ Phases (each timed with the device synchronised, peak memory from torch.cuda.max
     (adapters disabled for LoRA, a frozen copy for full fine-tuning), backward, and one AdamW step at the
     end with fp32 master weights (what DeepSpeed's bf16 mode keeps), for LoRA (rank r on to_q, to_k,
     to_v, to_out.0 of both attentions) and for full fine-tuning;
-(c) naive: the same work in the style of public single-loop trainers (flow_grpo's
+(c) naive (bench/gpu_wan_naive.py): the same work in the style of public single-loop trainers (flow_grpo's
     scripts/train_wan2_1.py): one sample at a time, CFG as two separate forwards, latents and model
     outputs upcast to fp32, the SDE step and log-prob in fp32. Same module, same weights, same dtype:
     the ratio measures the loop, not the model. With the same seeds it computes the same samples, so it
@@ -31,42 +31,19 @@ the training micro-batch's saved activations, estimated with the coefficients of
 would exceed 40% of the device memory (always for 1.3B at micro-batch = group: about 127 GiB for
 LoRA, 224 GiB for full fine-tuning).
 
-FLOP count (model FLOPs, what MFU counts). Per CFG row and forward, with N = F*H*W/(pt*ph*pw) video
-tokens, T text tokens, d = heads * head_dim, f = ffn_dim, L layers, r the LoRA rank (0 without),
-c = in_channels*pt*ph*pw, c' = out_channels*pt*ph*pw, d_txt = text_dim, d_t = freq_dim:
-    per layer (x L):
-        self-attention projections q, k, v, o      8 N d^2        (4 x 2 d^2 per token)
-        self-attention scores and values           4 N^2 d        (2 x 2 N d per token)
-        cross-attention projections q, o           4 N d^2
-        cross-attention projections k, v           4 T d^2        (= 4 (T/N) d^2 per video token)
-        cross-attention scores and values          4 N T d
-        feed-forward                               4 N d f
-        LoRA adapters (2 r (d_in + d_out) a row)   4 r d (6 N + 2 T)
-    once: patch embedding 2 N c d; text embedding 2 T (d_txt d + d^2); time embedding
-          2 (d_t d + d^2 + 6 d^2); head 2 N d c'.
-    For 1.3B at 33x240x416 (N = 3510, T = 512): 11.54 TFLOP per row (23% in attention scores/values),
-    23.1 TFLOP per sample with CFG; the flop counter agrees exactly (tests/test_bench_gpu_wan.py).
-Training: full fine-tuning backward = 2 x forward (input and weight gradients), so 3 x forward; LoRA
-backward = block and head linears x 1 (input gradients only; frozen weights) + attention scores/values
-x 2 + adapters x 2; the KL adds 1 forward of the reference (no adapters). Hardware FLOPs (HFU) add one
-forward of the blocks for the recompute when activation checkpointing is on. MFU = model FLOPs /
-seconds / the card's dense bf16 peak (table below by device name, else --peak-tflops). The formula is
-checked against torch.utils.flop_counter on a forward (JSON `check.flop_counter_ratio`; on CPU the
-attention runs through SDPA's math backend for that count, because the CPU flash kernel is not counted).
+FLOP count and MFU/HFU, and the saved-activation estimate: see bench/gpu_wan_flops.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib.util
 import json
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -74,6 +51,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from bench.gpu_wan_flops import (activation_bytes, activation_report, counted_forward_flops,  # noqa: E402
+                                  flop_terms, latent_shape, peak_bf16_tflops, train_step_flops, video_tokens)
+from bench.gpu_wan_naive import naive_rollout, naive_train_pass, naive_velocity  # noqa: E402
 from launcher.config import LoraConfig, ModelConfig, SamplerConfig  # noqa: E402
 from policy.grpo import group_advantages, grpo_loss  # noqa: E402
 from policy.models import (TINY_TRANSFORMER, WanComponents, build_scheduler, build_tiny_text_encoder,  # noqa: E402
@@ -96,116 +76,7 @@ SIZES = {
                  dtype="bfloat16", device="cuda"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-VAE_TEMPORAL, VAE_SPATIAL = 4, 8  # Wan VAE: 4x in time (plus the first frame), 8x in space
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-# Saved activations for backward, bytes per token per layer, as coefficients of d and f (bf16 weights, a
-# fused attention kernel that saves q, k, v, out and the log-sum-exp): measured with autograd
-# saved-tensor hooks on CPU at d in {768, 1536}, f in {4480, 8960} (`--activation-report`; see
-# bench/MEMORY_PLAN.md). video_*: per video token; text_d: per text token (cross-attention k, v).
-# With checkpointing each layer keeps only its bf16 input (2 d bytes per video token).
-ACT_COEF = {
-    "full": dict(video_d=68, video_f=4, text_d=12),
-    "lora": dict(video_d=40, video_f=2, text_d=8),
-}
-
-# Dense bf16 tensor-core peak, TFLOP/s, by device name. Variants not listed (H100 NVL, H200 NVL, ...)
-# return None: pass --peak-tflops rather than get a wrong MFU.
-def peak_bf16_tflops(device_name: str) -> Optional[float]:
-    name = device_name.upper()
-    if "NVL" in name:
-        return None
-    if "H100" in name:
-        return 756.0 if "PCIE" in name else 989.0
-    if "H200" in name:
-        return 989.0
-    if "A100" in name:
-        return 312.0
-    if "L40S" in name:
-        return 362.0
-    return None
-
-
-# ----------------------------------------------------------------------------- FLOPs
-
-
-def latent_shape(cfg: dict, frames: int, height: int, width: int) -> tuple:
-    if (frames - 1) % VAE_TEMPORAL or height % (VAE_SPATIAL * 2) or width % (VAE_SPATIAL * 2):
-        raise SystemExit(f"--frames must be 4k+1 and --height/--width multiples of 16, got "
-                         f"{frames}x{height}x{width}")
-    return (cfg["in_channels"], (frames - 1) // VAE_TEMPORAL + 1, height // VAE_SPATIAL, width // VAE_SPATIAL)
-
-
-def video_tokens(cfg: dict, shape: tuple) -> int:
-    pt, ph, pw = cfg["patch_size"]
-    return (shape[1] // pt) * (shape[2] // ph) * (shape[3] // pw)
-
-
-def flop_terms(cfg: dict, n: int, t: int, lora_rank: int = 0) -> Dict[str, float]:
-    """Forward FLOPs of one CFG row (see the module docstring for the formula)."""
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    f, layers = cfg["ffn_dim"], cfg["num_layers"]
-    patch = math.prod(cfg["patch_size"])
-    terms = {
-        "self_proj": 8 * n * d * d,
-        "self_attn": 4 * n * n * d,
-        "cross_proj_qo": 4 * n * d * d,
-        "cross_proj_kv": 4 * t * d * d,
-        "cross_attn": 4 * n * t * d,
-        "ffn": 4 * n * d * f,
-        "lora": 4 * lora_rank * d * (6 * n + 2 * t),
-    }
-    terms = {k: float(v * layers) for k, v in terms.items()}
-    terms.update(
-        patch=float(2 * n * cfg["in_channels"] * patch * d),
-        text=float(2 * t * (cfg["text_dim"] * d + d * d)),
-        time=float(2 * (cfg["freq_dim"] * d + d * d + 6 * d * d)),
-        head=float(2 * n * d * cfg["out_channels"] * patch),
-    )
-    terms["block_linear"] = terms["self_proj"] + terms["cross_proj_qo"] + terms["cross_proj_kv"] + terms["ffn"]
-    terms["attention"] = terms["self_attn"] + terms["cross_attn"]
-    terms["base"] = (terms["block_linear"] + terms["attention"] + terms["patch"] + terms["text"] + terms["time"]
-                     + terms["head"])
-    terms["forward"] = terms["base"] + terms["lora"]
-    return terms
-
-
-def train_step_flops(terms: Dict[str, float], mode: str, kl: bool, ckpt: bool) -> tuple:
-    """(model, hardware) FLOPs of one training row: forward + backward (+ reference forward)."""
-    if mode == "full":
-        model = 3 * terms["base"]
-    else:
-        backward = terms["block_linear"] + terms["head"] + 2 * terms["attention"] + 2 * terms["lora"]
-        model = terms["forward"] + backward
-    if kl:
-        model += terms["base"]
-    recompute = terms["block_linear"] + terms["attention"] + (terms["lora"] if mode == "lora" else 0.0)
-    return model, model + (recompute if ckpt else 0.0)
-
-
-def activation_bytes(cfg: dict, mode: str, rows: int, n: int, t: int, ckpt: bool) -> float:
-    """Saved activations of one training micro-batch of `rows` CFG rows (estimate, bytes)."""
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    c = ACT_COEF[mode]
-    per_layer = n * (c["video_d"] * d + c["video_f"] * cfg["ffn_dim"]) + t * c["text_d"] * d
-    if ckpt:  # one bf16 block input per layer, plus one block's activations while it is recomputed
-        return rows * (cfg["num_layers"] * n * 2 * d + per_layer)
-    return rows * cfg["num_layers"] * per_layer
-
-
-def counted_forward_flops(model, x, timestep, embeds) -> float:
-    """FLOPs of one forward as torch.utils.flop_counter counts them (math attention on CPU)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    kernel = contextlib.nullcontext()
-    if x.device.type == "cpu":  # the CPU flash kernel is not in the counter's table; the math one is matmuls
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        kernel = sdpa_kernel(SDPBackend.MATH)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), kernel, counter:
-        model(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds, return_dict=False)
-    return float(counter.get_total_flops())
 
 
 # ----------------------------------------------------------------------------- model and policy
@@ -284,6 +155,16 @@ class MasterAdamW:
         for p in self.params:
             p.grad = None
 
+    def timed_step(self, max_norm: float, device: torch.device) -> dict:
+        """The end of a training pass (ours and naive): step and zero_grad, timed with the device
+        synchronised at both ends."""
+        sync(device)
+        t0 = time.perf_counter()
+        grad_norm = self.step(max_norm)
+        self.zero_grad()
+        sync(device)
+        return {"grad_norm": grad_norm, "optimizer_s": time.perf_counter() - t0}
+
 
 # ----------------------------------------------------------------------------- timing
 
@@ -331,97 +212,7 @@ def our_train_pass(policy: WanPolicy, traj, adv, mask, steps: Sequence[int], arg
                             mask=mask)
         (loss / len(steps)).backward()
         losses.append(loss.detach())
-    sync(device)
-    t0 = time.perf_counter()
-    grad_norm = optimizer.step(args.grad_clip)
-    optimizer.zero_grad()
-    sync(device)
-    return {"loss": float(torch.stack(losses).mean()), "grad_norm": grad_norm,
-            "optimizer_s": time.perf_counter() - t0}
-
-
-# ----------------------------------------------------------------------------- naive
-
-
-def naive_velocity(model, x: torch.Tensor, s: float, pos, neg, w: float) -> torch.Tensor:
-    """CFG as two forwards of one sample; outputs upcast to fp32 (as the public scripts do)."""
-    t = torch.full((x.shape[0],), s * 1000.0, dtype=torch.float32, device=x.device)
-    inp = x.to(model.dtype)
-    v_cond = model(hidden_states=inp, timestep=t, encoder_hidden_states=pos, return_dict=False)[0].float()
-    v_uncond = model(hidden_states=inp, timestep=t, encoder_hidden_states=neg, return_dict=False)[0].float()
-    return v_uncond + w * (v_cond - v_uncond)
-
-
-def naive_sde_step(x, v, s: float, s_next: float, rule: NoiseRule, prev=None, noise=None):
-    """Flow-GRPO's SDE step in fp32 with python-float coefficients; log-prob averaged over elements."""
-    dt = s_next - s
-    if rule.kind == "eta":
-        std = rule.eta * math.sqrt(s / (1.0 - (s_next if s >= 1.0 else s)))
-    else:
-        std = rule.std_min + (rule.std_max - rule.std_min) * s
-    mean = x * (1 + std**2 / (2 * s) * dt) + v * (1 + std**2 * (1 - s) / (2 * s)) * dt
-    scale = std * math.sqrt(-dt)
-    if prev is None:
-        prev = mean + scale * noise
-    log_prob = -((prev.detach() - mean) ** 2) / (2 * scale**2) - math.log(scale) - 0.5 * math.log(2 * math.pi)
-    return prev, log_prob.mean(dim=tuple(range(1, x.ndim))), mean, scale
-
-
-@torch.no_grad()
-def naive_rollout(model, cond: Condition, seeds, sigmas, rule: NoiseRule, w: float, device):
-    """One sample at a time; noise from the same per-seed CPU generators as policy.sampler."""
-    pos, neg = cond.prompt_embeds.to(device), cond.negative_embeds.to(device)
-    shape = tuple(cond.latent_shape)
-    latents, log_probs = [], []
-    for seed in seeds:
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        x = torch.randn(shape, generator=gen, dtype=torch.float32)[None].to(device)
-        states, lps = [x], []
-        for k in range(len(sigmas) - 1):
-            s, s_next = float(sigmas[k]), float(sigmas[k + 1])
-            v = naive_velocity(model, x, s, pos, neg, w)
-            z = torch.randn(shape, generator=gen, dtype=torch.float32)[None].to(device)
-            x, lp, _, _ = naive_sde_step(x, v, s, s_next, rule, noise=z)
-            states.append(x)
-            lps.append(lp)
-        latents.append(states)
-        log_probs.append(torch.cat(lps))
-    return latents, torch.stack(log_probs)
-
-
-def naive_train_pass(model, reference, latents, old_log_probs, cond: Condition, sigmas, rule, adv, mask,
-                     steps: Sequence[int], args, optimizer) -> dict:
-    """Per sample, per step: two forwards with grad, two reference forwards, fp32 loss, backward."""
-    device = old_log_probs.device
-    pos, neg = cond.prompt_embeds.to(device), cond.negative_embeds.to(device)
-    model.train()
-    rows = [i for i in range(len(latents)) if bool(mask[i])]
-    denom = max(1, len(rows)) * len(steps)
-    losses = []
-    for i in rows:
-        for k in steps:
-            s, s_next = float(sigmas[k]), float(sigmas[k + 1])
-            x, x_next = latents[i][k], latents[i][k + 1]
-            v = naive_velocity(model, x, s, pos, neg, args.cfg)
-            _, lp, mean, scale = naive_sde_step(x, v, s, s_next, rule, prev=x_next)
-            ratio = torch.exp(lp - old_log_probs[i, k])
-            a = adv[i].float()
-            loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - args.clip_range, 1 + args.clip_range))
-            if args.kl_beta > 0:
-                with torch.no_grad(), reference() as ref:
-                    v_ref = naive_velocity(ref, x, s, pos, neg, args.cfg)
-                    _, _, mean_ref, _ = naive_sde_step(x, v_ref, s, s_next, rule, prev=x_next)
-                kl = ((mean - mean_ref) ** 2).mean() / (2 * scale**2)
-                loss = loss + args.kl_beta * kl
-            (loss.sum() / denom).backward()
-            losses.append(loss.detach())
-    sync(device)
-    t0 = time.perf_counter()
-    grad_norm = optimizer.step(args.grad_clip)
-    optimizer.zero_grad()
-    sync(device)
-    return {"loss": float(torch.cat(losses).mean()), "grad_norm": grad_norm,
-            "optimizer_s": time.perf_counter() - t0}
+    return {"loss": float(torch.stack(losses).mean()), **optimizer.timed_step(args.grad_clip, device)}
 
 
 # ----------------------------------------------------------------------------- warm-up
@@ -763,58 +554,6 @@ def run_phases(args, cfg, shape, device, dtype, ckpt: bool, peak, result: dict):
         train_phases("full", policy, flops["train_row_full_model"], flops["train_row_full_hw"])
         del policy, transformer
         free()
-
-
-# ----------------------------------------------------------------------------- activation report
-
-
-def saved_bytes(cfg: dict, latent: tuple, text_len: int, mode: str, dtype=torch.bfloat16) -> int:
-    """Bytes autograd saves for backward in one forward (parameters excluded, shared storage counted once)."""
-    model = build_transformer(cfg, "cpu", dtype, 0)
-    if mode == "lora":
-        from policy.lora import add_lora
-
-        add_lora(model, LoraConfig(rank=32, alpha=32.0, target_modules=list(LORA_TARGETS)))
-    else:
-        model.requires_grad_(True)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: Dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    x = torch.randn(1, *latent).to(dtype)
-    embeds = torch.randn(1, text_len, cfg["text_dim"]).to(dtype)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=embeds, return_dict=False)
-    return sum(seen.values())
-
-
-def activation_report() -> dict:
-    """Per-layer saved bytes per video token and per text token, by differences of 1- and 2-layer models."""
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    out = {}
-    for label, heads, ffn in (("1.3b", 12, 8960), ("d1536_f4480", 12, 4480), ("d768_f8960", 6, 8960)):
-        for mode in ("full", "lora"):
-            cfg = dict(WAN21_1_3B, num_attention_heads=heads, ffn_dim=ffn, text_dim=64)
-
-            def per_layer(frames, text, cfg=cfg, mode=mode):
-                one = saved_bytes(dict(cfg, num_layers=1), (16, frames, 16, 16), text, mode)
-                two = saved_bytes(dict(cfg, num_layers=2), (16, frames, 16, 16), text, mode)
-                return two - one
-
-            base = per_layer(2, 64)
-            video = (per_layer(4, 64) - base) / 128  # 2 more latent frames = 128 more tokens
-            text = (per_layer(2, 128) - base) / 64
-            d = heads * 128
-            out[f"{label}_{mode}"] = {"d": d, "ffn": ffn, "bytes_per_video_token_layer": video,
-                                      "bytes_per_text_token_layer": text}
-            print(f"{label:<12} {mode:<5} d={d:<5} f={ffn:<5} per video token per layer {video:>9.0f} B "
-                  f"({video / d:.2f} d), per text token per layer {text:>7.0f} B ({text / d:.2f} d)")
-    return out
 
 
 if __name__ == "__main__":

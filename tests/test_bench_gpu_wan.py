@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from bench import gpu_wan
-from bench.gpu_wan import (ACT_COEF, SIZES, WAN21_1_3B, build_transformer, counted_forward_flops, flop_terms,
-                           latent_shape, peak_bf16_tflops, train_step_flops, video_tokens)
+from bench.gpu_wan import SIZES, WAN21_1_3B, build_transformer
+from bench.gpu_wan_flops import (ACT_COEF, counted_forward_flops, flop_terms, latent_shape, peak_bf16_tflops,
+                                 saved_bytes, train_step_flops, video_tokens)
 
 
 
@@ -139,8 +140,8 @@ def test_activation_coefficients_match_saved_tensors(one_thread):
     for mode in ("full", "lora"):
         per_layer = []
         for frames in (2, 4):
-            one = gpu_wan.saved_bytes(dict(cfg, num_layers=1), (16, frames, 16, 16), 64, mode)
-            two = gpu_wan.saved_bytes(dict(cfg, num_layers=2), (16, frames, 16, 16), 64, mode)
+            one = saved_bytes(dict(cfg, num_layers=1), (16, frames, 16, 16), 64, mode)
+            two = saved_bytes(dict(cfg, num_layers=2), (16, frames, 16, 16), 64, mode)
             per_layer.append(two - one)
         measured = (per_layer[1] - per_layer[0]) / 128
         coef = ACT_COEF[mode]
