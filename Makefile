@@ -25,10 +25,10 @@ $(STAMP): requirements.txt setup.cfg
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slurm" tests
 
 test-slurm: install
-	$(PY) -m pytest -q tests/test_slurm.py
+	$(PY) -m pytest -q -m slurm tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests

@@ -27,7 +27,8 @@ import pytest
 
 from tests.slurm_cluster import SlurmCluster
 
-pytestmark = pytest.mark.slow
+# `slurm`: needs root and Debian's Slurm packages, and takes minutes; `make test-slurm` runs it (CI does).
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "cluster_configs" / "slurm"
