@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-if TYPE_CHECKING:  # annotations only: `make bench` runs every bench/*.py as a script, repo not on sys.path
+if TYPE_CHECKING:  # annotations only: importable without the repo on sys.path
     from policy.policy import Condition
     from policy.sde import NoiseRule
 

@@ -191,9 +191,13 @@ class Trainer:
                   *[trajectories[i] for i in ids]) for ids in shares]
         per_rank = ray.get(self.workers.learner.run_split("update", calls))
         summed = {k: sum(r[k] for r in per_rank) for k in per_rank[0]}
-        micro = max(1, summed["micro_steps"])
-        stats = {k: summed[k] / micro for k in ("policy_loss", "kl", "ratio_mean", "clip_frac", "loss")}
-        stats.update(ratio_min=min(r["ratio_min"] for r in per_rank), ratio_max=max(r["ratio_max"] for r in per_rank),
+        micro, trained = max(1, summed["micro_steps"]), summed["num_trained"]
+        stats = {k: summed[k] / micro for k in ("policy_loss", "kl", "loss")}
+        # over trained elements only (see workers/learner.py); a step with nothing trained logs ratio 1
+        low, high = min(r["ratio_min"] for r in per_rank), max(r["ratio_max"] for r in per_rank)
+        stats.update(ratio_mean=summed["ratio_mean"] / trained if trained else 1.0,
+                     clip_frac=summed["clip_frac"] / trained if trained else 0.0,
+                     ratio_min=low if trained else 1.0, ratio_max=high if trained else 1.0,
                      first_epoch_logprob_dev=max(r["first_epoch_logprob_dev"] for r in per_rank),
                      grad_norm=per_rank[0]["grad_norm"], lr=per_rank[0]["lr"])
         return stats

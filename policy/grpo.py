@@ -67,7 +67,8 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: to
     """Mean GRPO loss over unmasked elements, plus detached stats for logging.
 
     The stats are 0-dim tensors on the log-prob's device, computed without boolean indexing or
-    `.item()`, so a training step never waits for the GPU; callers convert them when they log.
+    `.item()` (no host sync of their own); callers convert them once, when they log. With nothing
+    trained (all masked), ratio_min/ratio_max are +inf/-inf, so a min/max over calls ignores the call.
     """
     # Stored rollout values live on the CPU; follow the log-prob's device and dtype.
     advantages = advantages.to(log_prob)
@@ -88,8 +89,8 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: to
         stats: Dict[str, torch.Tensor] = {
             "policy_loss": policy_loss.detach(), "kl": kl_mean.detach(), "loss": loss.detach(),
             "ratio_mean": torch.where(any_trained, (r * weights).sum() / denom, torch.ones_like(denom)),
-            "ratio_min": torch.where(any_trained, torch.where(mask, r, inf).min(), torch.ones_like(denom)),
-            "ratio_max": torch.where(any_trained, torch.where(mask, r, -inf).max(), torch.ones_like(denom)),
+            "ratio_min": torch.where(mask, r, inf).min(),
+            "ratio_max": torch.where(mask, r, -inf).max(),
             "clip_frac": (((r - 1).abs() > clip_range).to(r.dtype) * weights).sum() / denom,
             "num_trained": weights.sum(),
         }

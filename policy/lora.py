@@ -68,11 +68,16 @@ def base_model_copy(transformer: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_lora(transformer: torch.nn.Module, directory: str | Path, kind: str = "t2v") -> Path:
-    """Write `pytorch_lora_weights.safetensors` in diffusers' format (transformer.* keys)."""
+    """Write `pytorch_lora_weights.safetensors` in diffusers' format (transformer.* keys).
+
+    The adapter's peft config goes into the file's metadata (as diffusers' own training scripts do):
+    without it `load_lora_weights` assumes lora_alpha = rank, and an adapter trained with another
+    alpha would load at the wrong strength."""
     from diffusers import WanPipeline, WanVACEPipeline
 
     pipeline_cls = WanVACEPipeline if kind == "vace" else WanPipeline
     directory = Path(directory)
+    metadata = transformer.peft_config["default"].to_dict()
     pipeline_cls.save_lora_weights(directory, transformer_lora_layers=get_peft_model_state_dict(transformer),
-                                   safe_serialization=True)
+                                   safe_serialization=True, transformer_lora_adapter_metadata=metadata)
     return directory / LORA_FILE

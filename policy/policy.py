@@ -32,6 +32,7 @@ from PIL import Image
 
 from policy.lora import adapters_disabled, add_lora, has_lora
 from policy.models import WanComponents, pipeline_for
+from policy.sde import host_to_device
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -152,8 +153,8 @@ class WanPolicy:
         batch = latents.shape[0]
         dtype = model.dtype if hasattr(model, "dtype") else self.transformer.dtype
         x = latents.to(dtype)
-        timestep = (torch.as_tensor(sigma, dtype=torch.float64, device=x.device) * NUM_TRAIN_TIMESTEPS)
-        timestep = timestep.to(torch.float32).expand(batch)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        timestep = (host_to_device(sigma, x.device) * NUM_TRAIN_TIMESTEPS).to(torch.float32).expand(batch)
         pos = cond.prompt_embeds.expand(batch, -1, -1)
         neg = cond.negative_embeds.expand(batch, -1, -1)
         w = self.sampler_cfg.guidance_scale

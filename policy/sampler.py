@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from policy.policy import Condition, WanPolicy
-from policy.sde import NoiseRule, kl_to_reference, sde_step_with_logprob, sigma_schedule
+from policy.sde import NoiseRule, host_to_device, kl_to_reference, sde_step_with_logprob, sigma_schedule
 
 
 @dataclass
@@ -53,14 +53,6 @@ def initial_noise(seeds: Sequence[int], shape: tuple, device="cpu") -> tuple[tor
     return noise.to(device), generators
 
 
-def _to_device(cpu: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> GPU without stalling the host: per-sample noise comes from CPU generators (seeded and
-    reproducible on any device); a pinned, non-blocking copy lets the transfer overlap the model."""
-    if device.type != "cuda":
-        return cpu.to(device)
-    return cpu.pin_memory().to(device, non_blocking=True)
-
-
 @torch.no_grad()
 def sample_group(policy: WanPolicy, cond: Condition, seeds: Sequence[int], rule: NoiseRule,
                  num_steps: int, shift: float, deterministic: bool = False, decode: bool = True,
@@ -75,7 +67,7 @@ def sample_group(policy: WanPolicy, cond: Condition, seeds: Sequence[int], rule:
         v = policy.velocity(x, sigma, cond)
         step_noise = None
         if not deterministic:
-            step_noise = _to_device(torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32)
+            step_noise = host_to_device(torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32)
                                                  for g in generators]), x.device)
         step = sde_step_with_logprob(x, v, sigmas[k], sigmas[k + 1], rule, noise=step_noise,
                                      deterministic=deterministic)
@@ -111,8 +103,8 @@ def score_step(policy: WanPolicy, trajectory: Trajectory, step: int, rows: Optio
         raise ValueError(f"sampler.guidance_scale {policy.sampler_cfg.guidance_scale} differs from the "
                          f"rollout's {trajectory.guidance_scale}")
     rows = list(range(trajectory.latents.shape[0])) if rows is None else list(rows)
-    x = trajectory.latents[rows, step].to(policy.device)
-    x_next = trajectory.latents[rows, step + 1].to(policy.device)
+    x = host_to_device(trajectory.latents[rows, step], policy.device)
+    x_next = host_to_device(trajectory.latents[rows, step + 1], policy.device)
     cond = trajectory.cond.to(policy.device)
     s, s_next = trajectory.sigmas[step], trajectory.sigmas[step + 1]
     sigma = s.expand(len(rows))

@@ -73,6 +73,23 @@ def _per_sample(value, batch: int) -> torch.Tensor:
     return value
 
 
+def host_to_device(values: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on `device` without stalling the host on the GPU's queue.
+
+    A copy from pageable host memory to a GPU waits for the stream to drain first (CUDA programming
+    guide, "Asynchronous Concurrent Execution"), so a per-step `.to("cuda")` of a sigma or of the noise
+    would serialise host and GPU. A constant float vector (a sigma per sample) is made on the device by a
+    fill instead; anything else goes through pinned memory, non-blocking.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or values.device == device:
+        return values.to(device)
+    flat = values.reshape(-1)
+    if values.is_floating_point() and flat.numel() and bool((flat == flat[0]).all()):  # checked on the CPU
+        return torch.full(values.shape, float(flat[0]), dtype=values.dtype, device=device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def _expand(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return value.view(-1, *([1] * (like.ndim - 1)))
 
@@ -110,7 +127,7 @@ def sde_step_with_logprob(
         raise ValueError(f"sigma_next must be < sigma (got {s.tolist()} -> {s_next.tolist()})")
     if (s <= 0).any():
         raise ValueError("sigma must be > 0 for an SDE step")
-    s, s_next = s.to(latents.device), s_next.to(latents.device)
+    s, s_next = host_to_device(s, latents.device), host_to_device(s_next, latents.device)
     dt = s_next - s
     x, v = latents.double(), velocity.double()
     std = torch.zeros_like(s) if deterministic else rule.std(s, s_next)

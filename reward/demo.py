@@ -1,8 +1,10 @@
-"""Demo rewards for the CPU demo: cheap, dependency-free, and learnable by a tiny random model.
+"""Demo rewards for the CPU demo: cheap, dependency-free, and learnable by a tiny model in minutes.
 
 Why they exist: a tiny random-init video model cannot draw faces within a CPU demo's budget, so the
 face and VLM identity rewards would give it no signal (every sample scores `missing_penalty` or
-noise). These two rewards still exercise the whole GRPO loop with a signal the policy *can* move:
+noise). These two rewards still exercise the whole GRPO loop with a signal the policy can move, given
+a decoder that passes latent changes to pixels (the demo's trained tiny VAE, policy/demo_vae.py; the
+random tiny VAE does not, so with it neither rises):
 - `demo_brightness`: mean pixel intensity of the video, in [0, 1];
 - `demo_reference_color`: minus the mean L2 distance (in [0, 1] RGB units) between each frame's mean
   colour and the mean colour of the sample's reference images, in [-sqrt(3), 0]; higher = the video's

@@ -64,7 +64,8 @@ def test_ratio_stats_skip_masked_elements():
     assert float(stats["ratio_mean"]) == pytest.approx(3.5 / 3) and float(stats["clip_frac"]) == pytest.approx(2 / 3)
     assert float(stats["num_trained"]) == 3
     _, none = grpo_loss(lp, torch.zeros(4), torch.ones(4), 0.2, mask=torch.zeros(4, dtype=torch.bool))
-    assert float(none["ratio_min"]) == float(none["ratio_max"]) == 1.0 and float(none["clip_frac"]) == 0.0
+    assert float(none["ratio_min"]) == float("inf") and float(none["ratio_max"]) == float("-inf")  # min/max skip it
+    assert float(none["clip_frac"]) == 0.0 and float(none["num_trained"]) == 0
 
 
 def test_select_timesteps():

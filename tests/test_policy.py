@@ -126,9 +126,10 @@ def test_full_finetune_reference_is_frozen_copy(root):
     assert (score_step(policy, traj, 1, with_kl=True).kl > 0).all()
 
 
-@pytest.mark.parametrize("kind", ["t2v", "vace"])
-def test_lora_file_loads_into_diffusers_pipeline(root, tmp_path, kind):
-    policy, cfg = make_policy(root, kind)
+@pytest.mark.parametrize("kind,alpha", [("t2v", 4.0), ("vace", 4.0), ("vace", 32.0)])
+def test_lora_file_loads_into_diffusers_pipeline(root, tmp_path, kind, alpha):
+    """Alpha 32 with rank 4 (the demo's): the scale must travel in the file, not be assumed = rank."""
+    policy, cfg = make_policy(root, kind, f"model.lora.alpha={alpha}")
     cond = policy.encode_condition(PROMPT, refs(1) if kind == "vace" else [])
     traj = sample_group(policy, cond, [1, 2], NoiseRule.from_config(cfg.sampler), 3, 3.0, decode=False)
     _sgd(policy, traj, 1.0)

@@ -26,13 +26,16 @@ from policy.lora import lora_state_dict, save_lora
 from policy.models import build_components
 from policy.policy import WanPolicy
 from policy.sampler import score_step
+from policy.sde import host_to_device
 from workers.common import WorkerBase, free_port, maybe_fault, sample_seed
 from workers.weight_sync import WeightGroupMember, sync_tensors
 
 ENGINE_TAG = "engine"
-# grpo_loss stats summed over micro-steps (the driver divides by the micro-step count); ratio_min and
-# ratio_max are reduced by min and max instead.
-SUMMED_STATS = ("policy_loss", "kl", "loss", "ratio_mean", "clip_frac", "num_trained")
+# grpo_loss stats summed over micro-steps (the driver divides by the micro-step count); ratio_mean and
+# clip_frac are summed weighted by the trained elements (the driver divides by their total), so fully
+# masked groups do not pull them to 1 and 0; ratio_min and ratio_max are reduced by min and max.
+SUMMED_STATS = ("policy_loss", "kl", "loss", "num_trained")
+TRAINED_WEIGHTED_STATS = ("ratio_mean", "clip_frac")
 
 
 def deepspeed_config(cfg, grad_accum: int) -> dict:
@@ -118,25 +121,32 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         lows, highs, deviations = [], [], []  # stats stay tensors until the end: no per-micro-step sync
         for epoch in range(cfg.grpo.num_inner_epochs):
             for gid, adv, mask, traj in zip(group_ids, advantages, masks, trajectories):
+                # the group's rollout values, on the device once (not one blocking copy per micro-step)
+                device = self.policy.device
+                adv, mask = host_to_device(adv, device), host_to_device(mask, device)
+                old_log_probs = host_to_device(traj.log_probs, device)
                 gen = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, step, gid, 10_000 + epoch))
                 timesteps = select_timesteps(traj.num_steps, cfg.grpo.timestep_fraction,
                                              cfg.grpo.timestep_order, gen).tolist()
                 for k, rows in ((k, rows) for k in timesteps for rows in row_chunks(cfg)):
                     score = score_step(self.policy, traj, k, rows=rows, with_kl=cfg.grpo.kl_beta > 0)
-                    loss, stats = grpo_loss(score.log_prob, traj.log_probs[rows, k], adv[rows], cfg.grpo.clip_range,
-                                            kl=score.kl, kl_beta=cfg.grpo.kl_beta, mask=mask[rows])
+                    rows_ = slice(rows[0], rows[-1] + 1)  # row_chunks are contiguous: a slice, no index copy
+                    loss, stats = grpo_loss(score.log_prob, old_log_probs[rows_, k], adv[rows_], cfg.grpo.clip_range,
+                                            kl=score.kl, kl_beta=cfg.grpo.kl_beta, mask=mask[rows_])
                     engine.backward(loss)
                     engine.step()
                     if epoch == 0:
-                        old = traj.log_probs[rows, k].to(score.log_prob.device)
-                        deviations.append((score.log_prob.detach() - old).abs().max())
+                        deviations.append((score.log_prob.detach() - old_log_probs[rows_, k]).abs().max())
                     for name in SUMMED_STATS:
                         sums[name] = sums.get(name, 0.0) + stats[name]
+                    for name in TRAINED_WEIGHTED_STATS:
+                        sums[name] = sums.get(name, 0.0) + stats[name] * stats["num_trained"]
                     lows.append(stats["ratio_min"])
                     highs.append(stats["ratio_max"])
         out = {name: float(value) for name, value in sums.items()}
-        out.update(micro_steps=len(lows), ratio_min=float(torch.stack(lows).min()) if lows else 1.0,
-                   ratio_max=float(torch.stack(highs).max()) if highs else 1.0,
+        low = float(torch.stack(lows).min()) if lows else float("inf")
+        high = float(torch.stack(highs).max()) if highs else float("-inf")
+        out.update(micro_steps=len(lows), ratio_min=low, ratio_max=high,  # +-inf: nothing trained here
                    first_epoch_logprob_dev=float(torch.stack(deviations).max()) if deviations else 0.0,
                    learn_s=time.perf_counter() - start, lr=float(engine.get_lr()[0]),
                    grad_norm=float(engine.get_global_grad_norm() or 0.0))

@@ -133,8 +133,8 @@ class WeightBroadcastGroup:
             raise WeightSyncError(f"{self}: {problem}")
         if bad:
             raise WeightSyncError(f"{self}: the weights of {', '.join(self.members[r] for r in bad)} do not match")
-        for name, _, _ in manifest:
-            self._tensor(into[name], name)
+        for name, _, dtype in manifest:
+            self._tensor(into[name], name, getattr(torch, dtype))
         return into
 
     # ------------------------------------------------------------------ collectives
@@ -146,14 +146,20 @@ class WeightBroadcastGroup:
             raise WeightSyncError(f"{self}: {what} failed (a member died or timed out after "
                                   f"{self.timeout.total_seconds():.0f}s): {err}") from err
 
-    def _tensor(self, tensor: torch.Tensor, name: str) -> None:
-        """Broadcast one tensor as raw bytes (bit-exact for every dtype, bf16 included)."""
-        buf = tensor.detach()
-        if buf.device != self.device or not buf.is_contiguous():
+    def _tensor(self, tensor: torch.Tensor, name: str, sent_dtype: Optional[torch.dtype] = None) -> None:
+        """Broadcast one tensor as raw bytes (bit-exact for every dtype, bf16 included). A receiver whose
+        tensor has another dtype than the root's receives in the root's and casts (e.g. diffusers keeps
+        some Wan modules in fp32 while a bf16 DeepSpeed engine trains them in bf16)."""
+        buf, staged = tensor.detach(), True
+        if sent_dtype is not None and sent_dtype != buf.dtype:
+            buf = torch.empty(buf.shape, dtype=sent_dtype, device=self.device)
+        elif buf.device != self.device or not buf.is_contiguous():
             buf = buf.to(self.device).contiguous()
+        else:
+            staged = False  # the tensor's own storage is sent / received into directly
         data = buf.view(-1).view(torch.uint8)
         self._wait(self._pg.broadcast(data, 0), f"tensor '{name}'")
-        if buf is not tensor and self.rank != 0:
+        if staged and self.rank != 0:
             tensor.copy_(buf)
 
     def _bytes(self, payload: Optional[bytes]) -> bytes:
@@ -181,7 +187,7 @@ def _mismatch(manifest: list, own: Tensors) -> Optional[str]:
         if name not in own:
             return f"tensor '{name}' is sent by the learner but this worker's model has no such tensor"
         mine = own[name]
-        if list(mine.shape) != shape or str(mine.dtype).replace("torch.", "") != dtype:
+        if list(mine.shape) != shape or mine.dtype.is_floating_point != getattr(torch, dtype).is_floating_point:
             return (f"tensor '{name}': learner sends {dtype}{shape}, this worker's model has "
                     f"{str(mine.dtype).replace('torch.', '')}{list(mine.shape)}")
     extra = sorted(set(own) - sent)
