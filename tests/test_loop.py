@@ -172,6 +172,18 @@ def test_killed_rollout_worker_with_broadcast(root, shards, tmp_path, broadcast_
     assert status == [{"version": 2, "epoch": 2, "fetched": [1]}]
 
 
+def test_killed_learner_rank_while_broadcasting(root, shards, tmp_path, broadcast_run):
+    """A learner rank dies inside broadcast_weights (version 2): the learner group restarts from the
+    step-1 checkpoint, the weight group is rebuilt for the new learner rank 0, and the run ends exactly
+    as the clean broadcast run."""
+    records, status = run_with_weight_status(config(root, shards, tmp_path, *FULL, "workers.weight_sync=broadcast",
+                                                    "trainer.checkpoint_every=1", "faults.role=publish",
+                                                    "faults.rank=1", "faults.step=2"))
+    assert (tmp_path / "faults" / "publish_1_step2.done").exists()  # the rank really died
+    assert records == broadcast_run[0]
+    assert status == [{"version": 2, "epoch": 2, "fetched": []}]  # epoch 2: rebuilt after the restart
+
+
 def test_failed_broadcast_is_retried_on_a_rebuilt_group(root, shards, tmp_path, caplog):
     trainer = Trainer(config(root, shards, tmp_path, *FULL, "workers.weight_sync=broadcast"))
     try:
