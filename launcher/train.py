@@ -212,7 +212,7 @@ class Trainer:
             # rebuilt group. The returned ref is rank 0's recovery copy, fetched by nobody healthy.
             self.state.weights[version] = self.weight_sync.publish(version)
         else:
-            published = self.workers.learner.run("weights", version)
+            published = self.workers.learner.run("publish", version)
             ray.get([done for done, _ in published])  # a rank that died publishing raises here
             copy = self.state.weights[version] = published[0][1]
             # Not awaited: an actor runs a caller's calls in order, so the next rollout on each worker comes

@@ -20,12 +20,12 @@ def one_update(root, tmp_path, micro_batch_size):
     learner.setup("127.0.0.1", free_port())
     try:
         rollout = RolloutWorker(0, 1, to_yaml(cfg))
-        rollout.set_weights(0, learner.weights(0)[1])
+        rollout.set_weights(0, learner.publish(0)[1])
         refs = [np.random.RandomState(0).randint(0, 255, (40, 30, 3), dtype=np.uint8)]
         traj = rollout.generate(1, {"prompt": "a person smiles", "refs": refs}, [1, 2, 3, 4], 0)
         adv, mask = torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(4, dtype=torch.bool)
         stats = learner.update(1, [0], [adv], [mask], traj)
-        return stats, learner.weights(1)[1]
+        return stats, learner.publish(1)[1]
     finally:
         learner.shutdown()
 

@@ -173,7 +173,7 @@ def test_killed_rollout_worker_with_broadcast(root, shards, tmp_path, broadcast_
 
 
 def test_killed_learner_rank_while_broadcasting(root, shards, tmp_path, broadcast_run):
-    """A learner rank dies inside broadcast_weights (version 2): the learner group restarts from the
+    """A learner rank dies while broadcasting version 2: the learner group restarts from the
     step-1 checkpoint, the weight group is rebuilt for the new learner rank 0, and the run ends exactly
     as the clean broadcast run."""
     records, status = run_with_weight_status(config(root, shards, tmp_path, *FULL, "workers.weight_sync=broadcast",

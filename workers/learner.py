@@ -119,12 +119,13 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         start = time.perf_counter()
         sums: Dict[str, torch.Tensor] = {}
         lows, highs, deviations = [], [], []  # stats stay tensors until the end: no per-micro-step sync
+        # each group's rollout values on the device once per update (not one blocking copy per micro-step)
+        device = self.policy.device
+        groups = [(gid, host_to_device(adv, device), host_to_device(mask, device),
+                   host_to_device(traj.log_probs, device), traj)
+                  for gid, adv, mask, traj in zip(group_ids, advantages, masks, trajectories)]
         for epoch in range(cfg.grpo.num_inner_epochs):
-            for gid, adv, mask, traj in zip(group_ids, advantages, masks, trajectories):
-                # the group's rollout values, on the device once (not one blocking copy per micro-step)
-                device = self.policy.device
-                adv, mask = host_to_device(adv, device), host_to_device(mask, device)
-                old_log_probs = host_to_device(traj.log_probs, device)
+            for gid, adv, mask, old_log_probs, traj in groups:
                 gen = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, step, gid, 10_000 + epoch))
                 timesteps = select_timesteps(traj.num_steps, cfg.grpo.timestep_fraction,
                                              cfg.grpo.timestep_order, gen).tolist()
@@ -155,27 +156,19 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
     # ------------------------------------------------------------------ weights and checkpoints
 
     @ray.method(num_returns=2)
-    def weights(self, version: int):
-        """Publish `version` through the object store: the trainable weights (LoRA adapters, or the full
-        state). Collective under ZeRO-3: every rank must call it. Returns (version, copy) on rank 0,
-        (version, None) on the others; two refs, so the driver can check every rank finished without
-        fetching the weights."""
-        maybe_fault(self.cfg, "publish", self.rank, version)
-        with self._gathered():
-            return version, (self._weights_copy() if self.rank == 0 else None)
-
-    @ray.method(num_returns=2)
-    def broadcast_weights(self, version: int):
-        """Publish `version` by broadcast: rank 0 sends the gathered tensors to the weight group (the
-        rollout workers receive them in place) and returns a CPU copy as well, the recovery copy the
-        driver keeps for a restarted rollout worker and for async checkpoints. Collective under ZeRO-3:
-        every rank must call it. Returns (version, copy) on rank 0, (version, None) on the others; two
-        object refs, so the driver can wait on the small one without fetching the weights."""
+    def publish(self, version: int, broadcast: bool = False):
+        """Publish `version`: the trainable weights (LoRA adapters, or the full state), gathered under
+        ZeRO-3, so every rank must call it. Rank 0 returns a CPU copy for the object store: what the
+        rollout workers fetch, or, with `broadcast`, the recovery copy the driver keeps for a restarted
+        rollout worker and for async checkpoints, after sending the tensors to the weight group (the
+        rollout workers receive them in place). Returns (version, copy) on rank 0, (version, None) on
+        the others: two refs, so the driver can check every rank finished without fetching the weights."""
         maybe_fault(self.cfg, "publish", self.rank, version)
         with self._gathered():
             if self.rank != 0:
                 return version, None
-            self.weight_group().broadcast(sync_tensors(self.engine.module, self.cfg.model.lora.enabled))
+            if broadcast:
+                self.weight_group().broadcast(sync_tensors(self.engine.module, self.cfg.model.lora.enabled))
             return version, self._weights_copy()
 
     def _gathered(self):

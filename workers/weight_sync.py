@@ -263,7 +263,7 @@ class WeightSync:
         A failed broadcast (a peer died, a timeout) is retried once on a rebuilt group."""
         self.ensure_group()
         for attempt in (1, 2):
-            learner = [a.broadcast_weights.remote(version) for a in self.workers.learner.actors]
+            learner = [a.publish.remote(version, broadcast=True) for a in self.workers.learner.actors]
             receives = [a.receive_weights.remote(version) for a in self.workers.rollout.actors]
             status = [ref for ref, _ in learner] + receives
             # Let every call settle (each is bounded by the timeout) before judging or rebuilding, so
