@@ -130,11 +130,31 @@ def ray_port(job: int) -> int:
     return 20000 + (job % 100) * 120  # the scripts' per-job port slot
 
 
-def test_single_node_job_trains_and_checkpoints(slurm, prompts, jobs, tmp_path):
+def start_training(slurm, jobs, tmp_path, prompts, steps: int, checkpoint_every: int):
+    """Submit train.sbatch on the tiny CPU config; returns (job id, the run's output dir)."""
     out = tmp_path / "run"
-    args = ["trainer.steps=3", f"trainer.output_dir={out}", f"data.prompt_shards={prompts}",
-            "trainer.checkpoint_every=1", *TINY]
-    job = submit(slurm, jobs, "train.sbatch", tmp_path, {"ARGS": " ".join(args)})
+    args = [f"trainer.steps={steps}", f"trainer.output_dir={out}", f"data.prompt_shards={prompts}",
+            f"trainer.checkpoint_every={checkpoint_every}", *TINY]
+    return submit(slurm, jobs, "train.sbatch", tmp_path, {"ARGS": " ".join(args)}), out
+
+
+def finished_after_one_requeue(slurm, job: int, log_dir: Path) -> str:
+    """Wait for a job that was requeued once to complete; returns its log."""
+    info = slurm.wait_done(job, timeout=420)
+    log = job_log(log_dir, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-8000:]
+    return log
+
+
+def assert_every_step_once(job: int, out: Path, log: str, steps: int) -> None:
+    """The run ended, each step logged exactly once (none lost, none twice), and the job's Ray is gone."""
+    assert f"done: {steps} steps" in log
+    assert metric_steps(out) == list(range(1, steps + 1))
+    assert not ray_pids(job) and not list(Path("/tmp").glob(f"ray_{job}_*"))
+
+
+def test_single_node_job_trains_and_checkpoints(slurm, prompts, jobs, tmp_path):
+    job, out = start_training(slurm, jobs, tmp_path, prompts, steps=3, checkpoint_every=1)
     info = slurm.wait_done(job, timeout=360)
     log = job_log(tmp_path, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-6000:]
@@ -149,19 +169,14 @@ def test_single_node_job_trains_and_checkpoints(slurm, prompts, jobs, tmp_path):
 
 def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, prompts, jobs, tmp_path):
     steps = 30
-    out = tmp_path / "run"
     # checkpoint_every > steps: the only checkpoint before the end is the one the signal makes.
-    args = [f"trainer.steps={steps}", f"trainer.output_dir={out}", f"data.prompt_shards={prompts}",
-            "trainer.checkpoint_every=1000", *TINY]
-    job = submit(slurm, jobs, "train.sbatch", tmp_path, {"ARGS": " ".join(args)})
+    job, out = start_training(slurm, jobs, tmp_path, prompts, steps, checkpoint_every=1000)
     wait_for_steps(slurm, job, out, tmp_path, 2)
     done_at_signal = len(metric_steps(out))
     # What Slurm sends at --signal=B:USR1@<t> before the time limit, or on preemption with send_user_signal.
     slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
 
-    info = slurm.wait_done(job, timeout=420)
-    log = job_log(tmp_path, job)
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-8000:]
+    log = finished_after_one_requeue(slurm, job, tmp_path)
     assert "got USR1" in log and "will checkpoint after the current step" in log, log[-8000:]
     stopped = re.search(r"interrupted at step (\d+) of %d" % steps, log)
     assert stopped, log[-8000:]
@@ -170,30 +185,21 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, prompts, jobs
     assert "driver exited with 143" in log and f"requeueing job {job}" in log
     assert "restart 1 on" in log and f"tmp=/tmp/ray_{job}_1" in log
     assert re.search(r"resumed from \S+step_%06d \(step %d," % (k, k), log), log[-8000:]
-    assert f"done: {steps} steps" in log
-    assert metric_steps(out) == list(range(1, steps + 1))  # every step once: none lost, none twice
-    assert not ray_pids(job) and not list(Path("/tmp").glob(f"ray_{job}_*"))
+    assert_every_step_once(job, out, log, steps)
 
 
 def test_plain_scontrol_requeue_resumes_from_last_checkpoint(slurm, prompts, jobs, tmp_path):
     """`scontrol requeue` gives no warning (SIGTERM to every process of the job at once): the step in
     progress is lost, and the requeued job resumes from the last periodic checkpoint."""
     steps = 12
-    out = tmp_path / "run"
-    args = [f"trainer.steps={steps}", f"trainer.output_dir={out}", f"data.prompt_shards={prompts}",
-            "trainer.checkpoint_every=2", *TINY]
-    job = submit(slurm, jobs, "train.sbatch", tmp_path, {"ARGS": " ".join(args)})
+    job, out = start_training(slurm, jobs, tmp_path, prompts, steps, checkpoint_every=2)
     wait_for_steps(slurm, job, out, tmp_path, 3)
     slurm.run(["scontrol", "requeue", str(job)])
 
-    info = slurm.wait_done(job, timeout=420)
-    log = job_log(tmp_path, job)
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-8000:]
+    log = finished_after_one_requeue(slurm, job, tmp_path)
     resumed = re.search(r"resumed from \S+step_(\d{6}) \(step (\d+),", log)
     assert resumed and int(resumed.group(2)) >= 2 and int(resumed.group(2)) % 2 == 0, log[-8000:]
-    assert f"done: {steps} steps" in log
-    assert metric_steps(out) == list(range(1, steps + 1))  # steps after the checkpoint were redone once
-    assert not ray_pids(job) and not list(Path("/tmp").glob(f"ray_{job}_*"))
+    assert_every_step_once(job, out, log, steps)  # steps after the checkpoint were redone once
 
 
 def test_multinode_script_roles_and_address(slurm, jobs, tmp_path):
