@@ -7,8 +7,10 @@ CONFIG  ?= cluster_configs/local_cpu.yaml
 ARGS    ?=
 OUT     ?= outputs
 export PYTHONUNBUFFERED := 1
+# A crash in native code (a segfault at exit, issue #14) prints every thread's Python stack, in tests and in CI.
+export PYTHONFAULTHANDLER := 1
 
-.PHONY: install test test-slurm test-fast demo shards train-reward train eval bench lint tensorboard submit clean
+.PHONY: install test test-slurm test-rehearsal test-fast rehearse demo shards train-reward train eval bench lint tensorboard submit clean
 
 install: $(STAMP)
 
@@ -25,13 +27,22 @@ $(STAMP): requirements.txt setup.cfg
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -m "not slurm" tests
+	$(PY) -m pytest -q -m "not slurm and not rehearsal" tests
 
 test-slurm: install
 	$(PY) -m pytest -q -m slurm tests
 
+# The GPU presets at real widths, reduced depth, on CPU (tests/test_rehearsal.py; minutes each; run in CI).
+test-rehearsal: install
+	$(PY) -m pytest -q -m rehearsal tests
+
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not slurm and not rehearsal" tests
+
+# Rehearse a GPU preset on this CPU: its real architectures, random weights, tiny sizes (launcher/rehearse.py).
+PRESET ?= cluster_configs/vace_1.3b_8gpu.yaml
+rehearse: install
+	$(PY) -m launcher.rehearse --config $(PRESET) $(ARGS)
 
 DEMO_CONFIG ?= cluster_configs/demo_cpu.yaml
 demo: install

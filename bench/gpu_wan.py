@@ -56,18 +56,16 @@ from bench.gpu_wan_flops import (activation_bytes, activation_report, counted_fo
 from bench.gpu_wan_naive import naive_rollout, naive_train_pass, naive_velocity  # noqa: E402
 from launcher.config import LoraConfig, ModelConfig, SamplerConfig  # noqa: E402
 from policy.grpo import group_advantages, grpo_loss  # noqa: E402
-from policy.models import (TINY_TRANSFORMER, WanComponents, build_scheduler, build_tiny_text_encoder,  # noqa: E402
-                           build_tiny_tokenizer, build_tiny_vae)
+from policy.arch import TINY_TRANSFORMER, transformer_config  # noqa: E402
+from policy.models import (WanComponents, build_scheduler, build_tiny_text_encoder, build_tiny_tokenizer,  # noqa: E402
+                           build_tiny_vae)
 from policy.policy import Condition, WanPolicy  # noqa: E402
 from policy.sampler import sample_group, score_step  # noqa: E402
 from policy.sde import NoiseRule, sigma_schedule  # noqa: E402
 
-# Wan2.1 T2V 1.3B (diffusers' transformer/config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers).
-WAN21_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
-                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
-                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-# Wan2.1 14B: 40 heads x 128 = 5120, ffn 13824, 40 layers (used by the memory plan only).
-WAN21_14B = dict(WAN21_1_3B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+# Wan2.1 T2V 1.3B and 14B: the published transformer configs (policy/architectures/, sources in its SOURCES.md).
+WAN21_1_3B = transformer_config("wan2.1-t2v-1.3b", "t2v")
+WAN21_14B = transformer_config("wan2.1-t2v-14b", "t2v")  # used by the memory plan only
 
 SIZES = {
     "tiny": dict(transformer=TINY_TRANSFORMER, text_len=16, frames=9, height=64, width=64, group=4, steps=4,

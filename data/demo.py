@@ -117,6 +117,42 @@ def build_demo(out: str | Path, num_prompts: int = 16, num_pairs: int = 16, samp
     return prompt_pattern, brace_pattern(out, "pairs", len(paths))
 
 
+def write_mixed_pairs(out: str | Path, n: int, sources: Sequence[str] = ("synthetic",), flip_auto: float = 0.0,
+                      frames: int = 2, size: int = 56, max_people: int = 2, seed: int = 0,
+                      min_severity: float = 0.6) -> str:
+    """n synthetic-distortion pairs (a clean clip of 1..max_people real faces against a distorted one) whose
+    label source cycles through `sources` (human / auto / synthetic), with an `auto` label flipped with
+    probability `flip_auto` (noisy voting): data for the reward trainer's pools, curriculum and teacher
+    filter (its tests and `launcher.rehearse`). Returns the shards' brace pattern."""
+    import json
+
+    from data.distort import make_pair
+
+    photos = load_face_photos()
+    refs = [crop_face(p.image, p.face_box, margin=0.5, size=size) for p in photos]
+    faces = [crop_face(p.image, p.face_box, margin=0.15, size=48) for p in photos]
+    backgrounds = background_photos()
+    cfg = DistortionConfig(min_severity=min_severity)
+    with ShardWriter(out, "pairs", 32) as writer:
+        for i in range(n):
+            rng = np.random.default_rng([seed, i])
+            order = [int(j) for j in rng.permutation(len(photos))]
+            k = 1 + i % max_people
+            video, boxes = compose_clip([faces[j] for j in order[:k]], backgrounds[i % len(backgrounds)], frames,
+                                        size, size, rng)
+            clip = CleanClip(f"pair{i:05d}", make_prompt(rng, [photos[j].description for j in order[:k]]), video,
+                             boxes, [faces[j] for j in order], [refs[j] for j in order[:k]],
+                             [photos[j].identity_id for j in order[:k]], [photos[j].identity_id for j in order[k:]])
+            members, _ = make_pair(clip, rng, cfg)
+            label = json.loads(members["label.json"])
+            label["source"] = sources[i % len(sources)]
+            if label["source"] == "auto" and rng.random() < flip_auto:
+                label["preference"] = "b" if label["preference"] == "a" else "a"
+            members["label.json"] = json.dumps(label).encode()
+            writer.write(clip.key, members)
+    return brace_pattern(out, "pairs", len(writer.paths))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data.demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder (DataConfig default: outputs/demo_data)")

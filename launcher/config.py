@@ -43,13 +43,24 @@ class LoraConfig:
 class ModelConfig:
     # t2v: Wan2.1 text-to-video; vace: Wan2.1 VACE (refs as control); phantom: refs concatenated.
     kind: str = "vace"
-    # Local diffusers-format directory (model_index.json, transformer/, vae/, text_encoder/,
-    # tokenizer/). None builds the tiny random-init models of policy/models.py.
+    # pretrained: load `path`. random: build `arch` with random weights, nothing read or downloaded (the
+    # tiny CPU models, or a real architecture for a rehearsal: launcher/rehearse.py).
+    init: str = "pretrained"
+    # A named architecture (policy/arch.py): tiny | wan2.1-vace-1.3b | wan2.1-vace-14b | wan2.1-t2v-1.3b |
+    # wan2.1-t2v-14b | phantom-wan-1.3b. With init=pretrained it is checked against `path`'s transformer.
+    arch: Optional[str] = None
+    # Local diffusers-format directory (model_index.json, transformer/, vae/, text_encoder/, tokenizer/).
     path: Optional[str] = None
     # Phantom's released transformer checkpoint (original Wan key format), converted on load.
     phantom_checkpoint: Optional[str] = None
-    tiny_seed: int = 0
+    tiny_seed: int = 0  # seed of random init (any arch): every role builds the same weights
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    # Rehearsal only (init=random): fewer transformer blocks (VACE control blocks kept at the architecture's
+    # stride), text-encoder layers and vocabulary. Widths, heads and patch sizes stay the architecture's.
+    num_layers: Optional[int] = None
+    text_encoder_layers: Optional[int] = None
+    text_encoder_vocab: Optional[int] = None
+    vae_decode_batch: int = 1  # videos the VAE decodes at once (its activations dominate a rollout's peak)
     height: int = 32
     width: int = 32
     num_frames: int = 9
@@ -110,10 +121,19 @@ class OptimConfig:
 
 @dataclass
 class VlmRewardConfig:
-    path: Optional[str] = None  # local Qwen2.5-VL checkpoint; None = tiny random init
+    # pretrained: `path` (a trained reward-model directory, or a Qwen2.5-VL base); random: `arch` with random
+    # weights (tiny | qwen2.5-vl-3b), for CPU tests and rehearsals.
+    init: str = "pretrained"
+    arch: Optional[str] = None
+    path: Optional[str] = None
     num_frames: int = 5
     tie_theta: float = 5.0
-    image_size: int = 56
+    image_size: int = 448  # multiple of 28; the CPU presets use 56
+    dtype: str = "float32"  # float32 | bfloat16: the VLM's weights (the GPU presets: bfloat16)
+    # Rehearsal only (init=random, arch qwen2.5-vl-3b): fewer language / vision layers and a smaller vocabulary.
+    text_layers: Optional[int] = None
+    vision_layers: Optional[int] = None
+    vocab: Optional[int] = None
 
 
 @dataclass
@@ -241,6 +261,9 @@ class Config:
 
 CHOICES = {
     "model.kind": {"t2v", "vace", "phantom"},
+    "model.init": {"pretrained", "random"},
+    "reward.vlm.init": {"pretrained", "random"},
+    "reward.vlm.dtype": {"float32", "bfloat16"},
     "model.dtype": {"float32", "bfloat16", "float16"},
     "model.lora.init": {"default", "gaussian"},
     "sampler.noise_rule": {"eta", "linear"},
@@ -262,8 +285,13 @@ POSITIVE = [
     "grpo.group_size", "grpo.prompts_per_step", "grpo.num_inner_epochs", "trainer.steps",
     "trainer.checkpoint_every", "workers.rollout.num_workers", "workers.reward.num_workers",
     "workers.learner.num_workers", "logging.eval_num_prompts", "logging.eval_seeds_per_prompt",
-    "workers.weight_sync_timeout_s",
+    "workers.weight_sync_timeout_s", "model.vae_decode_batch", "reward.vlm.image_size", "reward.vlm.num_frames",
 ]
+# Optional counts: None (not set) or > 0.
+OPTIONAL_POSITIVE = ["model.num_layers", "model.text_encoder_layers", "model.text_encoder_vocab",
+                     "reward.vlm.text_layers", "reward.vlm.vision_layers", "reward.vlm.vocab"]
+REHEARSAL_ONLY = {"model": ["num_layers", "text_encoder_layers", "text_encoder_vocab"],
+                  "reward.vlm": ["text_layers", "vision_layers", "vocab"]}
 
 
 def describe_error(err: OmegaConfBaseException, source: str, key: Optional[str] = None) -> str:
@@ -280,6 +308,10 @@ def _check_values(cfg: DictConfig, source: str) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{source}: '{key}' must be > 0, got {OmegaConf.select(cfg, key)}")
+    for key in OPTIONAL_POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{source}: '{key}' must be > 0 (or null), got {value}")
     if not 0.0 < cfg.grpo.timestep_fraction <= 1.0:
         raise ConfigError(f"{source}: 'grpo.timestep_fraction' must be in (0, 1]")
     if cfg.grpo.prompts_per_step % cfg.workers.learner.num_workers:
@@ -303,7 +335,54 @@ def _check_values(cfg: DictConfig, source: str) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{source}: missing required value(s): {', '.join(missing)}")
+    _check_model_source(cfg, source)
 
+
+def _check_model_source(cfg: DictConfig, source: str) -> None:
+    """Where weights come from: a path for `pretrained`, a known architecture for `random`; the
+    rehearsal-only reductions only with random init; learner precision = model dtype."""
+    from policy.arch import ARCHITECTURES, get_architecture
+
+    m = cfg.model
+    if m.init == "pretrained" and not m.path:
+        raise ConfigError(f"{source}: 'model.init' is pretrained but 'model.path' is not set (a local diffusers "
+                          f"directory), or set model.init=random with model.arch (one of {sorted(ARCHITECTURES)})")
+    if m.init == "random":
+        if not m.arch:
+            raise ConfigError(f"{source}: 'model.init' is random but 'model.arch' is not set "
+                              f"(one of {sorted(ARCHITECTURES)})")
+    if m.arch is not None:
+        try:
+            get_architecture(m.arch, m.kind)
+        except ValueError as err:
+            raise ConfigError(f"{source}: {err}") from None
+    v = cfg.reward.vlm
+    if "vlm" in cfg.reward.weights:
+        if v.init == "pretrained" and not v.path:
+            raise ConfigError(f"{source}: reward 'vlm' is used but 'reward.vlm.path' is not set (and "
+                              f"'reward.vlm.init' is pretrained); or set reward.vlm.init=random with reward.vlm.arch")
+        if v.init == "random" and v.arch not in VLM_ARCHITECTURES:
+            raise ConfigError(f"{source}: 'reward.vlm.arch' must be one of {sorted(VLM_ARCHITECTURES)} with "
+                              f"reward.vlm.init=random, got {v.arch!r}")
+    if v.image_size % 28:
+        raise ConfigError(f"{source}: 'reward.vlm.image_size' must be a multiple of 28 (Qwen2.5-VL patches of 14, "
+                          f"merged 2x2), got {v.image_size}")
+    for section, keys in REHEARSAL_ONLY.items():
+        node = OmegaConf.select(cfg, section)
+        init = node.init
+        for key in keys:
+            if node[key] is not None and init != "random":
+                raise ConfigError(f"{source}: '{section}.{key}' reduces a random-init architecture (rehearsals); "
+                                  f"it needs {section}.init=random, not {init}")
+    precision = cfg.workers.learner_engine.precision
+    if PRECISION_OF_DTYPE.get(m.dtype) != precision:
+        raise ConfigError(f"{source}: 'workers.learner_engine.precision' ({precision}) must match 'model.dtype' "
+                          f"({m.dtype}): rollout and learner compute in the same dtype "
+                          f"({', '.join(f'{d} -> {p}' for d, p in PRECISION_OF_DTYPE.items())})")
+
+
+PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
+VLM_ARCHITECTURES = {"tiny", "qwen2.5-vl-3b"}
 
 # Names a composite reward may use (reward/composite.py registers the implementations).
 KNOWN_REWARDS = {"face", "vlm", "demo_brightness", "demo_reference_color"}
@@ -317,6 +396,7 @@ def load_structured(schema, check: Callable[[DictConfig, str], None], path: Opti
     reward/train_config.py), so all of them report bad keys the same way. Returns a read-only tree.
     """
     cfg = OmegaConf.structured(schema)
+    mappings = _mapping_keys(cfg)
     source, key = "defaults", None
     try:
         if path is not None:
@@ -324,17 +404,42 @@ def load_structured(schema, check: Callable[[DictConfig, str], None], path: Opti
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
             source = str(path)
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            incoming = OmegaConf.load(path)
+            cfg = OmegaConf.merge(_cleared(cfg, [k for k in mappings if OmegaConf.select(incoming, k) is not None]),
+                                  incoming)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override '{item}' is not of the form key.sub=value")
             source, key = f"override '{item}'", item.split("=", 1)[0]
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            cfg = OmegaConf.merge(_cleared(cfg, [k for k in mappings if k == key]), OmegaConf.from_dotlist([item]))
     except OmegaConfBaseException as err:
         raise ConfigError(describe_error(err, source, key)) from None
     origin = " + ".join([str(path)] * (path is not None) + [f"overrides {list(overrides)}"] * bool(overrides))
     check(cfg, origin or "defaults")
     OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _mapping_keys(node: DictConfig, prefix: str = "") -> List[str]:
+    """Dotted keys of the free-form mappings in a structured tree (e.g. `reward.weights`), not dataclasses."""
+    out = []
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            if OmegaConf.get_type(child) is dict:
+                out.append(f"{prefix}{key}")
+            else:
+                out += _mapping_keys(child, f"{prefix}{key}.")
+    return out
+
+
+def _cleared(cfg: DictConfig, keys: Sequence[str]) -> DictConfig:
+    """`cfg` with the mappings at `keys` emptied: a mapping that a file (or a `key={...}` override) gives
+    replaces the one before it instead of merging into it. A preset that says `reward.weights: {vlm: 1.0}`
+    scores with the VLM alone, not beside an inherited `face: 1.0`. (`reward.weights.face=0.5` still sets
+    one entry.)"""
+    for key in keys:
+        OmegaConf.update(cfg, key, {}, merge=False)
     return cfg
 
 
@@ -350,7 +455,9 @@ def to_yaml(cfg: DictConfig) -> str:
 def config_from_yaml_text(text: str) -> DictConfig:
     """Rebuild a validated config from a resolved YAML dump (as stored in checkpoints)."""
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+        base, stored = OmegaConf.structured(Config), OmegaConf.create(text)
+        cleared = [k for k in _mapping_keys(base) if OmegaConf.select(stored, k) is not None]
+        cfg = OmegaConf.merge(_cleared(base, cleared), stored)
     except OmegaConfBaseException as err:
         raise ConfigError(describe_error(err, "stored config")) from None
     _check_values(cfg, "stored config")

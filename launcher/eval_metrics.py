@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 def vlm_configured(reward_cfg) -> bool:
     """The identity reward model is scored when a checkpoint is given or training uses it by name."""
-    return reward_cfg.vlm.path is not None or "vlm" in reward_cfg.weights
+    v = reward_cfg.vlm
+    return "vlm" in reward_cfg.weights or v.path is not None or (v.init == "random" and v.arch is not None)
 
 
 def _digest(video, references) -> bytes:
@@ -69,12 +70,10 @@ class EvalScorer:
         self.vlm = None
         prebuilt = {"face": self._face_reward}
         if vlm_configured(reward_cfg):
-            from reward.vlm import load_reward_model
+            from reward.vlm import reward_model_from_config
 
-            v = reward_cfg.vlm
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self.vlm = load_reward_model(v.path, image_size=v.image_size, num_frames=v.num_frames,
-                                         tie_theta=v.tie_theta).to(device)
+            self.vlm = reward_model_from_config(reward_cfg.vlm).to(device)
             prebuilt["vlm"] = self.vlm.score
         self.composite = CompositeReward.from_config(reward_cfg, prebuilt=prebuilt)
         self.component_names = list(self.composite.components)

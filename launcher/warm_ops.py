@@ -4,22 +4,59 @@ The first `deepspeed.init_distributed` on a machine JIT-compiles this op with g+
 cached under TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions); doing it in `make install` keeps that
 minute out of the first test or training run. Without a C++ compiler DeepSpeed cannot build it; we
 then say so and carry on: gloo still works for every collective.
+
+`init_distributed` is how every process of ours joins a group (learner ranks, the reward trainer). It
+first removes a stale build lock: torch's `cpp_extension.load` takes the lock file `<build dir>/lock` even
+when the op is already built (to let ninja check it), and waits for it with no timeout. A process killed
+while holding it (Ctrl-C, a Ray worker killed, a CI job cancelled) leaves it behind, and then every later
+`deepspeed.init_distributed` on the machine hangs forever in `FileBaton.wait`: seen here.
 """
 
 import os
 import sys
+import time
+from pathlib import Path
 
 from workers.common import free_port
+
+
+OP_NAME = "deepspeed_shm_comm"  # DeepSpeed's ShareMemCommBuilder's op, built by init_distributed on CPU
+# A build takes about a minute on 2 cores; a lock much older than that belongs to a dead process.
+STALE_LOCK_S = 600.0
+
+
+def clear_stale_build_lock(name: str = OP_NAME, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove `name`'s torch extension build lock when it is older than `max_age_s`; True if removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age_s:
+        return False
+    print(f"warm_ops: removing stale build lock {lock} ({age / 60:.0f} min old; its process died while "
+          "building) so DeepSpeed does not wait for it forever", file=sys.stderr)
+    lock.unlink(missing_ok=True)
+    return True
+
+
+def init_distributed(backend: str) -> None:
+    """`deepspeed.init_distributed`, after clearing a stale build lock of its CPU op."""
+    import deepspeed
+
+    clear_stale_build_lock()
+    deepspeed.init_distributed(dist_backend=backend)
 
 
 def main() -> int:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                       WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    import deepspeed
     import torch
 
     try:
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_distributed("gloo")
     except Exception as err:  # noqa: BLE001 - report and continue: this is only a cache warm-up
         print(f"warm_ops: DeepSpeed could not build its shm op ({err}); gloo will be used", file=sys.stderr)
         return 0

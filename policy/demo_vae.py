@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 
-from policy.models import TINY_VAE
+from policy.arch import TINY_VAE
 
 DEMO_VAE = dict(TINY_VAE, base_dim=8)
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "demo_vae"

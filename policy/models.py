@@ -1,8 +1,10 @@
-"""Model factory: tiny random-init Wan2.1 parts for CPU, real ones from a local diffusers directory.
+"""Model factory: Wan2.1 parts with random weights (`model.init=random`: the tiny CPU architecture or a real
+one, policy/arch.py) or loaded from a local diffusers directory (`model.init=pretrained`, `model.path`).
 
-Both paths produce the same diffusers classes, so everything downstream (sampler, LoRA, learner,
-pipelines) runs the same code on a laptop and on a cluster. The tiny sizes are the measured ones of
-`../shared/CPU_STACK.md`: a forward pass takes milliseconds.
+Both paths produce the same diffusers classes in the same dtypes, so everything downstream (sampler, LoRA,
+learner, pipelines) runs the same code on a laptop and on a cluster. The tiny sizes are the measured ones
+of `../shared/CPU_STACK.md`: a forward pass takes milliseconds. A role builds only the parts it uses
+(`parts`): the learner only the transformer.
 
 A local directory uses the diffusers layout written by `WanPipeline.save_pretrained`:
     model_index.json, transformer/, vae/, text_encoder/, tokenizer/
@@ -11,35 +13,32 @@ A local directory uses the diffusers layout written by `WanPipeline.save_pretrai
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from diffusers import WanVACETransformer3DModel
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+from policy.arch import (TINY_VOCAB, cast_like_pretrained, default_dtype, get_architecture, shape_differences,
+                         text_encoder_config, transformer_config, vae_config)
+
+log = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-TINY_TEXT_DIM = 32
-TINY_VOCAB = 297
-
-TINY_TRANSFORMER = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
-    out_channels=16, text_dim=TINY_TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2,
-    qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-)
-# VACE: control = 2 x z_dim latent channels (inactive, reactive) + 64 mask channels (8x8 pixels).
-TINY_VACE = dict(TINY_TRANSFORMER, num_layers=3, vace_layers=[0, 2], vace_in_channels=96)
-TINY_VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                temperal_downsample=[False, True, True])
-TINY_TEXT_ENCODER = dict(vocab_size=TINY_VOCAB, d_model=TINY_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2,
-                         num_heads=4, relative_attention_num_buckets=8)
 
 TRANSFORMER_CLASSES = {"t2v": WanTransformer3DModel, "vace": WanVACETransformer3DModel,
                        "phantom": WanTransformer3DModel}
 REQUIRED_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer")
+# What a role builds: the rollout everything, the learner only the network it trains (prompt embeddings and
+# the VACE / Phantom conditioning travel with each trajectory, so it needs no text encoder and no VAE).
+POLICY_PARTS = ("tokenizer", "text_encoder", "vae", "transformer")
+TRANSFORMER_ONLY = ("transformer",)
 
 # A few sentences are enough for a byte-level BPE that encodes any prompt offline.
 _TOKENIZER_CORPUS = [
@@ -57,34 +56,37 @@ class ModelPathError(FileNotFoundError):
 
 @dataclass
 class WanComponents:
-    """The parts a policy needs; `transformer` is the trainable one."""
+    """The parts a policy needs; `transformer` is the trainable one. Parts a role did not build are None."""
 
     kind: str
-    tokenizer: PreTrainedTokenizerFast
-    text_encoder: UMT5EncoderModel
-    vae: AutoencoderKLWan
-    transformer: torch.nn.Module
+    tokenizer: Optional[PreTrainedTokenizerFast]
+    text_encoder: Optional[UMT5EncoderModel]
+    vae: Optional[AutoencoderKLWan]
+    transformer: Optional[torch.nn.Module]
     scheduler: FlowMatchEulerDiscreteScheduler
 
 
-# ----------------------------------------------------------------------------- tiny builders
+# ----------------------------------------------------------------------------- random-init builders
 
 
+@contextlib.contextmanager
 def _seeded(seed: int):
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    return gen_state
+    """Build under a fixed global seed, leaving the caller's RNG state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained in milliseconds on a fixed corpus: deterministic, no downloads."""
+def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained in milliseconds on a fixed corpus: deterministic, no downloads. Also the
+    tokenizer of real architectures built with random weights (their ids must fit the reduced vocabulary)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB, special_tokens=["<pad>", "</s>", "<unk>"],
+        vocab_size=min(vocab_size, TINY_VOCAB), special_tokens=["<pad>", "</s>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(_TOKENIZER_CORPUS, trainer=trainer)
@@ -94,28 +96,38 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>")
 
 
+def build_text_encoder(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> UMT5EncoderModel:
+    with _seeded(seed), default_dtype(dtype):
+        model = UMT5EncoderModel(UMT5Config(**config))
+    return cast_like_pretrained(model, dtype).eval()
+
+
+def build_vae(config: dict, seed: int = 0) -> AutoencoderKLWan:
+    """Always float32, as on load: the Wan VAE is sensitive to bf16 (diffusers' Wan examples keep it so)."""
+    with _seeded(seed + 1):
+        return AutoencoderKLWan(**config).eval()
+
+
+def build_transformer(kind: str, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    if kind not in TRANSFORMER_CLASSES:
+        raise ValueError(f"model.kind: unknown kind {kind!r}; expected one of {sorted(TRANSFORMER_CLASSES)}")
+    with _seeded(seed + 2), default_dtype(dtype):
+        model = TRANSFORMER_CLASSES[kind](**config)
+    return cast_like_pretrained(model, dtype)
+
+
 def build_tiny_text_encoder(seed: int = 0) -> UMT5EncoderModel:
-    state = _seeded(seed)
-    model = UMT5EncoderModel(UMT5Config(**TINY_TEXT_ENCODER))
-    torch.random.set_rng_state(state)
-    return model.eval()
+    return build_text_encoder(text_encoder_config("tiny", "t2v"), seed)
 
 
 def build_tiny_vae(seed: int = 0) -> AutoencoderKLWan:
-    state = _seeded(seed + 1)
-    model = AutoencoderKLWan(**TINY_VAE)
-    torch.random.set_rng_state(state)
-    return model.eval()
+    return build_vae(vae_config("tiny", "t2v"), seed)
 
 
 def build_tiny_transformer(kind: str, seed: int = 0) -> torch.nn.Module:
     if kind not in TRANSFORMER_CLASSES:
         raise ValueError(f"model.kind: unknown kind {kind!r}; expected one of {sorted(TRANSFORMER_CLASSES)}")
-    state = _seeded(seed + 2)
-    config = TINY_VACE if kind == "vace" else TINY_TRANSFORMER
-    model = TRANSFORMER_CLASSES[kind](**config)
-    torch.random.set_rng_state(state)
-    return model
+    return build_transformer(kind, transformer_config("tiny", kind), seed)
 
 
 def build_scheduler(shift: float = 3.0) -> FlowMatchEulerDiscreteScheduler:
@@ -123,12 +135,32 @@ def build_scheduler(shift: float = 3.0) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
-def build_tiny_components(kind: str, seed: int = 0, shift: float = 3.0) -> WanComponents:
+def build_random_components(arch: str, kind: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                            shift: float = 3.0, parts: Sequence[str] = POLICY_PARTS,
+                            num_layers: Optional[int] = None, text_encoder_layers: Optional[int] = None,
+                            text_encoder_vocab: Optional[int] = None) -> WanComponents:
+    """Architecture `arch` (policy/arch.py) with random weights, seeded: every process that builds it gets
+    the same weights. Dtypes as `from_pretrained(torch_dtype=dtype)` would leave them."""
+    get_architecture(arch, kind)
+    tokenizer = build_tiny_tokenizer() if "tokenizer" in parts or "text_encoder" in parts else None
+    text_encoder = None
+    if "text_encoder" in parts:
+        te_cfg = text_encoder_config(arch, kind, text_encoder_layers, text_encoder_vocab)
+        if te_cfg["vocab_size"] < len(tokenizer):
+            raise ValueError(f"model.text_encoder_vocab={te_cfg['vocab_size']} is below the offline tokenizer's "
+                             f"{len(tokenizer)} tokens")
+        text_encoder = build_text_encoder(te_cfg, seed, dtype)
     return WanComponents(
-        kind=kind, tokenizer=build_tiny_tokenizer(), text_encoder=build_tiny_text_encoder(seed),
-        vae=build_tiny_vae(seed), transformer=build_tiny_transformer(kind, seed),
+        kind=kind, tokenizer=tokenizer, text_encoder=text_encoder,
+        vae=build_vae(vae_config(arch, kind), seed) if "vae" in parts else None,
+        transformer=(build_transformer(kind, transformer_config(arch, kind, num_layers), seed, dtype)
+                     if "transformer" in parts else None),
         scheduler=build_scheduler(shift),
     )
+
+
+def build_tiny_components(kind: str, seed: int = 0, shift: float = 3.0) -> WanComponents:
+    return build_random_components("tiny", kind, seed, torch.float32, shift)
 
 
 # ----------------------------------------------------------------------------- disk
@@ -169,16 +201,18 @@ def _diffusers_version() -> str:
     return diffusers.__version__
 
 
-def check_pretrained_dir(path: str | Path) -> Path:
+def check_pretrained_dir(path: str | Path, parts: Sequence[str] = POLICY_PARTS) -> Path:
     """Fail early, naming the missing piece, instead of deep inside from_pretrained."""
     path = Path(path)
     if not path.is_dir():
         raise ModelPathError(f"model.path: directory not found: {path}")
-    missing = [name for name in REQUIRED_SUBFOLDERS if not (path / name).is_dir()]
+    missing = [name for name in REQUIRED_SUBFOLDERS if name in parts and not (path / name).is_dir()]
     if missing:
         raise ModelPathError(f"model.path: {path} is missing subfolder(s) {missing} "
                              f"(expected the diffusers layout: {list(REQUIRED_SUBFOLDERS)})")
     for name in ("transformer", "vae", "text_encoder"):
+        if name not in parts:
+            continue
         sub = path / name
         if not (sub / "config.json").is_file():
             raise ModelPathError(f"model.path: {sub} has no config.json")
@@ -188,22 +222,26 @@ def check_pretrained_dir(path: str | Path) -> Path:
 
 
 def load_pretrained_components(path: str | Path, kind: str, dtype: torch.dtype = torch.float32,
-                               shift: float = 3.0) -> WanComponents:
+                               shift: float = 3.0, parts: Sequence[str] = POLICY_PARTS) -> WanComponents:
     """Load real (or saved tiny) models from a local diffusers directory; never touches a hub."""
-    path = check_pretrained_dir(path)
-    transformer_cls = TRANSFORMER_CLASSES[kind]
+    path = check_pretrained_dir(path, parts)
     common = dict(local_files_only=True)
+    load = lambda name, fn: fn() if name in parts else None  # noqa: E731
     components = WanComponents(
         kind=kind,
-        tokenizer=PreTrainedTokenizerFast.from_pretrained(path / "tokenizer", **common),
-        text_encoder=UMT5EncoderModel.from_pretrained(path / "text_encoder", dtype=dtype, **common).eval(),
+        tokenizer=load("tokenizer", lambda: PreTrainedTokenizerFast.from_pretrained(path / "tokenizer", **common)),
+        text_encoder=load("text_encoder", lambda: UMT5EncoderModel.from_pretrained(
+            path / "text_encoder", dtype=dtype, **common).eval()),
         # The Wan VAE is kept in float32, as diffusers' Wan examples do: it is sensitive to bf16.
-        vae=AutoencoderKLWan.from_pretrained(path / "vae", torch_dtype=torch.float32, **common).eval(),
-        transformer=transformer_cls.from_pretrained(path / "transformer", torch_dtype=dtype, **common),
+        vae=load("vae", lambda: AutoencoderKLWan.from_pretrained(path / "vae", torch_dtype=torch.float32,
+                                                                 **common).eval()),
+        transformer=load("transformer", lambda: TRANSFORMER_CLASSES[kind].from_pretrained(
+            path / "transformer", torch_dtype=dtype, **common)),
         scheduler=build_scheduler(shift),
     )
     for module in (components.text_encoder, components.vae, components.transformer):
-        own_storage(module)
+        if module is not None:
+            own_storage(module)
     return components
 
 
@@ -222,20 +260,25 @@ def own_storage(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def build_components(model_cfg, shift: float = 3.0) -> WanComponents:
-    """From a `model` config section: tiny random init when `model.path` is unset, else local load."""
+def build_components(model_cfg, shift: float = 3.0, parts: Sequence[str] = POLICY_PARTS) -> WanComponents:
+    """From a `model` config section: `model.arch` with random weights (`model.init=random`), or the local
+    directory `model.path` (`model.init=pretrained`), checked against `model.arch` when one is named."""
     dtype = DTYPES[model_cfg.dtype]
-    if model_cfg.path:
-        components = load_pretrained_components(model_cfg.path, model_cfg.kind, dtype, shift)
-    else:
-        components = build_tiny_components(model_cfg.kind, model_cfg.tiny_seed, shift)
-        if dtype != torch.float32:
-            components.transformer.to(dtype)
-            components.text_encoder.to(dtype)
-    if model_cfg.kind == "phantom" and getattr(model_cfg, "phantom_checkpoint", None):
+    if model_cfg.init == "random":
+        return build_random_components(model_cfg.arch, model_cfg.kind, model_cfg.tiny_seed, dtype, shift, parts,
+                                       model_cfg.num_layers, model_cfg.text_encoder_layers,
+                                       model_cfg.text_encoder_vocab)
+    components = load_pretrained_components(model_cfg.path, model_cfg.kind, dtype, shift, parts)
+    if model_cfg.kind == "phantom" and model_cfg.phantom_checkpoint and components.transformer is not None:
         from policy.phantom_convert import load_phantom_checkpoint
 
         load_phantom_checkpoint(components.transformer, model_cfg.phantom_checkpoint)
+    if model_cfg.arch and components.transformer is not None:
+        expected = transformer_config(model_cfg.arch, model_cfg.kind)
+        diff = shape_differences(expected, dict(components.transformer.config))
+        if diff:
+            raise ModelPathError(f"model.path {model_cfg.path}: its transformer is not model.arch={model_cfg.arch} "
+                                 f"(config key: expected vs found) {diff}")
     return components
 
 

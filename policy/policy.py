@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 
 from policy.lora import adapters_disabled, add_lora, has_lora
-from policy.models import WanComponents, pipeline_for
+from policy.models import DTYPES, WanComponents, pipeline_for
+from policy.precision import set_policy_dtypes
 from policy.sde import host_to_device
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -72,25 +73,38 @@ class WanPolicy:
         self.model_cfg, self.sampler_cfg = model_cfg, sampler_cfg
         self.device = torch.device(device)
         self.transformer = components.transformer.to(self.device)
-        components.text_encoder.to(self.device)
-        components.vae.to(self.device)
-        self.pipeline = pipeline_for(components)  # a container whose helpers we reuse, never run
+        for part in (components.text_encoder, components.vae):
+            if part is not None:
+                part.to(self.device)
+        # A container whose helpers we reuse, never run; a learner (transformer only) encodes nothing.
+        self.pipeline = pipeline_for(components) if components.text_encoder is not None else None
         self.reference_transformer = None
         if model_cfg.lora.enabled:
             if not has_lora(self.transformer):
                 add_lora(self.transformer, model_cfg.lora)
         else:
+            self.transformer.requires_grad_(True)
+        # Every parameter in the dtype both roles compute in (policy/precision.py), before the reference copy.
+        set_policy_dtypes(self.transformer, DTYPES[model_cfg.dtype], lora=model_cfg.lora.enabled)
+        if not model_cfg.lora.enabled:
             # Full fine-tuning: the reference is a frozen copy taken before any update.
             self.reference_transformer = copy.deepcopy(self.transformer).requires_grad_(False).eval()
-            self.transformer.requires_grad_(True)
         if model_cfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
+
+    def _needs(self, part: str):
+        module = getattr(self.components, part)
+        if module is None:
+            raise RuntimeError(f"this {self.kind} policy was built without its {part} (a learner builds only the "
+                               "transformer: conditions and videos come with the trajectories)")
+        return module
 
     # ------------------------------------------------------------------ conditioning
 
     @torch.no_grad()
     def encode_condition(self, prompt: str, references: Sequence = ()) -> Condition:
         cfg = self.model_cfg
+        self._needs("text_encoder")
         prompt_embeds, negative_embeds = self.pipeline.encode_prompt(
             prompt=prompt, negative_prompt=self.sampler_cfg.negative_prompt, do_classifier_free_guidance=True,
             max_sequence_length=self.sampler_cfg.max_sequence_length, device=self.device,
@@ -116,13 +130,18 @@ class WanPolicy:
         video, mask, refs = pipe.preprocess_conditions(
             None, None, references, 1, cfg.height, cfg.width, cfg.num_frames, torch.float32, self.device)
         control = pipe.prepare_video_latents(video, mask, refs, None, self.device)
-        control = torch.cat([control, pipe.prepare_masks(mask, refs, None)], dim=1).to(self.transformer.dtype)
         z, frames, h, w = cond.latent_shape
         k = len(references)
+        # The video's mask channels from diffusers' helper, then zeros for the K reference frames. (diffusers
+        # 0.42's `prepare_masks` pads with `zeros_like(mask[:, :K])`, which is short when K exceeds the latent
+        # frames, e.g. 3 people in a 5-frame clip; for K <= frames both are the same.)
+        masks = pipe.prepare_masks(mask, [[] for _ in refs], None)
+        masks = torch.cat([masks.new_zeros(masks.shape[0], masks.shape[1], k, *masks.shape[3:]), masks], dim=2)
+        control = torch.cat([control, masks], dim=1).to(self.transformer.dtype)
         return replace(cond, control=control, num_ref_frames=k, latent_shape=(z, frames + k, h, w))
 
     def _phantom_condition(self, cond: Condition, references: List[Image.Image]) -> Condition:
-        cfg, vae = self.model_cfg, self.components.vae
+        cfg, vae = self.model_cfg, self._needs("vae")
         latents = []
         for image in references:
             pixels = _pad_to_canvas(image, cfg.height, cfg.width).to(self.device, vae.dtype)
@@ -180,12 +199,19 @@ class WanPolicy:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, cond: Condition) -> torch.Tensor:
-        """Final latents -> uint8 video (B, F, H, W, 3); VACE's reference frames are stripped first."""
-        vae = self.components.vae
+        """Final latents -> uint8 video (B, F, H, W, 3); VACE's reference frames are stripped first.
+
+        `model.vae_decode_batch` videos at a time: the VAE's activations at full resolution dominate a
+        rollout's peak memory, and a video decodes the same alone as in a batch."""
+        vae = self._needs("vae")
         latents = latents[:, :, cond.num_ref_frames:].to(vae.dtype)
-        video = vae.decode(denormalize_latents(vae, latents), return_dict=False)[0]  # (B, 3, F, H, W)
-        video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return video.permute(0, 2, 3, 4, 1).cpu()
+        step = max(1, int(self.model_cfg.vae_decode_batch))
+        out = []
+        for i in range(0, latents.shape[0], step):
+            video = vae.decode(denormalize_latents(vae, latents[i:i + step]), return_dict=False)[0]  # (b, 3, F, H, W)
+            video = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            out.append(video.permute(0, 2, 3, 4, 1).cpu())
+        return torch.cat(out)
 
 
 def _latent_stats(vae, like: torch.Tensor):

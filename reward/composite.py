@@ -16,8 +16,8 @@ training on the VLM reward); they never make the total NaN. `build_zero_weight=F
 (e.g. to avoid loading a VLM only to log it).
 
 Components follow the `RewardFn` protocol and are built by name from `REWARD_BUILDERS`. The `vlm`
-component is imported lazily from reward/vlm.py, and only when it is built: `load_reward_model(
-cfg.reward.vlm...)` then its `score(videos, references, prompts)` method. A caller that places or
+component is imported lazily from reward/vlm.py, and only when it is built: `reward_model_from_config(
+cfg.reward.vlm)` then its `score(videos, references, prompts)` method. A caller that places or
 shares models itself passes them as `prebuilt` components.
 """
 
@@ -55,10 +55,9 @@ def _build_face(reward_cfg) -> RewardFn:
 def _build_vlm(reward_cfg) -> RewardFn:
     """The identity reward model of reward/vlm.py (tiny random init when reward.vlm.path is None),
     on the GPU when this process has one; its `score` method is the RewardFn."""
-    from reward.vlm import load_reward_model
+    from reward.vlm import reward_model_from_config
 
-    v = reward_cfg.vlm
-    model = load_reward_model(v.path, image_size=v.image_size, num_frames=v.num_frames, tie_theta=v.tie_theta)
+    model = reward_model_from_config(reward_cfg.vlm)
     return model.to("cuda" if torch.cuda.is_available() else "cpu").score
 
 

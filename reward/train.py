@@ -57,13 +57,13 @@ def _free_port() -> int:
 
 def setup_distributed(device: str):
     """Fill single-process env defaults (../shared/CPU_STACK.md) and init torch.distributed once."""
-    import deepspeed
+    from launcher.warm_ops import init_distributed
 
     if "RANK" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
                           WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+        init_distributed("gloo" if device == "cpu" else "nccl")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -71,12 +71,16 @@ def build_model(cfg) -> IdentityRewardModel:
     m = cfg.model
     if m.init_from:
         model = IdentityRewardModel.from_pretrained(m.init_from, config_key="model.init_from")
-    elif m.path:
+    elif m.init == "pretrained":
         model = IdentityRewardModel.from_base(m.path, m.image_size, m.num_frames, cfg.trainer.tie_theta, m.dtype,
                                               m.instruction, seed=m.tiny_seed, config_key="model.path")
-    else:
+    elif m.arch == "tiny":
         model = IdentityRewardModel.build_tiny(m.image_size, m.num_frames, cfg.trainer.tie_theta, m.tiny_seed,
                                                m.instruction).to(DTYPES[m.dtype])
+    else:
+        model = IdentityRewardModel.build_random(m.arch, m.image_size, m.num_frames, cfg.trainer.tie_theta,
+                                                 m.tiny_seed, m.dtype, m.text_layers, m.vision_layers, m.vocab,
+                                                 m.instruction)
     lora = OmegaConf.to_container(m.lora) if m.lora.enabled else None
     if lora is not None:
         lora.pop("enabled")
@@ -92,7 +96,10 @@ def build_engine(cfg, model: IdentityRewardModel, world: int):
     ds_config = {
         "train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.batch_size * t.grad_accum * world, "gradient_clipping": o.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage}, "bf16": {"enabled": t.precision == "bf16"},
+        # memory_efficient_linear off: at stage 3 DeepSpeed would replace torch.nn.functional.linear process-wide,
+        # and the trainer's eval scores would round differently from the reward workers' (workers/learner.py).
+        "zero_optimization": {"stage": t.zero_stage, "memory_efficient_linear": False},
+        "bf16": {"enabled": t.precision == "bf16"},
         "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
     }
     params = model.trainable_parameters()
@@ -259,7 +266,12 @@ def record_eval(out: Path, metrics: Dict[str, Any], history: List[Dict[str, Any]
 
 
 def train(cfg, human_only: bool = False) -> Dict[str, Any]:
-    """Run (or resume) training; returns {'losses': this run's per-step losses, 'eval': final metrics, ...}."""
+    """Run (or resume) training; returns {'losses': this run's per-step losses, 'eval': final metrics, ...}.
+
+    The process group it joins (or makes, when no launcher did) is the process's: DeepSpeed caches its groups
+    for the life of the process (deepspeed.utils.groups), so it cannot be destroyed and made again, and later
+    calls in the same process reuse it. Whoever ends the process destroys it first (`main`, `end_process_group`):
+    a group left to interpreter exit is torn down with gloo's native threads still running."""
     threads = torch.get_num_threads()
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -267,6 +279,12 @@ def train(cfg, human_only: bool = False) -> Dict[str, Any]:
         return _train(cfg, human_only)
     finally:
         torch.set_num_threads(threads)  # the caller's setting (tests run several trainings in one process)
+
+
+def end_process_group() -> None:
+    """Destroy this process's group before the process exits (see `train`)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _train(cfg, human_only: bool) -> Dict[str, Any]:
@@ -301,7 +319,16 @@ def _train(cfg, human_only: bool) -> Dict[str, Any]:
 
         writer = SummaryWriter(str(out / "tb"))
 
-    # loop
+    try:
+        return _loop(cfg, engine, plan, pools, extra, out, step, writer, rank, world)
+    finally:
+        if writer is not None:
+            writer.close()  # also when stopped early: its thread must not outlive the run
+
+
+def _loop(cfg, engine, plan: DataPlan, pools, extra: Dict[str, Any], out: Path, step: int, writer, rank: int,
+          world: int) -> Dict[str, Any]:
+    t = cfg.trainer
     total = int(cfg.curriculum.steps or t.steps)
     available = {name: 1 for name in pools}
     losses: List[float] = []
@@ -333,14 +360,50 @@ def _train(cfg, human_only: bool) -> Dict[str, Any]:
     if not history or history[-1]["step"] != step:  # resumed at the last step: evaluate what was trained
         record_eval(out, {"step": step, **run_eval(cfg, engine, plan, rank, world)}, history, extra, writer, rank)
     export_model(engine, out / MODEL_DIR, t.zero_stage, rank)
-    if writer is not None:
-        writer.close()
     return {"losses": losses, "eval": history[-1], "step": step, "model_dir": str(out / MODEL_DIR)}
+
+
+def rehearse_reward(preset_path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """`launcher.rehearse` of a reward-model preset: the preset's own trainer settings (LoRA, trainable parts,
+    loss, teacher filter, curriculum, ZeRO stage, precision) on the real Qwen2.5-VL-3B architecture with random
+    weights and fewer layers, tiny images, 2 steps, on mixed-source demo pairs, on CPU."""
+    import resource
+
+    from data.demo import write_mixed_pairs
+    from reward.train_config import load_reward_config
+
+    preset = load_reward_config(preset_path)
+    out = next((o.split("=", 1)[1] for o in overrides if o.startswith("trainer.output_dir=")),
+               f"outputs/rehearse/{Path(str(preset.trainer.output_dir)).name}")
+    shards = Path(out) / "data"
+    if not (shards / "pairs-000000.tar").exists():
+        write_mixed_pairs(shards, 24, ("human", "auto", "synthetic"), flip_auto=0.3)
+    forced = ["model.init=random", "model.text_layers=2", "model.vision_layers=8", "model.vocab=512",
+              "model.image_size=56", "model.num_frames=2", "trainer.device=cpu", "trainer.steps=2",
+              "trainer.checkpoint_every=1", "trainer.eval_every=0", "trainer.log_every=1", "trainer.num_threads=1",
+              "trainer.batch_size=2", "trainer.grad_accum=1", "trainer.eval_batch_size=4", "teacher.train_steps=2",
+              "teacher.batch_size=4", "data.num_loader_workers=0", "data.held_out_fraction=0.25",
+              f"data.preference_shards={shards}/pairs-000000.tar", "data.eval_shards=null",
+              f"trainer.output_dir={out}", "data.eval_sources=[human,auto,synthetic]"]
+    if preset.model.arch in (None, "tiny"):
+        raise ValueError(f"{preset_path}: model.arch names no published architecture to rehearse")
+    cfg = load_reward_config(preset_path, forced + list(overrides))
+    print(f"rehearse: CPU overrides of {preset_path}:\n  " + "\n  ".join(forced), flush=True)
+    result = train(cfg)
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    summary = {k: result[k] for k in ("losses", "eval", "step", "model_dir", "peak_rss_bytes")}
+    (Path(out) / "rehearsal.json").write_text(json.dumps(dict(summary, preset=preset_path, overrides=forced), indent=2))
+    print(f"rehearse: {preset_path}: {result['step']} steps, losses {result['losses']}, peak RSS "
+          f"{result['peak_rss_bytes'] / 2**30:.2f} GiB; report {Path(out) / 'rehearsal.json'}")
+    return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_args(argv, description=__doc__.splitlines()[0])
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        end_process_group()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from launcher.cli import build_parser, parse_config
-from launcher.config import ConfigError, describe_error, load_structured
+from launcher.config import VLM_ARCHITECTURES, ConfigError, describe_error, load_structured
 from reward.vlm import LLM_LORA_TARGETS
 from reward.vlm_inputs import DEFAULT_INSTRUCTION
 
@@ -36,9 +36,17 @@ class RewardLoraConfig:
 
 @dataclass
 class RewardModelConfig:
-    path: Optional[str] = None  # local Qwen2.5-VL directory; None = tiny random-init VLM (CPU)
+    # pretrained: the local Qwen2.5-VL directory `path` (or a trained reward model, `init_from`); random: `arch`
+    # with random weights (tiny: the CPU model; qwen2.5-vl-3b: the real architecture, for rehearsals).
+    init: str = "pretrained"
+    arch: Optional[str] = None
+    path: Optional[str] = None  # local Qwen2.5-VL directory (no hub downloads)
     init_from: Optional[str] = None  # a trained reward-model directory to start from (fine-tuning)
-    tiny_seed: int = 0
+    tiny_seed: int = 0  # seed of random init
+    # Rehearsal only (init=random): fewer language / vision layers and a smaller vocabulary.
+    text_layers: Optional[int] = None
+    vision_layers: Optional[int] = None
+    vocab: Optional[int] = None
     dtype: str = "float32"  # float32 | bfloat16 (trainer.precision=bf16 trains in bf16)
     image_size: int = 56  # multiple of 28
     num_frames: int = 5
@@ -135,6 +143,7 @@ class RewardTrainConfig:
 
 
 CHOICES = {
+    "model.init": {"pretrained", "random"},
     "model.dtype": {"float32", "bfloat16"},
     "data.on_error": {"raise", "skip"},
     "curriculum.schedule": {"cosine", "linear", "constant"},
@@ -189,6 +198,16 @@ def _check(cfg: DictConfig, source: str) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{source}: missing required value(s): {', '.join(missing)}")
+    m = cfg.model
+    if m.init == "pretrained" and not (m.path or m.init_from):
+        fail("model.path", "is not set (model.init is pretrained): give a local Qwen2.5-VL directory, a trained "
+             "reward model as model.init_from, or model.init=random with model.arch")
+    if m.init == "random" and m.arch not in VLM_ARCHITECTURES:
+        fail("model.arch", f"must be one of {sorted(VLM_ARCHITECTURES)} with model.init=random, got {m.arch!r}")
+    for key in ("text_layers", "vision_layers", "vocab"):
+        if m[key] is not None and (m.init != "random" or m[key] <= 0):
+            fail(f"model.{key}", f"reduces a random-init architecture (rehearsals): needs model.init=random and "
+                 f"a value > 0, got {m[key]} with model.init={m.init}")
 
 
 def load_reward_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:

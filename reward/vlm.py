@@ -47,12 +47,52 @@ LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+ARCH_DIR = Path(__file__).resolve().parent / "architectures"
+VLM_ARCH_FILES = {"qwen2.5-vl-3b": "qwen2.5_vl_3b.json"}  # published configs (architectures/SOURCES.md)
+
+
+def _token_ids(tokenizer) -> Dict[str, int]:
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in
+            ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>")}
+
+
+def published_vlm_config(arch: str, tokenizer, text_layers: Optional[int] = None,
+                         vision_layers: Optional[int] = None, vocab: Optional[int] = None):
+    """A published Qwen2.5-VL architecture (`reward.vlm.arch`) for random init, with the offline tokenizer's
+    special-token ids. Rehearsal reductions: fewer language / vision layers (the full-attention vision blocks
+    that remain keep their indexes) and a smaller vocabulary; widths, heads and patching stay published."""
+    from transformers import Qwen2_5_VLConfig
+
+    if arch not in VLM_ARCH_FILES:
+        raise ValueError(f"reward.vlm.arch: unknown architecture {arch!r}; known: tiny, {sorted(VLM_ARCH_FILES)}")
+    pub = json.loads((ARCH_DIR / VLM_ARCH_FILES[arch]).read_text())
+    vocab = int(vocab or pub["vocab_size"])
+    if vocab < len(tokenizer):
+        raise ValueError(f"reward.vlm.vocab={vocab} is below the offline tokenizer's {len(tokenizer)} tokens")
+    ids = _token_ids(tokenizer)
+    vision = {k: v for k, v in pub["vision_config"].items() if k != "in_chans"}
+    vision["in_channels"] = pub["vision_config"]["in_chans"]
+    if vision_layers is not None:
+        vision["depth"] = int(vision_layers)
+        vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision_layers]
+    text_keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "hidden_act",
+                 "max_position_embeddings", "rms_norm_eps", "attention_dropout", "tie_word_embeddings",
+                 "initializer_range", "sliding_window", "use_sliding_window", "max_window_layers")
+    text = {k: pub[k] for k in text_keys}
+    text.update(vocab_size=vocab, num_hidden_layers=int(text_layers or pub["num_hidden_layers"]),
+                rope_parameters={"rope_type": "default", "rope_theta": pub["rope_theta"],
+                                 "mrope_section": pub["rope_scaling"]["mrope_section"]},
+                bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=tokenizer.pad_token_id)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                            vision_end_token_id=ids["<|vision_end|>"])
+
+
 def tiny_vlm_config(tokenizer):
     """The CPU config of ../shared/CPU_STACK.md with the token ids of `tokenizer`."""
     from transformers import Qwen2_5_VLConfig
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
-           ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>")}
+    ids = _token_ids(tokenizer)
     return Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
@@ -96,6 +136,27 @@ class IdentityRewardModel(nn.Module):
             torch.manual_seed(seed)
             vlm = Qwen2_5_VLModel(tiny_vlm_config(tokenizer))
             model = cls(vlm, inputs, tie_theta)
+        return model
+
+    @classmethod
+    def build_random(cls, arch: str, image_size: int = 448, num_frames: int = 5, tie_theta: float = 5.0,
+                     seed: int = 0, dtype: str = "float32", text_layers: Optional[int] = None,
+                     vision_layers: Optional[int] = None, vocab: Optional[int] = None,
+                     instruction: str = DEFAULT_INSTRUCTION) -> "IdentityRewardModel":
+        """A published architecture (`published_vlm_config`) with random weights, for rehearsals on CPU."""
+        from transformers import Qwen2_5_VLModel
+
+        tokenizer = build_tiny_tokenizer()
+        config = published_vlm_config(arch, tokenizer, text_layers, vision_layers, vocab)
+        inputs = RewardInputBuilder(tokenizer, build_image_processor(image_size), image_size, num_frames, instruction)
+        previous = torch.get_default_dtype()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            torch.set_default_dtype(DTYPES[dtype])  # built in its dtype: no float32 copy of a large model
+            try:
+                model = cls(Qwen2_5_VLModel(config), inputs, tie_theta)
+            finally:
+                torch.set_default_dtype(previous)
         return model
 
     @classmethod
@@ -280,6 +341,19 @@ def _check_dir(path: Optional[str], config_key: str, marker: str) -> None:
         raise FileNotFoundError(f"{config_key}: directory {path!r} does not exist (local paths only, no hub downloads)")
     if not os.path.isfile(os.path.join(path, marker)):
         raise FileNotFoundError(f"{config_key}: {path!r} has no {marker}")
+
+
+def reward_model_from_config(v, config_key: str = "reward.vlm.path") -> IdentityRewardModel:
+    """The identity reward model a `reward.vlm` section names: random weights (`init=random`: the tiny
+    CPU model or a published architecture) or `path` (a trained reward directory or a Qwen2.5-VL base)."""
+    if v.init == "random":
+        if v.arch == "tiny":
+            return IdentityRewardModel.build_tiny(v.image_size, v.num_frames, v.tie_theta).to(DTYPES[v.dtype])
+        return IdentityRewardModel.build_random(v.arch, v.image_size, v.num_frames, v.tie_theta, dtype=v.dtype,
+                                                text_layers=v.text_layers, vision_layers=v.vision_layers,
+                                                vocab=v.vocab)
+    return load_reward_model(v.path, image_size=v.image_size, num_frames=v.num_frames, tie_theta=v.tie_theta,
+                             dtype=v.dtype, config_key=config_key)
 
 
 def load_reward_model(path: Optional[str], image_size: int = 56, num_frames: int = 5, tie_theta: float = 5.0,

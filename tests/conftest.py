@@ -16,6 +16,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running_at_exit():
+    """Fails the session if it leaves a process group, a Ray driver or worker threads to interpreter exit,
+    where their teardown crashed the process after all tests passed (issue #14; tests/leak_guard.py)."""
+    yield
+    from tests.leak_guard import leftovers
+
+    found = leftovers()
+    assert not found, "the test session leaves running at exit: " + "; ".join(found)
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from launcher.config import load_config, to_yaml
+from tests.fresh_process import in_fresh_process
 from workers.common import free_port
 from workers.learner import LearnerWorker
 from workers.rollout import RolloutWorker
@@ -30,19 +31,31 @@ def one_update(root, tmp_path, micro_batch_size):
         learner.shutdown()
 
 
-def in_fresh_process(*args):
-    """DeepSpeed keeps process-group state for the life of a process: one engine per process."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(one_update, args)
-
-
 def test_micro_batches_accumulate_the_whole_group_gradient(root, tmp_path):
-    whole, w_whole = in_fresh_process(root, tmp_path / "a", 0)
-    split, w_split = in_fresh_process(root, tmp_path / "b", 2)
+    whole, w_whole = in_fresh_process(one_update, root, tmp_path / "a", 0)
+    split, w_split = in_fresh_process(one_update, root, tmp_path / "b", 2)
     assert whole["micro_steps"] == 4 and split["micro_steps"] == 8  # 4 timesteps x 1 or 2 chunks
     assert whole["first_epoch_logprob_dev"] == 0.0 and split["first_epoch_logprob_dev"] < 1e-9
     assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
     for key in w_whole:
         torch.testing.assert_close(w_split[key], w_whole[key], rtol=1e-4, atol=1e-5)  # lr 3e-3 steps
+
+
+def _linear_after_a_zero3_engine(root, tmp_path):
+    cfg = load_config(root / "cluster_configs" / "local_cpu.yaml", [
+        "workers.learner.num_workers=1", "grpo.prompts_per_step=1", "data.prompt_shards=unused",
+        f"trainer.output_dir={tmp_path}", "workers.learner_engine.zero_stage=3", "model.dtype=bfloat16",
+        "workers.learner_engine.precision=bf16"])
+    before = torch.nn.functional.linear
+    learner = LearnerWorker(0, 1, to_yaml(cfg))
+    learner.setup("127.0.0.1", free_port())
+    try:
+        return torch.nn.functional.linear is before
+    finally:
+        learner.shutdown()
+
+
+def test_zero3_learner_keeps_torch_linear(root, tmp_path):
+    """DeepSpeed's ZeRO-3 replaces F.linear process-wide unless told not to; its bf16 rounding differs from the
+    rollout's, and the first importance ratio was 0.998-1.001 instead of 1 (the loop test checks the ratio)."""
+    assert in_fresh_process(_linear_after_a_zero3_engine, root, tmp_path)

@@ -162,6 +162,18 @@ def test_full_weights_by_broadcast_equal_object_store(root, shards, tmp_path, br
     assert records == by_store
 
 
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_bf16_zero3_ratio_is_exactly_one(root, shards, tmp_path, lora):
+    """bf16 rollout and ZeRO-3 learner in separate processes compute the same log-probs: nothing in the learner
+    (DeepSpeed's process-wide F.linear replacement, a cast) rounds differently from the rollout."""
+    records = run(config(root, shards, tmp_path, f"model.lora.enabled={str(lora).lower()}", "model.dtype=bfloat16",
+                         "workers.learner_engine.precision=bf16", "workers.learner_engine.zero_stage=3",
+                         "trainer.checkpoint_every=2", "logging.video_every=0"))
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert r["first_epoch_logprob_dev"] == 0.0 and r["ratio_min"] == r["ratio_max"] == 1.0, r
+
+
 def test_killed_rollout_worker_with_broadcast(root, shards, tmp_path, broadcast_run):
     records, status = run_with_weight_status(config(root, shards, tmp_path, *FULL, "workers.weight_sync=broadcast",
                                                     "faults.role=rollout", "faults.rank=0", "faults.step=2"))

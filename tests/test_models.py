@@ -72,7 +72,8 @@ def test_missing_path_names_what_is_missing(tmp_path):
 
 def test_build_from_config_uses_path(root, tmp_path):
     save_pretrained(build_tiny_components("vace", seed=7), tmp_path / "m")
-    cfg = load_config(root / "cluster_configs" / "local_cpu.yaml", [f"model.path={tmp_path / 'm'}"])
+    cfg = load_config(root / "cluster_configs" / "local_cpu.yaml",
+                      ["model.init=pretrained", f"model.path={tmp_path / 'm'}"])
     loaded = build_components(cfg.model)
     ref = build_tiny_components("vace", seed=7)
     sd, rd = loaded.transformer.state_dict(), ref.transformer.state_dict()

@@ -2,7 +2,8 @@
 
 Real pieces only: preference shards written with data/distort.py + data/write_shards.py from the
 real face photographs of data/faces.py, the real ShardReader, a real DeepSpeed engine (ZeRO-2, gloo,
-world size 1) around a tiny random-init Qwen2.5-VL reward model.
+world size 1) around a tiny random-init Qwen2.5-VL reward model. Each training runs in a fresh process
+(tests/fresh_process.py: a DeepSpeed process group lives as long as its process).
 """
 
 import json
@@ -15,55 +16,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.demo import background_photos, compose_clip, make_prompt
-from data.distort import CleanClip, DistortionConfig, make_pair
-from data.faces import crop_face, load_face_photos
-from data.write_shards import ShardWriter, brace_pattern
+from data.demo import write_mixed_pairs
 from reward.train import train
 from reward.train_config import load_reward_config
 from reward.vlm import IdentityRewardModel
 from reward.vlm_data import auto_weight, choose_pool, make_pools, plan_data
 from reward.vlm_eval import score_pairs
 from reward.losses import label_probability
-
-
-def write_pair_shards(out, n, sources=("synthetic",), flip_auto=0.0, frames=2, size=56, max_people=2, seed=0,
-                      min_severity=0.6):
-    """n synthetic-distortion pairs (clean vs distorted clip of 1..max_people real faces); pair i gets
-    source sources[i % len], and an 'auto' label is flipped with probability flip_auto (noisy voting)."""
-    photos = load_face_photos()
-    refs = [crop_face(p.image, p.face_box, margin=0.5, size=size) for p in photos]
-    faces = [crop_face(p.image, p.face_box, margin=0.15, size=48) for p in photos]
-    backgrounds = background_photos()
-    cfg = DistortionConfig(min_severity=min_severity)
-    with ShardWriter(out, "pairs", 32) as writer:
-        for i in range(n):
-            rng = np.random.default_rng([seed, i])
-            order = [int(j) for j in rng.permutation(len(photos))]
-            k = 1 + i % max_people
-            video, boxes = compose_clip([faces[j] for j in order[:k]], backgrounds[i % len(backgrounds)], frames,
-                                        size, size, rng)
-            clip = CleanClip(f"pair{i:05d}", make_prompt(rng, [photos[j].description for j in order[:k]]), video,
-                             boxes, [faces[j] for j in order], [refs[j] for j in order[:k]],
-                             [photos[j].identity_id for j in order[:k]], [photos[j].identity_id for j in order[k:]])
-            members, _ = make_pair(clip, rng, cfg)
-            label = json.loads(members["label.json"])
-            label["source"] = sources[i % len(sources)]
-            if label["source"] == "auto" and rng.random() < flip_auto:
-                label["preference"] = "b" if label["preference"] == "a" else "a"
-            members["label.json"] = json.dumps(label).encode()
-            writer.write(clip.key, members)
-    return brace_pattern(out, "pairs", len(writer.paths))
+from tests.fresh_process import in_fresh_process
 
 
 @pytest.fixture(scope="module")
 def mixed_shards(tmp_path_factory):
     """40 pairs: human, auto (a third of labels flipped) and synthetic, in turn."""
-    return write_pair_shards(tmp_path_factory.mktemp("mixed"), 40, ("human", "auto", "synthetic"), flip_auto=0.35)
+    return write_mixed_pairs(tmp_path_factory.mktemp("mixed"), 40, ("human", "auto", "synthetic"), flip_auto=0.35)
 
 
 def tiny_cfg(shards, out, *extra):
     return load_reward_config(None, [
+        "model.init=random", "model.arch=tiny",
         f"data.preference_shards={shards}", f"trainer.output_dir={out}", "data.held_out_fraction=0.2",
         "model.num_frames=2", "model.instruction='Prompt: {prompt}'", "trainer.batch_size=2", "trainer.log_every=2",
         "trainer.num_threads=1",
@@ -107,7 +78,12 @@ def test_config_errors_name_the_key(tmp_path):
         load_reward_config(None, ["trainer.lr=1", "data.preference_shards=x", f"trainer.output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="'model.train_language_model' must be false"):
         load_reward_config(None, ["model.lora.enabled=true", "data.preference_shards=x",
-                                  f"trainer.output_dir={tmp_path}"])
+                                  f"trainer.output_dir={tmp_path}", "model.init=random", "model.arch=tiny"])
+    with pytest.raises(ConfigError, match="'model.path' is not set"):  # a preset never falls back to a tiny model
+        load_reward_config(None, ["data.preference_shards=x", f"trainer.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="'model.text_layers' reduces"):
+        load_reward_config(None, ["data.preference_shards=x", f"trainer.output_dir={tmp_path}",
+                                  "model.path=/models/qwen", "model.text_layers=2"])
     with pytest.raises(ConfigError, match="data.preference_shards"):
         load_reward_config(None, [f"trainer.output_dir={tmp_path}"])
     cli = subprocess.run([sys.executable, "-m", "reward.train", "--config", "cluster_configs/reward_local_cpu.yaml",
@@ -125,14 +101,18 @@ LORA = ("model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=8", "m
         "model.train_vision=false")  # frozen weights are left out of checkpoints and rebuilt on resume
 
 
+def _straight_and_resumed(shards, tmp_path, parts):
+    straight = train(tiny_cfg(shards, tmp_path / "straight", "trainer.steps=4", *parts))
+    first = train(tiny_cfg(shards, tmp_path / "resumed", "trainer.steps=4", "trainer.max_steps_per_run=2", *parts))
+    second = train(tiny_cfg(shards, tmp_path / "resumed", "trainer.steps=4", *parts))
+    return straight, first, second
+
+
 @pytest.mark.parametrize("parts", [(), LORA], ids=["full", "lora"])
 def test_resume_continues_identically(mixed_shards, tmp_path, parts):
     """4 steps straight == 2 steps, stop, resume to 4: same losses, same final weights."""
-    straight = train(tiny_cfg(mixed_shards, tmp_path / "straight", "trainer.steps=4", *parts))
-    first = train(tiny_cfg(mixed_shards, tmp_path / "resumed", "trainer.steps=4", "trainer.max_steps_per_run=2",
-                           *parts))
+    straight, first, second = in_fresh_process(_straight_and_resumed, mixed_shards, tmp_path, parts)
     assert first["step"] == 2 and first["model_dir"] is None
-    second = train(tiny_cfg(mixed_shards, tmp_path / "resumed", "trainer.steps=4", *parts))
     assert second["step"] == 4 and len(second["losses"]) == 2
     assert first["losses"] + second["losses"] == straight["losses"]  # bit-identical, not merely close
     a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
@@ -165,7 +145,7 @@ def test_teacher_filter_keeps_the_fraction_it_reports(mixed_shards, tmp_path):
     # threshold 1/6 = P(label) at r_a == r_b under theta = 5: keep the pairs the teacher agrees with.
     cfg = tiny_cfg(mixed_shards, tmp_path, "trainer.steps=1", "teacher.enabled=true", "teacher.train_steps=4",
                    f"teacher.threshold={1 / 6}", "teacher.sources=[auto]")
-    train(cfg)
+    in_fresh_process(train, cfg)
     report = json.loads((tmp_path / "teacher_filter.json").read_text())
     probs, kept = report["probabilities"], set(report["kept_keys"])
     plan = plan_data(cfg.data)
@@ -198,8 +178,8 @@ def test_teacher_filter_keeps_the_fraction_it_reports(mixed_shards, tmp_path):
 @pytest.mark.slow
 def test_tiny_model_learns_synthetic_distortions(tmp_path):
     """A few hundred CPU steps on synthetic distortion pairs: held-out accuracy >= 0.75 (chance 0.5)."""
-    shards = write_pair_shards(tmp_path / "shards", 160, ("synthetic",))
-    result = train(tiny_cfg(shards, tmp_path / "run", "trainer.steps=300", "trainer.batch_size=4",
+    shards = write_mixed_pairs(tmp_path / "shards", 160, ("synthetic",))
+    result = in_fresh_process(train, tiny_cfg(shards, tmp_path / "run", "trainer.steps=300", "trainer.batch_size=4",
                             "trainer.checkpoint_every=300", "trainer.eval_every=0", "trainer.log_every=50",
                             "optim.lr=1e-3",
                             "data.held_out_fraction=0.25"))

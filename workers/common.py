@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Dict
 
 import numpy as np
 import torch
@@ -62,3 +63,39 @@ class WorkerBase:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    def memory_modules(self) -> Dict[str, torch.nn.Module]:
+        """The models this worker holds, by name (each role says)."""
+        return {}
+
+    def memory_report(self) -> Dict[str, object]:
+        """This process's peak and current resident memory, and the bytes of the models it holds (by part):
+        what `launcher.rehearse` compares with bench/MEMORY_PLAN.md's formula."""
+        import resource
+
+        import psutil
+
+        parts = {name: tensor_bytes(module) for name, module in self.memory_modules().items() if module is not None}
+        return {"role": type(self).__name__.replace("Worker", "").lower(), "rank": self.rank, "pid": os.getpid(),
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "rss_bytes": psutil.Process().memory_info().rss, "param_bytes": sum(parts.values()), "parts": parts}
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of a module's parameters and buffers (shared storage counted once), or of a dict/list of tensors."""
+    seen, total = set(), 0
+    if isinstance(obj, torch.nn.Module):
+        tensors = list(obj.parameters()) + list(obj.buffers())
+    elif isinstance(obj, dict):
+        tensors = [t for v in obj.values() for t in ([v] if torch.is_tensor(v) else
+                                                      (v.values() if isinstance(v, dict) else []))
+                   if torch.is_tensor(t)]
+    else:
+        tensors = [t for t in obj if torch.is_tensor(t)]
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.device) if t.numel() else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes() if t.numel() else 0
+    return total

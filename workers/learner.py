@@ -23,7 +23,7 @@ import torch
 
 from policy.grpo import grpo_loss, select_timesteps
 from policy.lora import lora_state_dict, save_lora
-from policy.models import build_components
+from policy.models import TRANSFORMER_ONLY, build_components
 from policy.policy import WanPolicy
 from policy.sampler import score_step
 from policy.sde import host_to_device
@@ -39,13 +39,20 @@ TRAINED_WEIGHTED_STATS = ("ratio_mean", "clip_frac")
 
 
 def deepspeed_config(cfg, grad_accum: int) -> dict:
+    """The engine keeps the dtypes the policy set (policy/precision.py): LoRA trains its fp32 adapters on
+    DeepSpeed's fp32 path (the bf16 frozen base is not the engine's business), so mixed precision is
+    turned on only for full fine-tuning in bf16, with fp32 gradient accumulation."""
     engine = cfg.workers.learner_engine
+    mixed = engine.precision == "bf16" and not cfg.model.lora.enabled
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": float(cfg.optim.grad_clip),
-        "zero_optimization": {"stage": int(engine.zero_stage)},
-        "bf16": {"enabled": engine.precision == "bf16"},
+        # memory_efficient_linear off: at stage 3 DeepSpeed otherwise replaces torch.nn.functional.linear
+        # process-wide with its own (matmul, then a separate bias add), whose bf16 rounding differs from the
+        # rollout's fused linear: the first importance ratio came out 0.998-1.001 instead of exactly 1.
+        "zero_optimization": {"stage": int(engine.zero_stage), "memory_efficient_linear": False},
+        "bf16": {"enabled": mixed},
         # torch_adam: the plain torch AdamW, so no fused op is compiled (see ../shared/CPU_STACK.md).
         "optimizer": {"type": "AdamW", "params": {
             "lr": float(cfg.optim.lr), "betas": list(cfg.optim.betas),
@@ -53,6 +60,8 @@ def deepspeed_config(cfg, grad_accum: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if mixed:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if cfg.optim.warmup_steps > 0:  # linear warm-up from 0, then constant; no scheduler = constant lr
         config["scheduler"] = {"type": "WarmupLR", "params": {
             "warmup_min_lr": 0.0, "warmup_max_lr": float(cfg.optim.lr),
@@ -68,6 +77,17 @@ def row_chunks(cfg) -> List[List[int]]:
     """Rows of a group per micro-step: the whole group, or chunks of `micro_batch_size`."""
     size = cfg.workers.learner_engine.micro_batch_size or cfg.grpo.group_size
     return [list(range(i, i + size)) for i in range(0, cfg.grpo.group_size, size)]
+
+
+class _StateTensors(torch.nn.Module):
+    """The tensors of an optimizer's state, as a module's buffers, so `tensor_bytes` counts them."""
+
+    def __init__(self, state):
+        super().__init__()
+        tensors = [t for per_param in state.values() if isinstance(per_param, dict) for t in per_param.values()
+                   if torch.is_tensor(t)]
+        for i, t in enumerate(tensors):
+            self.register_buffer(f"t{i}", t, persistent=False)
 
 
 class LearnerWorker(WeightGroupMember, WorkerBase):
@@ -86,16 +106,19 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         """Join the process group and build the engine; returns the number of trainable parameters."""
         import deepspeed
 
+        from launcher.warm_ops import init_distributed
+
         cfg = self.cfg
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           LOCAL_RANK="0" if cfg.trainer.device == "cpu" else str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_WORLD_SIZE=str(self.world_size))
         if cfg.trainer.device.startswith("cuda"):
             os.environ["LOCAL_RANK"] = "0"  # Ray gives each actor its own visible GPU
-        deepspeed.init_distributed(dist_backend="gloo" if cfg.trainer.device == "cpu" else "nccl")
+        init_distributed("gloo" if cfg.trainer.device == "cpu" else "nccl")
         torch.manual_seed(cfg.trainer.seed)
-        self.policy = WanPolicy(build_components(cfg.model, cfg.sampler.shift), cfg.model, cfg.sampler,
-                                device=cfg.trainer.device)
+        # Only the transformer: prompt embeddings and conditioning latents come with the trajectories.
+        self.policy = WanPolicy(build_components(cfg.model, cfg.sampler.shift, parts=TRANSFORMER_ONLY), cfg.model,
+                                cfg.sampler, device=cfg.trainer.device)
         params = [p for p in self.policy.transformer.parameters() if p.requires_grad]
         groups_per_rank = cfg.grpo.prompts_per_step // self.world_size
         self.engine, _, _, _ = deepspeed.initialize(
@@ -103,6 +126,18 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
             config=deepspeed_config(cfg, groups_per_rank * trained_timesteps(cfg) * len(row_chunks(cfg))))
         self.policy.transformer = self.engine.module
         return sum(p.numel() for p in params)
+
+    def memory_modules(self) -> Dict[str, object]:
+        optimizer = getattr(self.engine, "optimizer", None)
+        state = getattr(optimizer, "state", None) or {}
+        return {"transformer": self.policy.transformer, "reference": self.policy.reference_transformer,
+                "optimizer_state": _StateTensors(state)}
+
+    def policy_dtypes(self) -> Dict[str, str]:
+        """{parameter: dtype} of the transformer it recomputes log-probs with (must equal the rollout's)."""
+        from policy.precision import dtype_map
+
+        return dtype_map(self.engine.module)
 
     def shutdown(self) -> None:
         if torch.distributed.is_initialized():

@@ -14,6 +14,17 @@ class RewardWorker(WorkerBase):
 
         self.reward = CompositeReward.from_config(self.cfg.reward)
 
+    def memory_modules(self) -> Dict[str, object]:
+        """The torch models behind the reward components (a bound `score` of an nn.Module, e.g. the VLM)."""
+        import torch
+
+        out = {}
+        for name, fn in self.reward.components.items():
+            owner = getattr(fn, "__self__", None)
+            if isinstance(owner, torch.nn.Module):
+                out[name] = owner
+        return out
+
     def score(self, step: int, *trajectories) -> List[Dict]:
         """Per trajectory: {"scores": {component: (G,), "total": weighted sum (NaN where a score failed)},
         plus the trajectory's policy version and rollout time, so the driver never fetches trajectories."""

@@ -17,6 +17,7 @@ import torch
 from policy.lora import load_lora_state_dict
 from policy.models import build_components
 from policy.policy import WanPolicy
+from policy.precision import dtype_map
 from policy.sampler import Trajectory, sample_group
 from policy.sde import NoiseRule
 from workers.common import WorkerBase, maybe_fault
@@ -53,6 +54,15 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         self.weight_group().receive(sync_tensors(self.policy.transformer, self.cfg.model.lora.enabled))
         self.version = version
         return version
+
+    def memory_modules(self) -> Dict[str, torch.nn.Module]:
+        c = self.policy.components
+        return {"transformer": self.policy.transformer, "reference": self.policy.reference_transformer,
+                "text_encoder": c.text_encoder, "vae": c.vae}
+
+    def policy_dtypes(self) -> Dict[str, str]:
+        """{parameter: dtype} of the transformer it samples with (must equal the learner's)."""
+        return dtype_map(self.policy.transformer)
 
     def weight_status(self) -> Dict[str, object]:
         """Which version this worker holds, its weight-group epoch, and the versions it had to fetch."""

@@ -1,0 +1,98 @@
+"""Host-memory plan per role: the arithmetic of bench/MEMORY_PLAN.md ("Per role"), as code.
+
+A role's peak resident memory is predicted as
+
+    peak = process base + model bytes + training state
+
+- process base: what a worker process holds before any model (Python, torch, diffusers, transformers,
+  DeepSpeed, Ray's core worker): a measured constant per role (`BASE_BYTES`, recorded in MEMORY_PLAN.md).
+- model bytes: exact, from the configured architectures built on the meta device (no memory) with the
+  dtypes both roles compute in (policy/precision.py): rollout = transformer (+ frozen reference copy when
+  fine-tuning fully) + text encoder + VAE; learner = transformer (+ reference); reward = the VLM.
+- training state (learner): per trained parameter, on a ZeRO-1/2 rank of `world` ranks, the gradient
+  (accumulated in fp32: 4 B, all of them, since every rank back-propagates the whole model), and for the rank's
+  1/world partition the fp32 master copy (4 B) and Adam's two moments (8 B); with mixed precision (full
+  fine-tuning in bf16) one more bf16 gradient (2 B). ZeRO-3 also partitions the gradients; it partitions the
+  parameters only after each rank has built the whole model, so the model counts whole in the peak.
+
+`launcher.rehearse` prints this prediction beside each role's measured peak. Activations are left out:
+at rehearsal sizes they are small; at real sizes MEMORY_PLAN.md's GPU tables cover them.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+GiB = 1024 ** 3
+# Resident memory of a worker process before it builds a model, measured on CPU (MEMORY_PLAN.md "Per role").
+BASE_BYTES = {"rollout": int(0.80 * GiB), "learner": int(0.85 * GiB), "reward": int(0.75 * GiB)}
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) + \
+        sum(b.numel() * b.element_size() for b in module.buffers())
+
+
+def model_bytes(cfg) -> Dict[str, int]:
+    """Bytes of each model part the configured run holds, from meta-device builds of its architectures."""
+    from policy.models import DTYPES, build_random_components, load_pretrained_components
+    from policy.precision import set_policy_dtypes
+
+    m = cfg.model
+    with torch.device("meta"):
+        if m.init == "random":
+            c = build_random_components(m.arch, m.kind, 0, DTYPES[m.dtype], cfg.sampler.shift,
+                                        num_layers=m.num_layers, text_encoder_layers=m.text_encoder_layers,
+                                        text_encoder_vocab=m.text_encoder_vocab)
+        else:  # configs only: the weights are not read on the meta device
+            c = load_pretrained_components(m.path, m.kind, DTYPES[m.dtype], cfg.sampler.shift)
+        if m.lora.enabled:
+            from policy.lora import add_lora
+
+            add_lora(c.transformer, m.lora)
+        else:
+            c.transformer.requires_grad_(True)
+        set_policy_dtypes(c.transformer, DTYPES[m.dtype], lora=m.lora.enabled)
+        trainable = sum(p.numel() for p in c.transformer.parameters() if p.requires_grad)
+        out = {"transformer": _bytes(c.transformer), "text_encoder": _bytes(c.text_encoder), "vae": _bytes(c.vae),
+               "reference": 0 if m.lora.enabled else _bytes(c.transformer), "trainable_params": trainable}
+        out["vlm"] = _vlm_bytes(cfg) if "vlm" in cfg.reward.weights else 0
+    return out
+
+
+def _vlm_bytes(cfg) -> int:
+    v = cfg.reward.vlm
+    if v.init != "random":
+        return 0  # a trained directory: its size is the files' (not predicted here)
+    from reward.vlm import reward_model_from_config
+
+    return _bytes(reward_model_from_config(v))
+
+
+def learner_state_bytes(trainable: int, world: int, zero_stage: int, mixed: bool) -> int:
+    """Gradients, fp32 master partition and Adam moments of one learner rank (see the module docstring)."""
+    share = trainable / world
+    grads = 4 * (share if zero_stage >= 3 else trainable) + (2 * trainable if mixed else 0)
+    return int(grads + 4 * share + 8 * share)
+
+
+def predict(cfg, sizes: Dict[str, int]) -> Dict[str, Dict[str, int]]:
+    """{role: {term: bytes, ..., "total": bytes}} for one process of each role."""
+    world = cfg.workers.learner.num_workers
+    mixed = cfg.workers.learner_engine.precision == "bf16" and not cfg.model.lora.enabled
+    # Every rank builds the whole transformer before DeepSpeed partitions it (ZeRO-3 without zero.Init), so the
+    # peak holds it whole at any stage.
+    learner_model = sizes["transformer"] + sizes["reference"]
+    plan = {
+        "rollout": {"base": BASE_BYTES["rollout"], "transformer": sizes["transformer"],
+                    "reference": sizes["reference"], "text_encoder": sizes["text_encoder"], "vae": sizes["vae"]},
+        "learner": {"base": BASE_BYTES["learner"], "model": learner_model,
+                    "training_state": learner_state_bytes(sizes["trainable_params"], world,
+                                                          cfg.workers.learner_engine.zero_stage, mixed)},
+        "reward": {"base": BASE_BYTES["reward"], "vlm": sizes["vlm"]},
+    }
+    for terms in plan.values():
+        terms["total"] = sum(terms.values())
+    return plan

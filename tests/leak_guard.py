@@ -1,0 +1,54 @@
+"""What a test session must not leave running when the interpreter exits (tests/conftest.py checks it).
+
+Issue #14: after every test passed, the pytest process sometimes died with SIGSEGV at exit (a heap fault in
+libc). The pytest process then still held a torch.distributed gloo process group: the in-process reward-model
+trainer tests made one (DeepSpeed, world size 1) and nothing destroyed it, so its TCPStore and gloo's worker
+threads (`gloo_tcp_loop`, `pt_gloo_runloop`, `pt_tcpstore_uv`) were still running while Python finalized and
+freed the tensors and objects they use: the crash class of pytorch/pytorch#179291 and #190489 (a process that
+exits without `destroy_process_group`). DeepSpeed keeps its groups for the life of a process, so such tests now
+run in a fresh child process (tests/fresh_process.py) and the CLIs destroy their group before exiting.
+
+`leftovers()` lists what would be torn down at exit: a process group, a connected Ray driver, native gloo /
+TCPStore threads, non-daemon Python threads (an unclosed TensorBoard writer's, a loader's). Ray's own native
+threads that outlive `ray.shutdown()` (its GCS client io_service, a function-local static in the core worker
+library, and gRPC's pollers) are Ray's design and are not counted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import List
+
+# Native threads of torch.distributed's gloo backend and its TCPStore (names as the kernel reports them).
+NATIVE_THREAD_MARKERS = ("gloo", "tcpstore")
+
+
+def native_thread_names() -> List[str]:
+    names = []
+    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ():
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            continue  # the thread ended while we listed
+    return names
+
+
+def leftovers() -> List[str]:
+    found = []
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        found.append("a torch.distributed process group is initialized (destroy_process_group was not called)")
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        found.append("a Ray driver is still connected (ray.shutdown was not called)")
+    native = [n for n in native_thread_names() if any(m in n.lower() for m in NATIVE_THREAD_MARKERS)]
+    if native:
+        found.append(f"native gloo/TCPStore threads still running: {sorted(native)}")
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
+               and t.is_alive()]
+    if threads:
+        found.append(f"non-daemon Python threads still running: {threads}")
+    return found

@@ -1,0 +1,43 @@
+"""The DeepSpeed CPU-op build lock: a dead builder's lock must not hang every later init_distributed."""
+
+import os
+import subprocess
+import sys
+import time
+
+from launcher.warm_ops import OP_NAME, STALE_LOCK_S, clear_stale_build_lock
+
+
+def _lock(tmp_path):
+    return tmp_path / "py_ext" / OP_NAME / "lock"
+
+
+def test_stale_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "py_ext"))
+    lock = _lock(tmp_path)
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    assert not clear_stale_build_lock()  # a build in progress: its lock stays
+    assert lock.exists()
+    old = time.time() - STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert clear_stale_build_lock()
+    assert not lock.exists()
+    assert not clear_stale_build_lock()  # nothing to remove
+
+
+def test_init_distributed_survives_a_stale_lock(tmp_path):
+    """A process that left the lock behind (killed while torch held it) would make this hang forever."""
+    ext = tmp_path / "py_ext"
+    lock = ext / OP_NAME / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    code = ("import torch.distributed as d; from launcher.warm_ops import main; main(); "
+            "assert not d.is_initialized()")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "removing stale build lock" in out.stderr
+    assert "warm_ops: DeepSpeed CPU ops ready" in out.stdout or "gloo will be used" in out.stderr
