@@ -9,11 +9,18 @@ A role's peak resident memory is predicted as
 - model bytes: exact, from the configured architectures built on the meta device (no memory) with the
   dtypes both roles compute in (policy/precision.py): rollout = transformer (+ frozen reference copy when
   fine-tuning fully) + text encoder + VAE; learner = transformer (+ reference); reward = the VLM.
-- training state (learner): per trained parameter, on a ZeRO-1/2 rank of `world` ranks, the gradient
-  (accumulated in fp32: 4 B, all of them, since every rank back-propagates the whole model), and for the rank's
-  1/world partition the fp32 master copy (4 B) and Adam's two moments (8 B); with mixed precision (full
-  fine-tuning in bf16) one more bf16 gradient (2 B). ZeRO-3 also partitions the gradients; it partitions the
-  parameters only after each rank has built the whole model, so the model counts whole in the peak.
+- training state (learner), per rank of `world` ranks, with N trained parameters and a rank's share N/world
+  (DeepSpeed's ZeRO-1/2/3 optimizers, bench/MEMORY_PLAN.md "Per role"):
+    fp32 gradients       4 B x N (ZeRO-1) or 4 B x share (ZeRO-2/3 partition them)
+    bf16 gradients       2 B x N, mixed precision only (each parameter's .grad before it is reduced)
+    reduce bucket        2 B (mixed) or 4 B x min(N, reduce_bucket_size): contiguous gradients are copied into
+                         one flat bucket before the reduce (DeepSpeed's default bucket of 5e8 elements)
+    fp32 master + Adam   12 B x share (4 master, 8 the two moments)
+    optimizer step       8 B x share of temporaries (torch AdamW's foreach step: the second moment's square
+                         root and the update, fp32)
+  ZeRO-3 partitions the parameters only after each rank has built the whole model (no zero.Init), so the model
+  counts whole in the peak at every stage.
+- process base: the reward-model trainer (reward/train.py) runs without Ray: its own measured constant.
 
 `launcher.rehearse` prints this prediction beside each role's measured peak. Activations are left out:
 at rehearsal sizes they are small; at real sizes MEMORY_PLAN.md's GPU tables cover them.
@@ -27,7 +34,9 @@ import torch
 
 GiB = 1024 ** 3
 # Resident memory of a worker process before it builds a model, measured on CPU (MEMORY_PLAN.md "Per role").
-BASE_BYTES = {"rollout": int(0.80 * GiB), "learner": int(0.85 * GiB), "reward": int(0.75 * GiB)}
+BASE_BYTES = {"rollout": int(0.80 * GiB), "learner": int(0.85 * GiB), "reward": int(0.75 * GiB),
+              "reward_trainer": int(0.50 * GiB)}
+REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (we keep it)
 
 
 def _bytes(module: torch.nn.Module) -> int:
@@ -72,10 +81,12 @@ def _vlm_bytes(cfg) -> int:
 
 
 def learner_state_bytes(trainable: int, world: int, zero_stage: int, mixed: bool) -> int:
-    """Gradients, fp32 master partition and Adam moments of one learner rank (see the module docstring)."""
+    """Gradients, reduce bucket, fp32 master partition, Adam moments and step temporaries of one rank (see the
+    module docstring)."""
     share = trainable / world
-    grads = 4 * (share if zero_stage >= 3 else trainable) + (2 * trainable if mixed else 0)
-    return int(grads + 4 * share + 8 * share)
+    grads = 4 * (share if zero_stage >= 2 else trainable) + (2 * trainable if mixed else 0)
+    bucket = (2 if mixed else 4) * min(trainable, REDUCE_BUCKET_ELEMENTS)
+    return int(grads + bucket + 12 * share + 8 * share)
 
 
 def predict(cfg, sizes: Dict[str, int]) -> Dict[str, Dict[str, int]]:
@@ -95,4 +106,20 @@ def predict(cfg, sizes: Dict[str, int]) -> Dict[str, Dict[str, int]]:
     }
     for terms in plan.values():
         terms["total"] = sum(terms.values())
+    return plan
+
+
+def reward_trainer_plan(cfg) -> Dict[str, int]:
+    """The reward-model trainer (reward/train.py, one process per rank): base + model + training state, as the
+    GRPO learner's, for the configured VLM's trainable parameters."""
+    from reward.train import build_model
+
+    t = cfg.trainer
+    with torch.device("meta"):
+        model = build_model(cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    world = 1  # the rehearsal's; a launcher's world size divides the partitioned terms
+    plan = {"base": BASE_BYTES["reward_trainer"], "model": _bytes(model),
+            "training_state": learner_state_bytes(trainable, world, t.zero_stage, t.precision == "bf16")}
+    plan["total"] = sum(plan.values())
     return plan

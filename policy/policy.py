@@ -202,7 +202,8 @@ class WanPolicy:
         """Final latents -> uint8 video (B, F, H, W, 3); VACE's reference frames are stripped first.
 
         `model.vae_decode_batch` videos at a time: the VAE's activations at full resolution dominate a
-        rollout's peak memory, and a video decodes the same alone as in a batch."""
+        rollout's peak memory, and a video decodes alone as in a batch (up to float rounding: a rare pixel
+        1/255 apart, tests/test_policy.py)."""
         vae = self._needs("vae")
         latents = latents[:, :, cond.num_ref_frames:].to(vae.dtype)
         step = max(1, int(self.model_cfg.vae_decode_batch))

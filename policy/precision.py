@@ -10,7 +10,7 @@ structure, and the learner's engine is configured not to change them (workers/le
   embedder, modulation tables and RoPE of `_keep_in_fp32_modules` in fp32); the adapters in fp32. The
   learner's DeepSpeed engine then runs its fp32 path over the adapters alone: fp32 master weights (the
   adapters themselves), fp32 optimizer state, fp32 gradient accumulation across micro-steps. This is how
-  the official Identity-GRPO code trains LoRA (fp32 adapters; docs/FIDELITY.md records its autocast).
+  the official Identity-GRPO code trains LoRA (fp32 adapters, under accelerate's bf16 autocast: README "Precision").
 - Full fine-tuning in bf16: every parameter bf16, as DeepSpeed's bf16 mode casts them; its optimizer keeps
   fp32 master weights and gradients accumulate in fp32 (`data_types.grad_accum_dtype`).
 - float32: every parameter fp32.
@@ -33,8 +33,11 @@ def set_policy_dtypes(transformer: torch.nn.Module, dtype: torch.dtype, lora: bo
             for param in transformer.parameters():
                 if param.requires_grad and param.dtype != torch.float32:
                     param.data = param.data.float()  # trainable = the adapters: fp32 master weights
-    else:
-        transformer.to(dtype)  # full fine-tuning in bf16/fp16: what DeepSpeed's mixed precision does
+    else:  # full fine-tuning in bf16/fp16: every tensor, as DeepSpeed's mixed precision casts them
+        with torch.no_grad():  # (not `.to(dtype)`: diffusers' ModelMixin.to warns about its fp32-kept modules)
+            for tensor in list(transformer.parameters()) + list(transformer.buffers()):
+                if tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor.data = tensor.data.to(dtype)
     return transformer
 
 

@@ -141,11 +141,19 @@ def _one_pair(shards):
 # ----------------------------------------------------------------------------- teacher filter
 
 
+def _train_then_count_engines(cfg):
+    import gc
+
+    train(cfg)
+    gc.collect()
+    return sum(type(o).__name__ == "DeepSpeedEngine" for o in gc.get_objects())
+
+
 def test_teacher_filter_keeps_the_fraction_it_reports(mixed_shards, tmp_path):
     # threshold 1/6 = P(label) at r_a == r_b under theta = 5: keep the pairs the teacher agrees with.
     cfg = tiny_cfg(mixed_shards, tmp_path, "trainer.steps=1", "teacher.enabled=true", "teacher.train_steps=4",
                    f"teacher.threshold={1 / 6}", "teacher.sources=[auto]")
-    in_fresh_process(train, cfg)
+    assert in_fresh_process(_train_then_count_engines, cfg) == 0  # teacher's and main engine both released
     report = json.loads((tmp_path / "teacher_filter.json").read_text())
     probs, kept = report["probabilities"], set(report["kept_keys"])
     plan = plan_data(cfg.data)
