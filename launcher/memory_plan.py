@@ -19,7 +19,8 @@ A role's peak resident memory is predicted as
     optimizer step       8 B x share of temporaries (torch AdamW's foreach step: the second moment's square
                          root and the update, fp32)
   ZeRO-3 partitions the parameters only after each rank has built the whole model (no zero.Init), so the model
-  counts whole in the peak at every stage.
+  counts whole in the peak at every stage; ZeRO-3 adds the parameters it keeps gathered for forward and
+  backward (up to stage3_max_live_parameters, 1e9: the whole transformer at rehearsal sizes).
 - process base: the reward-model trainer (reward/train.py) runs without Ray: its own measured constant.
 
 `launcher.rehearse` prints this prediction beside each role's measured peak. Activations are left out:
@@ -37,6 +38,7 @@ GiB = 1024 ** 3
 BASE_BYTES = {"rollout": int(0.80 * GiB), "learner": int(0.85 * GiB), "reward": int(0.75 * GiB),
               "reward_trainer": int(0.50 * GiB)}
 REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (we keep it)
+MAX_LIVE_PARAMETERS = 1_000_000_000  # DeepSpeed's default stage3_max_live_parameters
 
 
 def _bytes(module: torch.nn.Module) -> int:
@@ -65,8 +67,10 @@ def model_bytes(cfg) -> Dict[str, int]:
             c.transformer.requires_grad_(True)
         set_policy_dtypes(c.transformer, DTYPES[m.dtype], lora=m.lora.enabled)
         trainable = sum(p.numel() for p in c.transformer.parameters() if p.requires_grad)
+        numel = sum(p.numel() for p in c.transformer.parameters())
         out = {"transformer": _bytes(c.transformer), "text_encoder": _bytes(c.text_encoder), "vae": _bytes(c.vae),
-               "reference": 0 if m.lora.enabled else _bytes(c.transformer), "trainable_params": trainable}
+               "reference": 0 if m.lora.enabled else _bytes(c.transformer), "trainable_params": trainable,
+               "transformer_bytes_per_param": _bytes(c.transformer) / max(1, numel)}
         out["vlm"] = _vlm_bytes(cfg) if "vlm" in cfg.reward.weights else 0
     return out
 
@@ -94,8 +98,11 @@ def predict(cfg, sizes: Dict[str, int]) -> Dict[str, Dict[str, int]]:
     world = cfg.workers.learner.num_workers
     mixed = cfg.workers.learner_engine.precision == "bf16" and not cfg.model.lora.enabled
     # Every rank builds the whole transformer before DeepSpeed partitions it (ZeRO-3 without zero.Init), so the
-    # peak holds it whole at any stage.
+    # peak holds it whole at any stage. ZeRO-3 then gathers the partitions again for each forward and backward
+    # and keeps up to stage3_max_live_parameters (1e9) of them gathered: the whole model at these sizes.
     learner_model = sizes["transformer"] + sizes["reference"]
+    if cfg.workers.learner_engine.zero_stage >= 3:
+        learner_model += min(sizes["transformer"], int(MAX_LIVE_PARAMETERS * sizes["transformer_bytes_per_param"]))
     plan = {
         "rollout": {"base": BASE_BYTES["rollout"], "transformer": sizes["transformer"],
                     "reference": sizes["reference"], "text_encoder": sizes["text_encoder"], "vae": sizes["vae"]},
