@@ -43,10 +43,16 @@ VLM_LAYERS = dict(text_layers=2, vision_layers=8)  # vision block 7 is Qwen2.5-V
 VOCAB = 512
 
 
+def rehearsal_output_dir(preset, overrides: Sequence[str] = ()) -> str:
+    """The user's `trainer.output_dir=` override, else outputs/rehearse/<the preset's output dir name>."""
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("trainer.output_dir=")]
+    return given[-1] if given else f"outputs/rehearse/{Path(str(preset.trainer.output_dir)).name}"
+
+
 def cpu_overrides(preset, learner_ranks: Optional[int] = None, output_dir: Optional[str] = None) -> List[str]:
     """What a CPU forces on a GRPO preset, as `key=value` overrides."""
     ranks = max(2, learner_ranks or preset.workers.learner.num_workers)
-    out = output_dir or f"outputs/rehearse/{Path(str(preset.trainer.output_dir)).name}"
+    out = output_dir or rehearsal_output_dir(preset)
     arch = preset.model.arch
     if arch is None:
         raise ConfigError("model.arch is not set: a rehearsal builds the preset's named architecture "
@@ -113,8 +119,7 @@ def rehearse_grpo(preset_path: str, learner_ranks: Optional[int], user_overrides
     from launcher.train import Trainer
 
     preset = load_config(preset_path)
-    out_override = next((o.split("=", 1)[1] for o in user_overrides if o.startswith("trainer.output_dir=")), None)
-    forced = cpu_overrides(preset, learner_ranks, out_override)
+    forced = cpu_overrides(preset, learner_ranks, rehearsal_output_dir(preset, user_overrides))
     cfg = load_config(preset_path, forced + list(user_overrides))
     print("rehearse: CPU overrides of " + preset_path + ":\n  " + "\n  ".join(forced), flush=True)
     plan = predict(cfg, model_bytes(cfg))

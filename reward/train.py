@@ -387,11 +387,14 @@ def rehearse_reward(preset_path: str, overrides: Sequence[str] = ()) -> Dict[str
     import resource
 
     from data.demo import write_mixed_pairs
+    from launcher.memory_plan import reward_trainer_plan
+    from launcher.rehearse import rehearsal_output_dir
     from reward.train_config import load_reward_config
 
     preset = load_reward_config(preset_path)
-    out = next((o.split("=", 1)[1] for o in overrides if o.startswith("trainer.output_dir=")),
-               f"outputs/rehearse/{Path(str(preset.trainer.output_dir)).name}")
+    if preset.model.arch in (None, "tiny"):
+        raise ValueError(f"{preset_path}: model.arch names no published architecture to rehearse")
+    out = rehearsal_output_dir(preset, overrides)
     shards = Path(out) / "data"
     if not (shards / "pairs-000000.tar").exists():
         write_mixed_pairs(shards, 24, ("human", "auto", "synthetic"), flip_auto=0.3)
@@ -403,12 +406,8 @@ def rehearse_reward(preset_path: str, overrides: Sequence[str] = ()) -> Dict[str
               "teacher.batch_size=4", "data.num_loader_workers=0", "data.held_out_fraction=0.25",
               f"data.preference_shards={shards}/pairs-000000.tar", "data.eval_shards=null",
               f"trainer.output_dir={out}", "data.eval_sources=[human,auto,synthetic]"]
-    if preset.model.arch in (None, "tiny"):
-        raise ValueError(f"{preset_path}: model.arch names no published architecture to rehearse")
     cfg = load_reward_config(preset_path, forced + list(overrides))
     print(f"rehearse: CPU overrides of {preset_path}:\n  " + "\n  ".join(forced), flush=True)
-    from launcher.memory_plan import reward_trainer_plan
-
     plan = reward_trainer_plan(cfg)
     result = train(cfg)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
