@@ -28,7 +28,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -143,6 +143,46 @@ def rehearse_grpo(preset_path: str, learner_ranks: Optional[int], user_overrides
     return result
 
 
+def rehearse_reward(preset_path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """`launcher.rehearse` of a reward-model preset: the preset's own trainer settings (LoRA, trainable parts,
+    loss, teacher filter, curriculum, ZeRO stage, precision) on the real Qwen2.5-VL-3B architecture with random
+    weights and fewer layers, tiny images, 2 steps, on mixed-source demo pairs, on CPU."""
+    import resource
+
+    from data.demo import write_mixed_pairs
+    from launcher.memory_plan import reward_trainer_plan
+    from reward.train import train
+    from reward.train_config import load_reward_config
+
+    preset = load_reward_config(preset_path)
+    if preset.model.arch in (None, "tiny"):
+        raise ConfigError(f"{preset_path}: model.arch names no published architecture to rehearse")
+    out = rehearsal_output_dir(preset, overrides)
+    shards = Path(out) / "data"
+    if not (shards / "pairs-000000.tar").exists():
+        write_mixed_pairs(shards, 24, ("human", "auto", "synthetic"), flip_auto=0.3)
+    forced = ["model.init=random", "model.text_layers=2", "model.vision_layers=8", "model.vocab=512",
+              "model.image_size=56", "model.num_frames=2", "trainer.device=cpu", "trainer.steps=2",
+              "trainer.checkpoint_every=1", "trainer.keep_last=1", "trainer.eval_every=0", "trainer.log_every=1",
+              "trainer.num_threads=1",
+              "trainer.batch_size=2", "trainer.grad_accum=1", "trainer.eval_batch_size=4", "teacher.train_steps=2",
+              "teacher.batch_size=4", "data.num_loader_workers=0", "data.held_out_fraction=0.25",
+              f"data.preference_shards={shards}/pairs-000000.tar", "data.eval_shards=null",
+              f"trainer.output_dir={out}", "data.eval_sources=[human,auto,synthetic]"]
+    cfg = load_reward_config(preset_path, forced + list(overrides))
+    print(f"rehearse: CPU overrides of {preset_path}:\n  " + "\n  ".join(forced), flush=True)
+    plan = reward_trainer_plan(cfg)
+    result = train(cfg)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    summary = {k: result[k] for k in ("losses", "eval", "step", "model_dir")}
+    summary.update(arch=cfg.model.arch, peak_rss_bytes=peak, plan=plan, measured_over_plan=peak / plan["total"])
+    (Path(out) / "rehearsal.json").write_text(json.dumps(dict(summary, preset=preset_path, overrides=forced), indent=2))
+    print(f"rehearse: {preset_path}: {result['step']} steps, losses {result['losses']}, peak RSS "
+          f"{peak / 2**30:.2f} GiB, plan {plan['total'] / 2**30:.2f} GiB (measured/plan "
+          f"{peak / plan['total']:.2f}); report {Path(out) / 'rehearsal.json'}")
+    return summary
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a preset in cluster_configs/")
@@ -161,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if "grpo" in raw or "sampler" in raw:
             rehearse_grpo(args.config, args.learner_ranks, args.overrides)
         else:
-            from reward.train import end_process_group, rehearse_reward
+            from reward.train import end_process_group
 
             try:
                 rehearse_reward(args.config, args.overrides)
