@@ -61,7 +61,8 @@ from policy.models import (WanComponents, build_scheduler, build_tiny_text_encod
                            build_tiny_vae)
 from policy.policy import Condition, WanPolicy  # noqa: E402
 from policy.sampler import sample_group, score_step  # noqa: E402
-from policy.sde import NoiseRule, sigma_schedule  # noqa: E402
+from policy.schedule import sampling_schedule  # noqa: E402
+from policy.sde import NoiseRule  # noqa: E402
 
 # Wan2.1 T2V 1.3B and 14B: the published transformer configs (policy/architectures/, sources in its SOURCES.md).
 WAN21_1_3B = transformer_config("wan2.1-t2v-1.3b", "t2v")
@@ -221,9 +222,8 @@ def warm_up(policy: WanPolicy, cond: Condition, traj, args, naive: bool):
     allocator, torch.compile)."""
     device = policy.device
     x = traj.latents[:, 0].to(device)
-    sigma = traj.sigmas[0].expand(x.shape[0])
     with torch.no_grad():
-        policy.velocity(x, sigma, cond.to(device))
+        policy.velocity(x, traj.timesteps[0].expand(x.shape[0]), cond.to(device))
         if naive:
             naive_velocity(policy.transformer, x[:1], float(traj.sigmas[0]), cond.prompt_embeds.to(device),
                            cond.negative_embeds.to(device), args.cfg)
@@ -474,7 +474,9 @@ def run_phases(args, cfg, shape, device, dtype, ckpt: bool, peak, result: dict):
     t, G = args.text_len, args.group
     rows, K = 2 * G, args.train_steps
     rule = NoiseRule()
-    sigmas = sigma_schedule(args.steps, args.shift)
+    # Euler: the naive reference computes its timesteps as sigma * 1000 (bench/gpu_wan_naive.py).
+    schedule = sampling_schedule("euler", args.steps, args.shift)
+    sigmas = schedule.sigmas
     seeds = [args.seed * 1000 + i for i in range(G)]
     train_steps = list(range(K))
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -500,10 +502,10 @@ def run_phases(args, cfg, shape, device, dtype, ckpt: bool, peak, result: dict):
     result["config"]["params_lora"] = sum(p.numel() for p in policy.transformer.parameters() if p.requires_grad)
 
     if args.warmup:
-        dummy = sample_group(policy, cond, seeds, rule, 1, args.shift, decode=False)
+        dummy = sample_group(policy, cond, seeds, rule, sampling_schedule("euler", 1, args.shift), decode=False)
         warm_up(policy, cond, dummy, args, naive=True)
     with Phase(device) as ph:
-        traj = sample_group(policy, cond, seeds, rule, args.steps, args.shift, decode=False)
+        traj = sample_group(policy, cond, seeds, rule, schedule, decode=False)
     record("ours_rollout", ph, flops["rollout_total"], flops["rollout_total"])
     with Phase(device) as ph:
         naive_lat, naive_lp = naive_rollout(policy.transformer, cond, seeds, sigmas, rule, args.cfg, device)

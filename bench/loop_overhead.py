@@ -45,6 +45,7 @@ def plain_loop(cfg) -> list:
     from policy.models import build_components
     from policy.policy import WanPolicy
     from policy.sampler import sample_group, score_step
+    from policy.schedule import schedule_from_config
     from policy.sde import NoiseRule
     from reward.composite import CompositeReward
     from workers.common import sample_seed
@@ -56,7 +57,7 @@ def plain_loop(cfg) -> list:
     params = [p for p in policy.transformer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     stream = iter(ShardReader.from_config(cfg.data, "prompt"))
-    rule, times = NoiseRule.from_config(cfg.sampler), []
+    rule, schedule, times = NoiseRule.from_config(cfg.sampler), schedule_from_config(cfg.sampler), []
     for step in range(1, cfg.trainer.steps + 1):
         start = time.perf_counter()
         trajs = []
@@ -64,12 +65,12 @@ def plain_loop(cfg) -> list:
             sample = next(stream)
             cond = policy.encode_condition(sample["prompt"], sample["refs"])
             seeds = [sample_seed(cfg.trainer.seed, step, g, i) for i in range(cfg.grpo.group_size)]
-            traj = sample_group(policy, cond, seeds, rule, cfg.sampler.num_steps, cfg.sampler.shift)
+            traj = sample_group(policy, cond, seeds, rule, schedule)
             traj.references, traj.prompt = sample["refs"], sample["prompt"]
             trajs.append(traj)
         totals = torch.stack([reward.score(list(t.videos), [t.references] * len(t.videos),
                                            [t.prompt] * len(t.videos))["total"] for t in trajs])
-        adv = group_advantages(totals, cfg.grpo.std_mode, cfg.grpo.adv_eps, cfg.grpo.adv_clip)
+        adv = group_advantages(totals, cfg.grpo.std_mode, cfg.grpo.adv_eps, cfg.grpo.adv_clip, cfg.grpo.std_ddof)
         opt.zero_grad()
         for g, traj in enumerate(trajs):
             gen = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, step, g, 10_000))

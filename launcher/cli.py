@@ -29,6 +29,9 @@ def parse_config(description: str, argv: Optional[Sequence[str]] = None,
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NotImplementedError as err:  # a valid setting this version does not implement (README, "Missing")
+        print(f"not implemented: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if args.print_config:
         print(to_yaml(cfg), end="")
         raise SystemExit(0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -77,12 +77,16 @@ class SamplerConfig:
     num_steps: int = 4
     guidance_scale: float = 4.5
     shift: float = 3.0  # Wan's flow shift of the sigma schedule
-    # "eta": std = eta * sqrt(s / (1 - s)) (Flow-GRPO);
-    # "linear": std = std_min + (std_max - std_min) * s (official Identity-GRPO code).
-    noise_rule: str = "eta"
+    # Sigmas and transformer timesteps (policy/schedule.py): "unipc" = Wan's shipped UniPC flow schedule
+    # (official Identity-GRPO), "euler" = FlowMatchEulerDiscreteScheduler's (Flow-GRPO).
+    schedule: str = "unipc"
+    # "linear": std = std_min + (std_max - std_min) * s (official Identity-GRPO code);
+    # "eta": std = eta * sqrt(s / (1 - s)) (Flow-GRPO).
+    noise_rule: str = "linear"
     eta: float = 0.7
-    std_min: float = 0.0
-    std_max: float = 0.5
+    # Numbers, or "schedule": std_max = the schedule's sigmas[1], std_min = its last sigma (official).
+    std_min: Any = "schedule"
+    std_max: Any = "schedule"
     # Phantom's image guidance (its CFG has text and image terms; guidance_scale is the text one).
     image_guidance_scale: float = 5.0
     negative_prompt: str = ""
@@ -101,10 +105,24 @@ class GrpoConfig:
     adv_clip: float = 5.0
     adv_eps: float = 1e-4
     std_mode: str = "group"  # group | global
+    std_ddof: int = 0  # 0: population std (official np.std), 1: sample std
     # Which sampled steps are trained: a fraction of them, in "fixed" (first ones) or "random" order.
     timestep_fraction: float = 1.0
     timestep_order: str = "random"  # random | fixed
     num_inner_epochs: int = 1
+    # Optimizer steps per update, each over an equal share of every learner rank's groups (official: 2 per
+    # epoch of 32 prompts). 1 = one step over all groups (on-policy: every ratio starts at exactly 1).
+    optimizer_steps_per_update: int = 1
+
+
+@dataclass
+class EmaConfig:
+    """EMA of the trainable weights (policy/ema.py): evaluated and saved beside the live weights."""
+
+    enabled: bool = False
+    decay: float = 0.9
+    update_interval: int = 8  # optimizer steps between updates
+    repeats: int = 1  # applications per update (official loop: 4, see policy/ema.py)
 
 
 @dataclass
@@ -114,6 +132,7 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 # ----------------------------------------------------------------------------- reward
@@ -267,7 +286,9 @@ CHOICES = {
     "model.dtype": {"float32", "bfloat16", "float16"},
     "model.lora.init": {"default", "gaussian"},
     "sampler.noise_rule": {"eta", "linear"},
+    "sampler.schedule": {"unipc", "euler"},
     "grpo.std_mode": {"group", "global"},
+    "grpo.std_ddof": {0, 1},
     "grpo.timestep_order": {"random", "fixed"},
     "reward.on_nan": {"mask", "raise"},
     "reward.face.backend": {"dlib", "arcface"},
@@ -282,10 +303,11 @@ CHOICES = {
 
 POSITIVE = [
     "model.height", "model.width", "model.num_frames", "model.lora.rank", "sampler.num_steps",
-    "grpo.group_size", "grpo.prompts_per_step", "grpo.num_inner_epochs", "trainer.steps",
-    "trainer.checkpoint_every", "workers.rollout.num_workers", "workers.reward.num_workers",
+    "grpo.group_size", "grpo.prompts_per_step", "grpo.num_inner_epochs", "grpo.optimizer_steps_per_update",
+    "trainer.steps", "trainer.checkpoint_every", "workers.rollout.num_workers", "workers.reward.num_workers",
     "workers.learner.num_workers", "logging.eval_num_prompts", "logging.eval_seeds_per_prompt",
-    "workers.weight_sync_timeout_s", "model.vae_decode_batch", "reward.vlm.image_size", "reward.vlm.num_frames",
+    "workers.weight_sync_timeout_s", "model.vae_decode_batch", "optim.ema.update_interval", "optim.ema.repeats",
+    "reward.vlm.image_size", "reward.vlm.num_frames",
 ]
 # Optional counts: None (not set) or > 0.
 OPTIONAL_POSITIVE = ["model.num_layers", "model.text_encoder_layers", "model.text_encoder_vocab",
@@ -312,11 +334,30 @@ def _check_values(cfg: DictConfig, source: str) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{source}: '{key}' must be > 0 (or null), got {value}")
+    from policy.sde import NoiseRule
+
+    try:
+        NoiseRule.from_config(cfg.sampler)
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    if cfg.sampler.noise_rule == "eta" and cfg.sampler.schedule == "unipc":
+        raise ConfigError(f"{source}: 'sampler.noise_rule' eta needs 'sampler.schedule' euler: UniPC's first sigma is "
+                          f"0.999999, not 1, where eta * sqrt(s / (1 - s)) is ~700 (the eta rule replaces only s = 1); "
+                          f"use noise_rule=linear with unipc (official) or schedule=euler with eta (Flow-GRPO)")
     if not 0.0 < cfg.grpo.timestep_fraction <= 1.0:
         raise ConfigError(f"{source}: 'grpo.timestep_fraction' must be in (0, 1]")
+    if not 0.0 <= cfg.optim.ema.decay < 1.0:
+        raise ConfigError(f"{source}: 'optim.ema.decay' must be in [0, 1), got {cfg.optim.ema.decay}")
+    if cfg.optim.ema.enabled and cfg.workers.learner_engine.zero_stage == 3:
+        raise NotImplementedError(f"{source}: 'optim.ema.enabled' with 'workers.learner_engine.zero_stage' 3 (the EMA "
+                                  "of partitioned parameters) is not implemented; use ZeRO stage 0-2")
     if cfg.grpo.prompts_per_step % cfg.workers.learner.num_workers:
         raise ConfigError(f"{source}: 'grpo.prompts_per_step' ({cfg.grpo.prompts_per_step}) must be a multiple of "
                           f"'workers.learner.num_workers' ({cfg.workers.learner.num_workers}): groups split evenly")
+    per_rank, steps = cfg.grpo.prompts_per_step // cfg.workers.learner.num_workers, cfg.grpo.optimizer_steps_per_update
+    if per_rank % steps:
+        raise ConfigError(f"{source}: 'grpo.optimizer_steps_per_update' ({steps}) must divide each learner rank's "
+                          f"groups ('grpo.prompts_per_step' / 'workers.learner.num_workers' = {per_rank})")
     mb = cfg.workers.learner_engine.micro_batch_size
     if mb < 0 or (mb and cfg.grpo.group_size % mb):
         raise ConfigError(f"{source}: 'workers.learner_engine.micro_batch_size' ({mb}) must be 0 (whole group) "
@@ -399,12 +440,8 @@ def load_structured(schema, check: Callable[[DictConfig, str], None], path: Opti
     mappings = _mapping_keys(cfg)
     source, key = "defaults", None
     try:
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            source = str(path)
-            incoming = OmegaConf.load(path)
+        for file_name, incoming in _file_chain(path) if path is not None else []:
+            source = file_name  # named in an error
             cfg = OmegaConf.merge(_cleared(cfg, [k for k in mappings if OmegaConf.select(incoming, k) is not None]),
                                   incoming)
         for item in overrides:
@@ -418,6 +455,22 @@ def load_structured(schema, check: Callable[[DictConfig, str], None], path: Opti
     check(cfg, origin or "defaults")
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _file_chain(path: str | Path, seen: Sequence[Path] = ()) -> List[tuple]:
+    """(source, tree) of a YAML file and the files it builds on, base first. A file may name one other by
+    `base: FILE` (relative to itself): an evaluation preset is its training preset plus what differs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (the 'base' of {seen[-1]})" if seen else ""))
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' files form a cycle: {' -> '.join(map(str, [*seen, path.resolve()]))}")
+    tree = OmegaConf.load(path)
+    base = tree.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be one file name, got {base!r}")
+    chain = _file_chain(path.parent / base, [*seen, path.resolve()]) if base else []
+    return chain + [(str(path), tree)]
 
 
 def _mapping_keys(node: DictConfig, prefix: str = "") -> List[str]:

@@ -58,6 +58,9 @@ class EvalError(ValueError):
 # ----------------------------------------------------------------------------- which policy
 
 
+LORA_DIRS = ("lora", "lora_ema")  # a checkpoint's live and EMA adapters (workers/learner.py save)
+
+
 @dataclass(frozen=True)
 class PolicySpec:
     tag: str  # directory name and label in the report
@@ -67,10 +70,14 @@ class PolicySpec:
     step: int = 0
 
 
-def resolve_policy(spec: str, output_dir: str | Path) -> PolicySpec:
-    """'base' | 'latest' | a checkpoint dir, run dir, lora dir or LoRA file -> PolicySpec (see module doc)."""
+def resolve_policy(spec: str, output_dir: str | Path, weights: str = "ema") -> PolicySpec:
+    """'base' | 'latest' | a checkpoint dir, run dir, lora dir or LoRA file -> PolicySpec (see module doc).
+    weights: of a checkpoint directory, "ema" takes its EMA weights (lora_ema/) when it has them (what the
+    official code evaluates), "live" the trained ones (lora/)."""
     from policy.lora import LORA_FILE
 
+    if weights not in ("ema", "live"):
+        raise EvalError(f"--weights must be ema or live, got {weights!r}")
     if spec == "base":
         return PolicySpec("base", "base")
     if spec == "latest":
@@ -91,9 +98,11 @@ def resolve_policy(spec: str, output_dir: str | Path) -> PolicySpec:
             raise EvalError(f"checkpoint {spec!r}: run directory {path} has no complete checkpoint")
         path = latest
     if path.is_file():
-        lora_file, step_dir = path, path.parent.parent if path.parent.name == "lora" else None
+        lora_file, step_dir = path, path.parent.parent if path.parent.name in LORA_DIRS else None
     elif (path / LORA_FILE).is_file():
-        lora_file, step_dir = path / LORA_FILE, path.parent if path.name == "lora" else None
+        lora_file, step_dir = path / LORA_FILE, path.parent if path.name in LORA_DIRS else None
+    elif weights == "ema" and (path / "lora_ema" / LORA_FILE).is_file():
+        lora_file, step_dir = path / "lora_ema" / LORA_FILE, path
     elif (path / "lora" / LORA_FILE).is_file():
         lora_file, step_dir = path / "lora" / LORA_FILE, path
     else:
@@ -101,6 +110,8 @@ def resolve_policy(spec: str, output_dir: str | Path) -> PolicySpec:
                         "full fine-tuning checkpoints (model.lora.enabled=false) are not supported yet")
     match = re.match(r"step_(\d+)$", step_dir.name) if step_dir is not None else None
     tag = step_dir.name if step_dir is not None else lora_file.parent.name
+    if step_dir is not None and lora_file.parent.name == "lora_ema":
+        tag += "_ema"
     return PolicySpec(tag, spec, lora_file, step_dir, int(match.group(1)) if match else 0)
 
 
@@ -210,13 +221,14 @@ def evaluate_policy(policy, cfg, prompts: Sequence[dict], seeds: Sequence[int], 
     a time, so memory stays one group's videos whatever N is.
     """
     from policy.sampler import sample_group
+    from policy.schedule import schedule_from_config
     from policy.sde import NoiseRule
 
-    rule = NoiseRule.from_config(cfg.sampler)
+    rule, schedule = NoiseRule.from_config(cfg.sampler), schedule_from_config(cfg.sampler)
     records, kept = [], {}
     for i, sample in enumerate(prompts):
         cond = policy.encode_condition(sample["prompt"], sample["refs"])
-        traj = sample_group(policy, cond, seeds, rule, cfg.sampler.num_steps, cfg.sampler.shift, deterministic=True)
+        traj = sample_group(policy, cond, seeds, rule, schedule, deterministic=True)
         videos = traj.videos.numpy()
         rows = scorer.score(list(videos), [sample["refs"]] * len(videos), [sample["prompt"]] * len(videos))
         for k, (seed, row) in enumerate(zip(seeds, rows, strict=True)):
@@ -314,6 +326,8 @@ def _parser():
     parser = build_parser(__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--checkpoint", default="latest", help="latest | base | PATH (default: %(default)s)")
+    parser.add_argument("--weights", default="ema", choices=["ema", "live"],
+                        help="a checkpoint's EMA weights when it has them (official eval), or the live ones")
     parser.add_argument("--compare", default=None, help="baseline policy to compare with: latest | base | PATH")
     parser.add_argument("--num-prompts", type=int, default=None,
                         help="prompts (default: logging.eval_num_prompts or 8)")
@@ -343,9 +357,9 @@ def run(cfg, args) -> dict:
 
     output_dir = Path(cfg.trainer.output_dir)
     out = Path(args.out) if args.out else output_dir / "eval"
-    specs = [resolve_policy(args.checkpoint, output_dir)]
+    specs = [resolve_policy(args.checkpoint, output_dir, args.weights)]
     if args.compare:
-        baseline = resolve_policy(args.compare, output_dir)
+        baseline = resolve_policy(args.compare, output_dir, args.weights)
         specs.append(replace(baseline, tag=baseline.tag + "_compare") if baseline.tag == specs[0].tag else baseline)
     for spec in specs:
         check_compatible(spec, cfg)

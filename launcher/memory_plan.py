@@ -70,7 +70,9 @@ def model_bytes(cfg) -> Dict[str, int]:
         numel = sum(p.numel() for p in c.transformer.parameters())
         out = {"transformer": _bytes(c.transformer), "text_encoder": _bytes(c.text_encoder), "vae": _bytes(c.vae),
                "reference": 0 if m.lora.enabled else _bytes(c.transformer), "trainable_params": trainable,
-               "transformer_bytes_per_param": _bytes(c.transformer) / max(1, numel)}
+               "transformer_bytes_per_param": _bytes(c.transformer) / max(1, numel),
+               "trainable_bytes": sum(p.numel() * p.element_size() for p in c.transformer.parameters()
+                                      if p.requires_grad)}
         out["vlm"] = _vlm_bytes(cfg) if "vlm" in cfg.reward.weights else 0
     return out
 
@@ -108,7 +110,10 @@ def predict(cfg, sizes: Dict[str, int]) -> Dict[str, Dict[str, int]]:
                     "reference": sizes["reference"], "text_encoder": sizes["text_encoder"], "vae": sizes["vae"]},
         "learner": {"base": BASE_BYTES["learner"], "model": learner_model,
                     "training_state": learner_state_bytes(sizes["trainable_params"], world,
-                                                          cfg.workers.learner_engine.zero_stage, mixed)},
+                                                          cfg.workers.learner_engine.zero_stage, mixed),
+                    # optim.ema: an fp32 copy of the trainable weights on every rank (policy/ema.py), plus a
+                    # live copy of them while the EMA is swapped in for a save
+                    "ema": (4 * sizes["trainable_params"] + sizes["trainable_bytes"]) if cfg.optim.ema.enabled else 0},
         "reward": {"base": BASE_BYTES["reward"], "vlm": sizes["vlm"]},
     }
     for terms in plan.values():

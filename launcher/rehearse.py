@@ -65,7 +65,7 @@ def cpu_overrides(preset, learner_ranks: Optional[int] = None, output_dir: Optio
         f"trainer.output_dir={out}",
         "logging.progress_bar=false", "logging.video_every=2", "logging.eval_every=0",
         f"data.prompt_shards={out}/data/prompts-{{000000..000001}}.tar", "data.eval_prompt_shards=null",
-        f"grpo.prompts_per_step={ranks}", "workers.ray_address=null",
+        f"grpo.prompts_per_step={ranks}", "grpo.optimizer_steps_per_update=1", "workers.ray_address=null",
     ]
     if REHEARSAL_LAYERS.get(arch):
         overrides.append(f"model.num_layers={REHEARSAL_LAYERS[arch]}")

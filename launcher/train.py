@@ -107,7 +107,8 @@ class Trainer:
                 rewards_s = time.perf_counter() - t0
                 # 4. advantages within each prompt group
                 totals = torch.stack([s["scores"]["total"] for s in scored])
-                adv = group_advantages(totals, cfg.grpo.std_mode, cfg.grpo.adv_eps, cfg.grpo.adv_clip)
+                adv = group_advantages(totals, cfg.grpo.std_mode, cfg.grpo.adv_eps, cfg.grpo.adv_clip,
+                                       cfg.grpo.std_ddof)
                 # async: start the next step's rollouts now, with the current weights
                 if cfg.trainer.mode == "async" and cfg.trainer.max_staleness >= 1 and step < cfg.trainer.steps:
                     next_rollouts = self.launch_rollouts(step + 1, self.state.version)
@@ -137,8 +138,10 @@ class Trainer:
             if self.eval_prompts and step % cfg.logging.eval_every == 0:
                 # held-out prompts, scored with rewards the policy is not trained on (launcher/evaluate.py)
                 t0 = time.perf_counter()
+                # with the EMA weights when there is an EMA (official: eval swaps the EMA in)
+                ema = self.workers.learner.actors[0].ema_weights.remote() if cfg.optim.ema.enabled else None
                 record.update(ray.get(self.workers.rollout.actors[0].held_out.remote(self.eval_prompts,
-                                                                                     self.eval_seeds)))
+                                                                                     self.eval_seeds, ema)))
                 record["eval_s"] = time.perf_counter() - t0
             self.metrics.log(record)
             if cfg.logging.video_every and step % cfg.logging.video_every == 0:

@@ -2,7 +2,8 @@
 
 For prompt p with G samples and rewards r_{p,i}:
     A_{p,i} = (r_{p,i} - mean_i r_{p,.}) / (std + eps),   clipped to [-A_max, A_max]
-with std the group's own std ("group") or the std over the whole batch ("global"). A group whose
+with std the group's own std ("group") or the std over the whole batch ("global"), with `ddof` 0 (the
+population std: the official code's np.std) or 1 (the sample std). A group whose
 rewards are all equal carries no preference: its advantages are 0 and its samples are masked out of
 the loss. Samples whose reward is NaN (a failed score) are masked too, never treated as 0.
 
@@ -28,8 +29,10 @@ class Advantages:
 
 
 def group_advantages(rewards: torch.Tensor, std_mode: str = "group", eps: float = 1e-4,
-                     clip: float = 5.0) -> Advantages:
+                     clip: float = 5.0, ddof: int = 0) -> Advantages:
     """rewards (P, G) -> advantages (P, G) and the training mask (NaN and all-equal groups masked)."""
+    if ddof not in (0, 1):
+        raise ValueError(f"grpo.std_ddof must be 0 or 1, got {ddof}")
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be (prompts, group >= 2), got {tuple(rewards.shape)}")
     rewards = rewards.double()
@@ -39,10 +42,10 @@ def group_advantages(rewards: torch.Tensor, std_mode: str = "group", eps: float 
     mean = filled.sum(1, keepdim=True) / count.clamp(min=1)
     centred = torch.where(valid, rewards - mean, torch.zeros_like(rewards))
     if std_mode == "group":
-        std = (centred.pow(2).sum(1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+        std = (centred.pow(2).sum(1, keepdim=True) / (count - ddof).clamp(min=1)).sqrt()
     elif std_mode == "global":
         flat = rewards[valid]
-        std = flat.std() if flat.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
+        std = flat.std(correction=ddof) if flat.numel() > 1 else torch.zeros((), dtype=rewards.dtype)
         std = std.expand_as(mean)
     else:
         raise ValueError(f"grpo.std_mode: unknown mode {std_mode!r} (expected 'group' or 'global')")
@@ -105,9 +108,15 @@ def advantage_stats(adv: Advantages) -> Dict[str, float]:
             "adv_max": float(values.abs().max()), "trained_frac": float(adv.mask.float().mean())}
 
 
+def trained_step_count(num_steps: int, fraction: float) -> int:
+    """How many of T sampled steps train: int(T * fraction), at least 1. Truncated as the official code does
+    (`int(config.sample.num_steps * config.train.timestep_fraction)`: 0.99 of 25 steps trains 24)."""
+    return max(1, int(num_steps * fraction))
+
+
 def select_timesteps(num_steps: int, fraction: float, order: str, generator: torch.Generator) -> torch.Tensor:
-    """Which sampled steps to train on: round(fraction * T) of them, first ones or a random subset."""
-    count = max(1, int(round(fraction * num_steps)))
+    """Which sampled steps to train on: trained_step_count of them, the first ones or a random subset."""
+    count = trained_step_count(num_steps, fraction)
     if order == "fixed":
         return torch.arange(count)
     if order == "random":

@@ -35,7 +35,6 @@ from policy.models import DTYPES, WanComponents, pipeline_for
 from policy.precision import set_policy_dtypes
 from policy.sde import host_to_device
 
-NUM_TRAIN_TIMESTEPS = 1000
 
 
 @dataclass
@@ -160,20 +159,20 @@ class WanPolicy:
             with adapters_disabled(self.transformer) as frozen:
                 yield frozen
 
-    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Condition,
+    def velocity(self, latents: torch.Tensor, timestep: torch.Tensor, cond: Condition,
                  reference: bool = False) -> torch.Tensor:
-        """Guided velocity for latents (B, C, F, h, w) at per-sample sigma (B,), one batched forward."""
+        """Guided velocity for latents (B, C, F, h, w) at per-sample transformer timesteps (B,), in [0, 1000]
+        (the schedule's, policy/schedule.py), one batched forward."""
         if reference:
             with self.reference() as model:
-                return self._guided(model, latents, sigma, cond)
-        return self._guided(self.transformer, latents, sigma, cond)
+                return self._guided(model, latents, timestep, cond)
+        return self._guided(self.transformer, latents, timestep, cond)
 
-    def _guided(self, model, latents, sigma, cond: Condition) -> torch.Tensor:
+    def _guided(self, model, latents, timestep, cond: Condition) -> torch.Tensor:
         batch = latents.shape[0]
         dtype = model.dtype if hasattr(model, "dtype") else self.transformer.dtype
         x = latents.to(dtype)
-        sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        timestep = (host_to_device(sigma, x.device) * NUM_TRAIN_TIMESTEPS).to(torch.float32).expand(batch)
+        timestep = host_to_device(torch.as_tensor(timestep, dtype=torch.float32), x.device).expand(batch)
         pos = cond.prompt_embeds.expand(batch, -1, -1)
         neg = cond.negative_embeds.expand(batch, -1, -1)
         w = self.sampler_cfg.guidance_scale

@@ -13,7 +13,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from policy.policy import Condition, WanPolicy
-from policy.sde import NoiseRule, host_to_device, kl_to_reference, sde_step_with_logprob, sigma_schedule
+from policy.schedule import Schedule
+from policy.sde import NoiseRule, host_to_device, kl_to_reference, sde_step_with_logprob
 
 
 @dataclass
@@ -23,9 +24,10 @@ class Trajectory:
     latents: torch.Tensor
     log_probs: Optional[torch.Tensor]  # (G, T) float64; None for a deterministic run
     sigmas: torch.Tensor  # (T+1,) float64, s_0 = 1 ... s_T = 0
+    timesteps: torch.Tensor  # (T,) float32: the transformer's timestep at each step (policy/schedule.py)
     seeds: List[int]
     cond: Condition
-    rule: NoiseRule
+    rule: NoiseRule  # resolved against `sigmas`: plain numbers
     guidance_scale: float
     policy_version: int = 0
     videos: Optional[torch.Tensor] = None  # (G, F, H, W, 3) uint8
@@ -55,16 +57,16 @@ def initial_noise(seeds: Sequence[int], shape: tuple, device="cpu") -> tuple[tor
 
 @torch.no_grad()
 def sample_group(policy: WanPolicy, cond: Condition, seeds: Sequence[int], rule: NoiseRule,
-                 num_steps: int, shift: float, deterministic: bool = False, decode: bool = True,
+                 schedule: Schedule, deterministic: bool = False, decode: bool = True,
                  policy_version: int = 0, latents: Optional[torch.Tensor] = None) -> Trajectory:
     """Run the full SDE (or, deterministic, the Euler ODE) from s = 1 to 0 for len(seeds) samples."""
-    sigmas = sigma_schedule(num_steps, shift)
+    sigmas, timesteps, num_steps = schedule.sigmas, schedule.timesteps, schedule.num_steps
+    rule = rule.resolve(sigmas)
     noise, generators = initial_noise(seeds, cond.latent_shape, policy.device)
     x = noise if latents is None else latents.to(policy.device, torch.float32)
     states, log_probs = [x], []
     for k in range(num_steps):
-        sigma = sigmas[k].expand(len(seeds))
-        v = policy.velocity(x, sigma, cond)
+        v = policy.velocity(x, timesteps[k].expand(len(seeds)), cond)
         step_noise = None
         if not deterministic:
             step_noise = host_to_device(torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32)
@@ -77,7 +79,7 @@ def sample_group(policy: WanPolicy, cond: Condition, seeds: Sequence[int], rule:
             log_probs.append(step.log_prob)
     trajectory = Trajectory(
         latents=torch.stack(states, dim=1).cpu(), log_probs=torch.stack(log_probs, 1).cpu() if log_probs else None,
-        sigmas=sigmas, seeds=[int(s) for s in seeds], cond=cond.to("cpu"), rule=rule,
+        sigmas=sigmas, timesteps=timesteps, seeds=[int(s) for s in seeds], cond=cond.to("cpu"), rule=rule,
         guidance_scale=float(policy.sampler_cfg.guidance_scale), policy_version=policy_version)
     if decode:
         trajectory.videos = policy.decode(x, cond)
@@ -107,13 +109,13 @@ def score_step(policy: WanPolicy, trajectory: Trajectory, step: int, rows: Optio
     x_next = host_to_device(trajectory.latents[rows, step + 1], policy.device)
     cond = trajectory.cond.to(policy.device)
     s, s_next = trajectory.sigmas[step], trajectory.sigmas[step + 1]
-    sigma = s.expand(len(rows))
-    v = policy.velocity(x, sigma, cond)
+    timestep = trajectory.timesteps[step].expand(len(rows))
+    v = policy.velocity(x, timestep, cond)
     out = sde_step_with_logprob(x, v, s, s_next, trajectory.rule, prev_sample=x_next)
     kl = None
     if with_kl:
         with torch.no_grad():
-            v_ref = policy.velocity(x, sigma, cond, reference=True)
+            v_ref = policy.velocity(x, timestep, cond, reference=True)
             ref = sde_step_with_logprob(x, v_ref, s, s_next, trajectory.rule, prev_sample=x_next)
         kl = kl_to_reference(out.mean, ref.mean, out.scale)
     return StepScore(out.log_prob, out.mean, out.scale, kl)

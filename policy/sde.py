@@ -13,6 +13,8 @@ Noise rules for std_k (rollout and training must use the same one, else the rati
 the sampler stores the rule with the trajectory and the learner checks it):
     "eta":    std = eta * sqrt(s / (1 - s)), with 1 - s at s = 1 replaced by 1 - s_next (Flow-GRPO)
     "linear": std = std_min + (std_max - std_min) * s                      (Identity-GRPO code)
+With "linear", std_min / std_max may be "schedule": the official code's choice, std_max = sigmas[1] and
+std_min = sigmas[-1] of the sampling schedule (about 0.99 and 0 at 25 steps), fixed by `resolve`.
 
 log p(x' | x) is the Gaussian log-density, *averaged* (not summed) over all non-batch dimensions,
 so its scale does not depend on the video size. The KL to a reference policy is the closed form for
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -36,15 +38,26 @@ class NoiseRule:
 
     kind: str = "eta"  # eta | linear
     eta: float = 0.7
-    std_min: float = 0.0
-    std_max: float = 0.5
+    std_min: Union[float, str] = 0.0  # a number, or "schedule" until `resolve`d
+    std_max: Union[float, str] = 0.5
 
     @classmethod
     def from_config(cls, sampler_cfg) -> "NoiseRule":
         return cls(kind=sampler_cfg.noise_rule, eta=float(sampler_cfg.eta),
-                   std_min=float(sampler_cfg.std_min), std_max=float(sampler_cfg.std_max))
+                   std_min=_bound(sampler_cfg.std_min, "sampler.std_min"),
+                   std_max=_bound(sampler_cfg.std_max, "sampler.std_max"))
+
+    def resolve(self, sigmas: torch.Tensor) -> "NoiseRule":
+        """The rule with "schedule" bounds replaced by this schedule's: std_max = sigmas[1], std_min =
+        sigmas[-1] (official Identity-GRPO: `sigma_max = self.sigmas[1]`, `sigma_min = self.sigmas[-1]`)."""
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+        low = float(sigmas[-1]) if self.std_min == SCHEDULE else self.std_min
+        high = float(sigmas[1]) if self.std_max == SCHEDULE else self.std_max
+        return NoiseRule(self.kind, self.eta, low, high)
 
     def std(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        if SCHEDULE in (self.std_min, self.std_max):
+            raise ValueError("NoiseRule: std_min/std_max 'schedule' must be resolved against the sigmas first")
         if self.kind == "eta":
             # At s = 1 the formula diverges; Flow-GRPO uses the next schedule value below 1 there.
             denom_sigma = torch.where(sigma >= 1.0, sigma_next, sigma)
@@ -52,6 +65,19 @@ class NoiseRule:
         if self.kind == "linear":
             return self.std_min + (self.std_max - self.std_min) * sigma
         raise ValueError(f"sampler.noise_rule: unknown rule {self.kind!r} (expected 'eta' or 'linear')")
+
+
+SCHEDULE = "schedule"
+
+
+def _bound(value, key: str) -> Union[float, str]:
+    """A linear-rule bound from the config: a number, or "schedule"."""
+    if isinstance(value, str) and value.strip() == SCHEDULE:
+        return SCHEDULE
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: expected a number or '{SCHEDULE}', got {value!r}") from None
 
 
 @dataclass
@@ -163,12 +189,3 @@ def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, scale: torch.Ten
     diff = (mean.double() - mean_ref.double()) ** 2
     kl = diff / (2 * _expand(scale.double(), diff) ** 2)
     return kl.mean(dim=tuple(range(1, diff.ndim)))
-
-
-def sigma_schedule(num_steps: int, shift: float) -> torch.Tensor:
-    """Wan's shifted schedule s_0 = 1 > ... > s_T = 0, exactly as diffusers' scheduler computes it."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-    scheduler.set_timesteps(num_steps)
-    return scheduler.sigmas.to(torch.float64)

@@ -6,7 +6,7 @@ from omegaconf import OmegaConf
 
 from launcher.config import ConfigError, config_from_yaml_text, load_config, to_yaml
 
-CONFIGS = ["local_cpu", "demo_cpu", "vace_1.3b_8gpu", "phantom_1.3b_8gpu", "vace_14b_multinode"]
+CONFIGS = ["local_cpu", "demo_cpu", "vace_1.3b_8gpu", "vace_1.3b_eval", "phantom_1.3b_8gpu", "vace_14b_multinode"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -16,13 +16,78 @@ def test_every_shipped_config_loads_and_validates(root, name):
     assert OmegaConf.is_readonly(cfg)
 
 
-def test_paper_settings_in_vace_1_3b(root):
-    cfg = load_config(root / "cluster_configs" / "vace_1.3b_8gpu.yaml")
-    assert (cfg.model.lora.rank, cfg.model.lora.alpha) == (32, 32.0)
-    assert cfg.grpo.group_size == 8 and cfg.sampler.num_steps == 25
-    assert (cfg.model.num_frames, cfg.model.height, cfg.model.width) == (33, 240, 416)
-    assert cfg.sampler.guidance_scale == 4.5 and cfg.grpo.clip_range == 1e-3
-    assert cfg.grpo.kl_beta == 0.004 and cfg.optim.lr == 1e-4
+# The official Identity-GRPO recipe (alibaba/identity-grpo config/dgx.py `vace()`, config/base.py,
+# train_wan2_1_vace.py, flow_grpo/diffusers_patch/wan_vace_pipeline_with_logprob.py): docs/FIDELITY.md.
+OFFICIAL_RECIPE = {
+    "model.lora.rank": 32, "model.lora.alpha": 32.0, "model.lora.init": "gaussian",  # LoraConfig(r, lora_alpha, init)
+    "model.height": 240, "model.width": 416, "model.num_frames": 33,  # height, width, frames
+    "sampler.num_steps": 25, "sampler.guidance_scale": 4.5, "sampler.shift": 3.0,  # sample.*, scheduler flow_shift
+    "sampler.schedule": "unipc", "sampler.noise_rule": "linear",  # UniPC sigmas; std linear in sigma
+    "sampler.std_min": "schedule", "sampler.std_max": "schedule",  # sigmas[-1], sigmas[1]
+    "sampler.max_sequence_length": 512,  # compute_text_embeddings(..., max_sequence_length=512)
+    "grpo.group_size": 8, "grpo.prompts_per_step": 32, "grpo.optimizer_steps_per_update": 2,  # 8 x 4 x 8 / 8; 8 // 2
+    "grpo.clip_range": 1e-3, "grpo.kl_beta": 0.004, "grpo.adv_clip": 5.0, "grpo.adv_eps": 1e-4,
+    "grpo.std_mode": "group", "grpo.std_ddof": 0,  # PerPromptStatTracker(global_std=False), np.std
+    "grpo.timestep_fraction": 0.99, "grpo.timestep_order": "fixed", "grpo.num_inner_epochs": 1,
+    "optim.lr": 1e-4, "optim.weight_decay": 1e-4, "optim.betas": [0.9, 0.999], "optim.grad_clip": 1.0,
+    "optim.ema.enabled": True, "optim.ema.decay": 0.9, "optim.ema.update_interval": 8, "optim.ema.repeats": 4,
+    "trainer.checkpoint_every": 5,  # save_freq
+}
+# What a preset of a model the official code does not train sets itself (docs/FIDELITY.md).
+PRESETS_OWN = {"phantom_1.3b_8gpu": {"sampler.shift"},
+               "vace_14b_multinode": {"sampler.shift", "trainer.checkpoint_every"}}
+OFFICIAL_EVAL = {"model.height": 480, "model.width": 832, "model.num_frames": 81, "sampler.num_steps": 50}
+# Wan2.1 `sample_neg_prompt`, as the official train_wan2_1_vace.py encodes it
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量"
+                       "，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸"
+                       "形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+
+
+@pytest.mark.parametrize("name", ["vace_1.3b_8gpu", "phantom_1.3b_8gpu", "vace_14b_multinode"])
+def test_gpu_presets_train_the_official_recipe(root, name):
+    cfg = load_config(root / "cluster_configs" / f"{name}.yaml")
+    for key, value in OFFICIAL_RECIPE.items():
+        if key not in PRESETS_OWN.get(name, ()):
+            got = OmegaConf.select(cfg, key)
+            assert (list(got) if key == "optim.betas" else got) == value, key
+    assert cfg.sampler.negative_prompt == WAN_NEGATIVE_PROMPT
+
+
+def test_eval_preset_is_the_training_preset_at_the_official_eval_settings(root):
+    train = load_config(root / "cluster_configs" / "vace_1.3b_8gpu.yaml")
+    evaluation = load_config(root / "cluster_configs" / "vace_1.3b_eval.yaml")
+    for key, value in OFFICIAL_EVAL.items():
+        assert OmegaConf.select(evaluation, key) == value, key
+    for section in ("sampler", "grpo", "optim", "reward"):
+        differs = {k for k in train[section] if train[section][k] != evaluation[section][k]}
+        assert differs <= {"num_steps"}, (section, differs)
+    assert evaluation.model.path == train.model.path and evaluation.model.lora == train.model.lora
+
+
+def test_base_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrainer: {steps: 7}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing.yaml \(the 'base' of .*c.yaml\)"):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sampler.schedule=unipc", "noise_rule' eta needs 'sampler.schedule' euler"),
+    ("grpo.optimizer_steps_per_update=2", "must divide each learner rank's groups"),
+    ("sampler.std_max=big", "sampler.std_max: expected a number or 'schedule'"),
+])
+def test_recipe_keys_are_checked(root, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(root / "cluster_configs" / "local_cpu.yaml", [override])
+
+
+def test_ema_at_zero3_is_not_implemented(root):
+    with pytest.raises(NotImplementedError, match="optim.ema.enabled"):
+        load_config(root / "cluster_configs" / "local_cpu.yaml", ["optim.ema.enabled=true",
+                                                                   "workers.learner_engine.zero_stage=3"])
 
 
 def test_overrides_are_typed(root):

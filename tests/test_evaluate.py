@@ -135,6 +135,7 @@ def _checkpoint(cfg, step=2):
 
 def test_checkpoint_vs_base_report(root, shards, tmp_path):
     from policy.sampler import sample_group
+    from policy.schedule import schedule_from_config
     from policy.sde import NoiseRule
     from reward.demo import demo_reference_color
 
@@ -163,8 +164,8 @@ def test_checkpoint_vs_base_report(root, shards, tmp_path):
     cond = trained.encode_condition(prompt["prompt"], prompt["refs"])
     for tag, context in (("step_000002", contextlib.nullcontext()), ("base", adapters_disabled(trained.transformer))):
         with context:
-            videos = sample_group(trained, cond, seeds, NoiseRule.from_config(cfg.sampler), 2, cfg.sampler.shift,
-                                  deterministic=True).videos
+            videos = sample_group(trained, cond, seeds, NoiseRule.from_config(cfg.sampler),
+                                  schedule_from_config(cfg.sampler, 2), deterministic=True).videos
         expected = demo_reference_color(list(videos), [prompt["refs"]] * 2)
         got = [json.loads(line) for line in (ev / tag / "samples.jsonl").read_text().splitlines()][:2]
         assert [g["reward_demo_reference_color"] for g in got] == pytest.approx(expected.tolist(), abs=1e-9), tag
@@ -201,3 +202,19 @@ def test_errors_name_the_culprit(root, shards, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(argv(root, shards, out, "--checkpoint", str(tmp_path / "missing")))
     assert exit_info.value.code == 2
+
+
+def test_a_checkpoint_with_an_ema_is_evaluated_on_it(root, shards, tmp_path):
+    """Official eval swaps the EMA weights in: a checkpoint's lora_ema/ is the default, --weights live the other."""
+    import shutil
+
+    out = tmp_path / "run"
+    step_dir, _ = _checkpoint(config(root, shards, out), step=2)
+    assert resolve_policy(str(step_dir), out).tag == "step_000002"  # no EMA: the live weights
+    shutil.copytree(step_dir / "lora", step_dir / "lora_ema")
+    ema, live = resolve_policy("latest", out), resolve_policy("latest", out, "live")
+    assert ema.lora_file == step_dir / "lora_ema" / "pytorch_lora_weights.safetensors" and ema.tag == "step_000002_ema"
+    assert live.lora_file == step_dir / "lora" / "pytorch_lora_weights.safetensors" and live.tag == "step_000002"
+    assert resolve_policy(str(step_dir / "lora_ema"), out).checkpoint == step_dir  # its config.yaml is checked
+    with pytest.raises(EvalError, match="--weights"):
+        resolve_policy("latest", out, "best")

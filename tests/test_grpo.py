@@ -1,23 +1,37 @@
+import math
+
 import pytest
 import torch
 
-from policy.grpo import advantage_stats, group_advantages, grpo_loss, select_timesteps
+from policy.grpo import advantage_stats, group_advantages, grpo_loss, select_timesteps, trained_step_count
 
 
-def test_group_advantages_closed_form():
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_group_advantages_closed_form(ddof):
     r = torch.tensor([[1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 1.0, 1.0]])
-    adv = group_advantages(r, "group", eps=1e-4, clip=5.0)
+    adv = group_advantages(r, "group", eps=1e-4, clip=5.0, ddof=ddof)
     for p in range(2):
-        expected = (r[p] - r[p].mean()) / (r[p].std() + 1e-4)
+        expected = (r[p] - r[p].mean()) / (r[p].std(correction=ddof) + 1e-4)
         torch.testing.assert_close(adv.values[p].float(), expected)
     assert adv.mask.all()
 
 
-def test_global_std_and_clipping():
+def test_default_std_is_the_official_population_std():
+    """Official flow_grpo/stat_tracking.py: (r - mean) / (np.std(r) + 1e-4), np.std with ddof 0."""
+    r = [1.0, 2.0, 3.0, 6.0]
+    mean = sum(r) / 4
+    population_std = math.sqrt(sum((x - mean) ** 2 for x in r) / 4)  # by hand: sqrt(3.5)
+    adv = group_advantages(torch.tensor([r]))
+    assert population_std == pytest.approx(math.sqrt(3.5))
+    assert adv.values[0].tolist() == pytest.approx([(x - mean) / (population_std + 1e-4) for x in r])
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_global_std_and_clipping(ddof):
     r = torch.tensor([[0.0, 10.0], [1.0, 1.5]])
-    adv = group_advantages(r, "global", eps=0.0, clip=0.5)
+    adv = group_advantages(r, "global", eps=0.0, clip=0.5, ddof=ddof)
     centred = r - r.mean(1, keepdim=True)
-    torch.testing.assert_close(adv.values.float(), (centred / r.std()).clamp(-0.5, 0.5))
+    torch.testing.assert_close(adv.values.float(), (centred / r.std(correction=ddof)).clamp(-0.5, 0.5))
 
 
 def test_equal_groups_and_nan_are_masked():
@@ -74,3 +88,11 @@ def test_select_timesteps():
     picked = select_timesteps(10, 0.5, "random", g)
     assert len(set(picked.tolist())) == 5 and picked.max() < 10
     assert len(select_timesteps(4, 1.0, "random", g)) == 4
+
+
+def test_trained_step_count_truncates_as_the_official_code():
+    """Official: int(num_steps * timestep_fraction): 0.99 of 25 sampled steps trains the first 24."""
+    assert trained_step_count(25, 0.99) == 24
+    assert select_timesteps(25, 0.99, "fixed", torch.Generator()).tolist() == list(range(24))
+    assert trained_step_count(25, 1.0) == 25 and trained_step_count(10, 0.05) == 1
+    assert trained_step_count(4, 0.6) == 2  # round() would give 3

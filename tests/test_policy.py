@@ -11,9 +11,11 @@ from policy.lora import lora_state_dict, save_lora
 from policy.models import build_components, pipeline_for, save_pretrained
 from policy.policy import WanPolicy
 from policy.sampler import initial_noise, sample_group, score_step
+from policy.schedule import sampling_schedule
 from policy.sde import NoiseRule
 
 PROMPT = "two people talk in a sunny park"
+EULER_2, EULER_3 = sampling_schedule("euler", 2, 3.0), sampling_schedule("euler", 3, 3.0)  # local_cpu: euler
 
 
 def make_policy(root, kind, *overrides):
@@ -32,8 +34,8 @@ def test_zero_noise_trajectory_equals_diffusers_pipeline(root, kind):
     references = refs() if kind == "vace" else []
     cond = policy.encode_condition(PROMPT, references)
     noise, _ = initial_noise([7], cond.latent_shape)
-    ours = sample_group(policy, cond, [7], NoiseRule(), cfg.sampler.num_steps, cfg.sampler.shift,
-                        deterministic=True, decode=False, latents=noise)
+    euler = sampling_schedule("euler", cfg.sampler.num_steps, cfg.sampler.shift)  # the pipeline's scheduler
+    ours = sample_group(policy, cond, [7], NoiseRule(), euler, deterministic=True, decode=False, latents=noise)
     pipe = pipeline_for(policy.components)
     kwargs = dict(prompt_embeds=cond.prompt_embeds, negative_prompt_embeds=cond.negative_embeds,
                   latents=noise.clone(), num_inference_steps=cfg.sampler.num_steps,
@@ -49,7 +51,7 @@ def test_zero_noise_trajectory_equals_diffusers_pipeline(root, kind):
 def test_decode_matches_pipeline_video(root):
     policy, cfg = make_policy(root, "t2v")
     cond = policy.encode_condition(PROMPT)
-    traj = sample_group(policy, cond, [1], NoiseRule(), 2, cfg.sampler.shift, deterministic=True)
+    traj = sample_group(policy, cond, [1], NoiseRule(), EULER_2, deterministic=True)
     pipe = pipeline_for(policy.components)
     video = pipe(prompt_embeds=cond.prompt_embeds, negative_prompt_embeds=cond.negative_embeds,
                  latents=traj.latents[:, 0].clone(), num_inference_steps=2, height=32, width=32, num_frames=9,
@@ -62,7 +64,7 @@ def test_decode_matches_pipeline_video(root):
 def test_first_update_ratio_is_exactly_one(root, kind):
     policy, cfg = make_policy(root, kind)
     cond = policy.encode_condition(PROMPT, refs() if kind != "t2v" else [])
-    traj = sample_group(policy, cond, [1, 2, 3], NoiseRule.from_config(cfg.sampler), 3, 3.0)
+    traj = sample_group(policy, cond, [1, 2, 3], NoiseRule.from_config(cfg.sampler), EULER_3)
     assert traj.log_probs.shape == (3, 3) and traj.videos.shape == (3, 9, 32, 32, 3)
     for k in range(3):
         score = score_step(policy, traj, k)
@@ -74,9 +76,9 @@ def test_seeds_reproduce_and_members_differ(root):
     policy, cfg = make_policy(root, "vace")
     cond = policy.encode_condition(PROMPT, refs(1))
     rule = NoiseRule.from_config(cfg.sampler)
-    a = sample_group(policy, cond, [5, 6], rule, 3, 3.0, decode=False)
-    b = sample_group(policy, cond, [5, 6], rule, 3, 3.0, decode=False)
-    c = sample_group(policy, cond, [6], rule, 3, 3.0, decode=False)
+    a = sample_group(policy, cond, [5, 6], rule, EULER_3, decode=False)
+    b = sample_group(policy, cond, [5, 6], rule, EULER_3, decode=False)
+    c = sample_group(policy, cond, [6], rule, EULER_3, decode=False)
     assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
     assert not torch.equal(a.latents[0, 0], a.latents[1, 0])
     assert not torch.equal(a.latents[0, 2], a.latents[1, 2])
@@ -100,7 +102,7 @@ def _sgd(policy, traj, advantage, steps=3, lr=0.05):
 def test_advantage_sign_moves_log_prob(root, sign):
     policy, cfg = make_policy(root, "vace", "model.lora.rank=8")
     cond = policy.encode_condition(PROMPT, refs(1))
-    traj = sample_group(policy, cond, [1, 2], NoiseRule.from_config(cfg.sampler), 3, 3.0, decode=False)
+    traj = sample_group(policy, cond, [1, 2], NoiseRule.from_config(cfg.sampler), EULER_3, decode=False)
     after = _sgd(policy, traj, sign)
     delta = after - traj.log_probs[:, 1]
     assert (sign * delta > 0).all(), delta
@@ -109,7 +111,7 @@ def test_advantage_sign_moves_log_prob(root, sign):
 def test_kl_zero_at_init_positive_after_update(root):
     policy, cfg = make_policy(root, "vace")
     cond = policy.encode_condition(PROMPT, refs(1))
-    traj = sample_group(policy, cond, [1, 2], NoiseRule.from_config(cfg.sampler), 3, 3.0, decode=False)
+    traj = sample_group(policy, cond, [1, 2], NoiseRule.from_config(cfg.sampler), EULER_3, decode=False)
     assert torch.equal(score_step(policy, traj, 1, with_kl=True).kl, torch.zeros(2, dtype=torch.float64))
     _sgd(policy, traj, 1.0)
     assert (score_step(policy, traj, 1, with_kl=True).kl > 0).all()
@@ -120,7 +122,7 @@ def test_full_finetune_reference_is_frozen_copy(root):
     assert policy.reference_transformer is not None
     assert all(p.requires_grad for p in policy.transformer.parameters())
     cond = policy.encode_condition(PROMPT)
-    traj = sample_group(policy, cond, [1, 2], NoiseRule.from_config(cfg.sampler), 3, 3.0, decode=False)
+    traj = sample_group(policy, cond, [1, 2], NoiseRule.from_config(cfg.sampler), EULER_3, decode=False)
     assert torch.equal(score_step(policy, traj, 1, with_kl=True).kl, torch.zeros(2, dtype=torch.float64))
     _sgd(policy, traj, 1.0, lr=0.01)
     assert (score_step(policy, traj, 1, with_kl=True).kl > 0).all()
@@ -131,7 +133,7 @@ def test_lora_file_loads_into_diffusers_pipeline(root, tmp_path, kind, alpha):
     """Alpha 32 with rank 4 (the demo's): the scale must travel in the file, not be assumed = rank."""
     policy, cfg = make_policy(root, kind, f"model.lora.alpha={alpha}")
     cond = policy.encode_condition(PROMPT, refs(1) if kind == "vace" else [])
-    traj = sample_group(policy, cond, [1, 2], NoiseRule.from_config(cfg.sampler), 3, 3.0, decode=False)
+    traj = sample_group(policy, cond, [1, 2], NoiseRule.from_config(cfg.sampler), EULER_3, decode=False)
     _sgd(policy, traj, 1.0)
     lora_path = save_lora(policy.transformer, tmp_path / "lora", kind)
     assert lora_path.is_file() and len(lora_state_dict(policy.transformer)) > 0
@@ -165,8 +167,7 @@ def test_phantom_guidance_terms(root):
     cond = policy.encode_condition(PROMPT, refs(2))
     assert cond.ref_latents.shape == (1, 16, 2, 4, 4) and cond.latent_shape == (16, 3, 4, 4)
     x = torch.randn(2, *cond.latent_shape)
-    sigma = torch.tensor([0.7, 0.7], dtype=torch.float64)
-    v = policy.velocity(x, sigma, cond)
+    v = policy.velocity(x, torch.tensor([700.0, 700.0]), cond)
     with torch.no_grad():
         full = policy.transformer(hidden_states=torch.cat([x, cond.ref_latents.expand(2, -1, -1, -1, -1)], 2),
                                   timestep=torch.full((2,), 700.0),

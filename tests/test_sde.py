@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from policy.sde import (NoiseRule, gaussian_log_prob, kl_to_reference, sde_step_with_logprob,
-                        sigma_schedule)
+from policy.schedule import sampling_schedule
+from policy.sde import (NoiseRule, gaussian_log_prob, kl_to_reference, sde_step_with_logprob)
 
 RULES = [NoiseRule("eta", eta=0.7), NoiseRule("linear", std_min=0.1, std_max=0.6)]
 
@@ -62,7 +62,7 @@ def test_per_generator_noise_is_independent_of_batch():
 def test_zero_noise_is_diffusers_euler_step():
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(6)
-    sigmas = sigma_schedule(6, 3.0)
+    sigmas = sampling_schedule("euler", 6, 3.0).sigmas
     torch.testing.assert_close(sigmas.float(), scheduler.sigmas)
     torch.manual_seed(0)
     x = torch.randn(1, 16, 3, 4, 4)
@@ -93,3 +93,38 @@ def test_bad_sigmas_raise():
         sde_step_with_logprob(x, x, torch.tensor([0.5, 0.4, 0.3]), 0.1)
     with pytest.raises(ValueError, match="noise_rule"):
         sde_step_with_logprob(x, x, 0.5, 0.4, NoiseRule("cosine"))
+
+
+def test_unipc_schedule_is_wans_shipped_scheduler():
+    """Official Identity-GRPO samples on the Wan pipeline's UniPC flow schedule; diffusers' Wan docs build it
+    as UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=...)."""
+    from diffusers import UniPCMultistepScheduler
+
+    theirs = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                     num_train_timesteps=1000, flow_shift=3.0)
+    theirs.set_timesteps(25)
+    ours = sampling_schedule("unipc", 25, 3.0)
+    assert torch.equal(ours.sigmas, theirs.sigmas.double()) and torch.equal(ours.timesteps, theirs.timesteps.float())
+    assert ours.timesteps[:3].tolist() == [999.0, 986.0, 971.0]  # integer timesteps, as the transformer gets them
+    assert ours.sigmas[1].item() == pytest.approx(0.98632, abs=1e-5) and ours.sigmas[-1] == 0
+    assert ours.sigmas[-2].item() == pytest.approx(0.11358, abs=1e-5)  # Euler's: 0.0089
+    euler = sampling_schedule("euler", 25, 3.0)
+    assert euler.sigmas[-2].item() == pytest.approx(0.00893, abs=1e-5)
+    assert torch.equal(euler.timesteps, (euler.sigmas[:-1].float() * 1000))
+    with pytest.raises(ValueError, match="sampler.schedule"):
+        sampling_schedule("ddim", 25, 3.0)
+
+
+def test_linear_rule_with_schedule_bounds_is_the_official_std():
+    """std = sigma_min + (sigma_max - sigma_min) * sigma with sigma_max = sigmas[1], sigma_min = sigmas[-1]
+    (official wan_vace_pipeline_with_logprob.py), checked by hand at every step of the 25-step schedule."""
+    sigmas = sampling_schedule("unipc", 25, 3.0).sigmas
+    rule = NoiseRule("linear", std_min="schedule", std_max="schedule")
+    with pytest.raises(ValueError, match="resolved"):
+        rule.std(sigmas[:1], sigmas[1:2])
+    resolved = rule.resolve(sigmas)
+    assert resolved.std_max == sigmas[1].item() and resolved.std_min == 0.0
+    for k in range(25):
+        expected = 0.0 + (sigmas[1].item() - 0.0) * sigmas[k].item()
+        assert resolved.std(sigmas[k:k + 1], sigmas[k + 1:k + 2]).item() == pytest.approx(expected, rel=1e-12)
+    assert NoiseRule("linear", std_min=0.1, std_max="schedule").resolve(sigmas).std_min == 0.1

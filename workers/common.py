@@ -45,6 +45,15 @@ def maybe_fault(cfg, role: str, rank: int, step: int) -> None:
     os._exit(1)
 
 
+def published_weights(module: torch.nn.Module, lora: bool) -> Dict[str, torch.Tensor]:
+    """What a policy version is made of: the LoRA adapters in peft format, or a CPU copy of the full state."""
+    from policy.lora import lora_state_dict
+
+    if lora:
+        return lora_state_dict(module)
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))

@@ -4,8 +4,10 @@ The ranks form one torch.distributed group (gloo on CPU, NCCL on GPU); rank 0 pu
 rendezvous address. Each rank trains on its share of the prompt groups. One micro-step is one group
 (all G samples in one batched forward, as in the rollout, so the first recomputed log-prob matches the
 rollout's bit for bit) at one sampled timestep; DeepSpeed accumulates the micro-steps of an update
-(`gradient_accumulation_steps` = groups per rank x trained timesteps) and steps the optimizer once,
-after all-reducing gradients across ranks and clipping them.
+(`gradient_accumulation_steps` = groups per rank x trained timesteps / `grpo.optimizer_steps_per_update`)
+and steps the optimizer at each boundary, after all-reducing gradients across ranks and clipping them:
+once per update, or, as the official recipe, twice (the second half of the groups then trains off-policy
+by one step, which is what the clipped ratio is for).
 
 A collective group cannot lose a member, so the driver gang-restarts this whole group from the last
 checkpoint when any rank dies (launcher/train.py).
@@ -21,16 +23,18 @@ from typing import Dict, List, Optional
 import ray
 import torch
 
-from policy.grpo import grpo_loss, select_timesteps
-from policy.lora import lora_state_dict, save_lora
+from policy.grpo import grpo_loss, select_timesteps, trained_step_count
+from policy.ema import Ema
+from policy.lora import save_lora
 from policy.models import TRANSFORMER_ONLY, build_components
 from policy.policy import WanPolicy
 from policy.sampler import score_step
 from policy.sde import host_to_device
-from workers.common import WorkerBase, free_port, maybe_fault, sample_seed
+from workers.common import WorkerBase, free_port, maybe_fault, published_weights, sample_seed
 from workers.weight_sync import WeightGroupMember, sync_tensors
 
 ENGINE_TAG = "engine"
+EMA_FILE = "ema.pt"
 # grpo_loss stats summed over micro-steps (the driver divides by the micro-step count); ratio_mean and
 # clip_frac are summed weighted by the trained elements (the driver divides by their total), so fully
 # masked groups do not pull them to 1 and 0; ratio_min and ratio_max are reduced by min and max.
@@ -70,7 +74,14 @@ def deepspeed_config(cfg, grad_accum: int) -> dict:
 
 
 def trained_timesteps(cfg) -> int:
-    return max(1, int(round(cfg.grpo.timestep_fraction * cfg.sampler.num_steps)))
+    return trained_step_count(cfg.sampler.num_steps, cfg.grpo.timestep_fraction)
+
+
+def micro_steps_per_optimizer_step(cfg, world_size: int) -> int:
+    """DeepSpeed's gradient_accumulation_steps: a rank's micro-steps of one update, over the optimizer steps."""
+    groups_per_rank = cfg.grpo.prompts_per_step // world_size
+    micro_steps = groups_per_rank * trained_timesteps(cfg) * len(row_chunks(cfg))
+    return micro_steps // cfg.grpo.optimizer_steps_per_update
 
 
 def row_chunks(cfg) -> List[List[int]]:
@@ -95,6 +106,7 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         super().__init__(rank, world_size, cfg_yaml)
         self.engine = None
         self.policy: Optional[WanPolicy] = None
+        self.ema: Optional[Ema] = None
 
     # ------------------------------------------------------------------ setup
 
@@ -120,12 +132,17 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         self.policy = WanPolicy(build_components(cfg.model, cfg.sampler.shift, parts=TRANSFORMER_ONLY), cfg.model,
                                 cfg.sampler, device=cfg.trainer.device)
         params = [p for p in self.policy.transformer.parameters() if p.requires_grad]
-        groups_per_rank = cfg.grpo.prompts_per_step // self.world_size
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.policy.transformer, model_parameters=params,
-            config=deepspeed_config(cfg, groups_per_rank * trained_timesteps(cfg) * len(row_chunks(cfg))))
+            config=deepspeed_config(cfg, micro_steps_per_optimizer_step(cfg, self.world_size)))
         self.policy.transformer = self.engine.module
+        ema = cfg.optim.ema
+        if ema.enabled:  # after deepspeed.initialize: the parameters it trains (ZeRO <= 2: whole on every rank)
+            self.ema = Ema(self._trainable(), ema.decay, ema.update_interval, ema.repeats)
         return sum(p.numel() for p in params)
+
+    def _trainable(self):
+        return [(name, p) for name, p in self.engine.module.named_parameters() if p.requires_grad]
 
     def memory_modules(self) -> Dict[str, object]:
         optimizer = getattr(self.engine, "optimizer", None)
@@ -154,6 +171,9 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         start = time.perf_counter()
         sums: Dict[str, torch.Tensor] = {}
         lows, highs, deviations = [], [], []  # stats stay tensors until the end: no per-micro-step sync
+        # Micro-steps before this update's first optimizer step: their recomputed log-probs must equal the
+        # rollout's exactly (first_epoch_logprob_dev); after it the policy has moved.
+        on_policy = micro_steps_per_optimizer_step(cfg, self.world_size)
         # each group's rollout values on the device once per update (not one blocking copy per micro-step)
         device = self.policy.device
         groups = [(gid, host_to_device(adv, device), host_to_device(mask, device),
@@ -170,8 +190,11 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
                     loss, stats = grpo_loss(score.log_prob, old_log_probs[rows_, k], adv[rows_], cfg.grpo.clip_range,
                                             kl=score.kl, kl_beta=cfg.grpo.kl_beta, mask=mask[rows_])
                     engine.backward(loss)
+                    optimizer_steps = engine.global_steps
                     engine.step()
-                    if epoch == 0:
+                    if self.ema is not None and engine.global_steps != optimizer_steps:  # the optimizer stepped
+                        self.ema.step(self._trainable(), engine.global_steps)
+                    if epoch == 0 and len(lows) < on_policy:
                         deviations.append((score.log_prob.detach() - old_log_probs[rows_, k]).abs().max())
                     for name in SUMMED_STATS:
                         sums[name] = sums.get(name, 0.0) + stats[name]
@@ -217,13 +240,17 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
 
     def _weights_copy(self) -> Dict[str, torch.Tensor]:
         """Inside `_gathered()`: LoRA adapters in peft format, or a CPU copy of the full state dict."""
-        module = self.engine.module
-        if self.cfg.model.lora.enabled:
-            return lora_state_dict(module)
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return published_weights(self.engine.module, self.cfg.model.lora.enabled)
+
+    def ema_weights(self) -> Dict[str, torch.Tensor]:
+        """The EMA weights in the published format (what the held-out monitor evaluates). ZeRO <= 2 only, where
+        every rank holds them whole, so one rank answers."""
+        with self.ema.swapped_in(self._trainable()):
+            return self._weights_copy()
 
     def save(self, directory: str) -> None:
-        """Engine state (model + optimizer + lr schedule) by every rank; LoRA in diffusers format by rank 0."""
+        """Engine state (model + optimizer + lr schedule) by every rank; by rank 0: the LoRA in diffusers format
+        and, with an EMA, its state (learner/ema.pt) and its LoRA (lora_ema/, what evaluation loads)."""
         import deepspeed
 
         directory = Path(directory)
@@ -233,6 +260,11 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if self.rank == 0:
                     save_lora(self.engine.module, directory / "lora", self.cfg.model.kind)
+        if self.ema is not None and self.rank == 0:
+            torch.save(self.ema.state_dict(), directory / "learner" / EMA_FILE)
+            if self.cfg.model.lora.enabled:
+                with self.ema.swapped_in(self._trainable()):
+                    save_lora(self.engine.module, directory / "lora_ema", self.cfg.model.kind)
         torch.save(torch.get_rng_state(), directory / "learner" / f"rng_rank{self.rank}.pt")
 
     def load(self, directory: str) -> None:
@@ -240,6 +272,12 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         path, _ = self.engine.load_checkpoint(str(directory / "learner"), tag=ENGINE_TAG)
         if path is None:
             raise FileNotFoundError(f"no learner engine state under {directory / 'learner'}")
+        if self.ema is not None:
+            ema_file = directory / "learner" / EMA_FILE
+            if not ema_file.is_file():
+                raise FileNotFoundError(f"optim.ema.enabled but the checkpoint has no EMA state: {ema_file} (it was "
+                                        "written without the EMA; resume it with optim.ema.enabled=false)")
+            self.ema.load_state_dict(torch.load(ema_file, weights_only=True))
         rng = directory / "learner" / f"rng_rank{self.rank}.pt"
         if rng.exists():
             torch.set_rng_state(torch.load(rng, weights_only=True))

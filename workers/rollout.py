@@ -19,8 +19,9 @@ from policy.models import build_components
 from policy.policy import WanPolicy
 from policy.precision import dtype_map
 from policy.sampler import Trajectory, sample_group
+from policy.schedule import schedule_from_config
 from policy.sde import NoiseRule
-from workers.common import WorkerBase, maybe_fault
+from workers.common import WorkerBase, maybe_fault, published_weights
 from workers.weight_sync import WeightGroupMember, sync_tensors
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,22 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
                                 device=cfg.trainer.device)
         self.policy.transformer.eval()
         self.rule = NoiseRule.from_config(cfg.sampler)
+        self.schedule = schedule_from_config(cfg.sampler)
         self.version = -1
         self.fetched_versions: List[int] = []  # versions installed from the object-store copy (recovery)
 
     def set_weights(self, version: int, weights: Dict[str, torch.Tensor]) -> int:
         """Install a published policy version: LoRA adapter weights, or the full state dict."""
+        self._install(weights)
+        self.version = version
+        return version
+
+    def _install(self, weights: Dict[str, torch.Tensor]) -> None:
         if self.cfg.model.lora.enabled:
             load_lora_state_dict(self.policy.transformer, weights)
         else:
             self.policy.transformer.load_state_dict(weights, strict=True)
-        self.version = version
-        return version
+
 
     def receive_weights(self, version: int) -> int:
         """Install a policy version broadcast by learner rank 0, in place into the model's own tensors.
@@ -82,15 +88,24 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
             self.fetched_versions.append(version)
         start = time.perf_counter()
         cond = self.policy.encode_condition(sample["prompt"], sample.get("refs", []))
-        trajectory = sample_group(self.policy, cond, seeds, self.rule, self.cfg.sampler.num_steps,
-                                  self.cfg.sampler.shift, deterministic=deterministic, policy_version=version)
+        trajectory = sample_group(self.policy, cond, seeds, self.rule, self.schedule, deterministic=deterministic,
+                                  policy_version=version)
         trajectory.prompt, trajectory.key = sample["prompt"], sample.get("key", "")
         trajectory.references = list(sample.get("refs", []))
         trajectory.rollout_s = time.perf_counter() - start
         return trajectory
 
-    def held_out(self, prompts: List[dict], seeds: List[int]) -> Dict[str, float]:
-        """Over-optimisation monitor (launcher/evaluate.py) with this worker's current weights."""
+    def held_out(self, prompts: List[dict], seeds: List[int],
+                 weights: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
+        """Over-optimisation monitor (launcher/evaluate.py) with this worker's current weights, or with
+        `weights` (the EMA's) installed for the duration and the current ones put back after."""
         from launcher.evaluate import held_out_monitor
 
-        return held_out_monitor(self.policy, self.cfg, prompts, seeds)
+        if weights is None:
+            return held_out_monitor(self.policy, self.cfg, prompts, seeds)
+        live = published_weights(self.policy.transformer, self.cfg.model.lora.enabled)
+        self._install(weights)
+        try:
+            return held_out_monitor(self.policy, self.cfg, prompts, seeds)
+        finally:
+            self._install(live)
