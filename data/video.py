@@ -224,14 +224,13 @@ def resize_center_crop(x: ArrayLike, height: int, width: int) -> ArrayLike:
 
 
 def sample_frame_indices(num_frames: int, n: int) -> list[int]:
-    """`n` frame indices spread uniformly over a `num_frames` clip: the centre of each of n equal segments.
-
-    Centres (not endpoints) so that every frame index is equally likely to be represented and
-    the first/last frames, often the least informative, are not always picked. Non-decreasing;
-    when n > num_frames some indices repeat (the reward model still gets n frames).
+    """`n` frame indices spread uniformly over a `num_frames` clip, first and last frame included: the official
+    reward's `torch.linspace(0, num_frames - 1, n).round()` (vace_reward/vision_process.py, float32, ties to
+    even), so 4 of 33 frames are [0, 11, 21, 32]. The one frame sampler of every reward: the VLM and the face
+    reward look at the same frames. Non-decreasing; when n > num_frames some indices repeat.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    return [min(num_frames - 1, int((2 * i + 1) * num_frames // (2 * n))) for i in range(n)]
+    return torch.linspace(0, num_frames - 1, n).round().long().tolist()

@@ -149,6 +149,8 @@ class VlmRewardConfig:
     tie_theta: float = 5.0
     image_size: int = 448  # multiple of 28; the CPU presets use 56
     dtype: str = "float32"  # float32 | bfloat16: the VLM's weights (the GPU presets: bfloat16)
+    # A `path` that is a Qwen2.5-VL base (no trained head) is an error unless this is set (its scores are noise).
+    allow_untrained_head: bool = False
     # Rehearsal only (init=random, arch qwen2.5-vl-3b): fewer language / vision layers and a smaller vocabulary.
     text_layers: Optional[int] = None
     vision_layers: Optional[int] = None
@@ -370,6 +372,9 @@ def _check_values(cfg: DictConfig, source: str) -> None:
         raise ConfigError(f"{source}: 'model.num_frames' must be 4k+1 (Wan VAE), got {cfg.model.num_frames}")
     if cfg.model.height % 16 or cfg.model.width % 16:
         raise ConfigError(f"{source}: 'model.height'/'model.width' must be multiples of 16")
+    if {"face", "vlm"} <= set(cfg.reward.weights) and cfg.reward.face.num_frames != cfg.reward.vlm.num_frames:
+        raise ConfigError(f"{source}: 'reward.face.num_frames' ({cfg.reward.face.num_frames}) must equal "
+                          f"'reward.vlm.num_frames' ({cfg.reward.vlm.num_frames}): both rewards score the same frames")
     for name in cfg.reward.weights:
         if name not in KNOWN_REWARDS:
             raise ConfigError(f"{source}: 'reward.weights.{name}' is not a known reward {sorted(KNOWN_REWARDS)}")

@@ -59,22 +59,43 @@ def ensure_demo_model(model_cfg) -> None:
     save_pretrained(components, path)
 
 
-def show_lora_in_pipeline(cfg, lora_dir: Path) -> None:
-    """Load the trained LoRA into a stock diffusers pipeline over the same base weights and run it."""
+def show_lora_in_pipeline(cfg, lora_dir: Path) -> tuple:
+    """Load the trained LoRA into a stock diffusers pipeline over the same base weights and run it, with and
+    without the LoRA, on the first demo prompt and its references. Returns (base, LoRA) mean brightness.
+
+    The pipeline gets the training's text length (`sampler.max_sequence_length`), negative prompt, guidance
+    and step count: the LoRA was trained on text embeddings of that length, and with diffusers' default of
+    512 tokens the cross-attention sees 480 more padding positions than in training, so the same LoRA
+    darkens the video instead of brightening it.
+    """
     import torch
     from diffusers import WanVACEPipeline
+    from PIL import Image
 
+    from data.reader import ShardReader
     from policy.models import save_tiny_pretrained
 
     base = Path(cfg.model.path or Path(cfg.trainer.output_dir) / "base_model")
     if not (base / "model_index.json").exists():
         save_tiny_pretrained(base, cfg.model.kind, cfg.model.tiny_seed)
+    sample = next(iter(ShardReader.from_config(cfg.data, "prompt")))
     pipe = WanVACEPipeline.from_pretrained(base)
+
+    def video():
+        return pipe(prompt=sample["prompt"], negative_prompt=cfg.sampler.negative_prompt,
+                    reference_images=[Image.fromarray(r) for r in sample["refs"]],
+                    max_sequence_length=cfg.sampler.max_sequence_length, guidance_scale=cfg.sampler.guidance_scale,
+                    height=cfg.model.height, width=cfg.model.width, num_frames=cfg.model.num_frames,
+                    num_inference_steps=cfg.sampler.num_steps, generator=torch.Generator().manual_seed(0),
+                    output_type="np").frames[0]
+
+    before = video()
     pipe.load_lora_weights(lora_dir)
-    frames = pipe(prompt="a person smiles at the camera", height=cfg.model.height, width=cfg.model.width,
-                  num_frames=cfg.model.num_frames, num_inference_steps=2,
-                  generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
+    frames = video()
     print(f"[demo] WanVACEPipeline.from_pretrained({base}) + load_lora_weights({lora_dir}) -> video {frames.shape}")
+    print(f"[demo] mean brightness in the stock pipeline ({cfg.sampler.max_sequence_length}-token text, "
+          f"{cfg.sampler.num_steps} steps): base {before.mean():.4f}, with the LoRA {frames.mean():.4f}")
+    return float(before.mean()), float(frames.mean())
 
 
 def main(argv: Optional[List[str]] = None) -> None:

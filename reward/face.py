@@ -1,8 +1,9 @@
 """Face-identity reward: does each reference person appear, with their own face, in the video?
 
 Why this design (DESIGN.md section 4):
-- Faces are detected in `num_frames` frames spread uniformly over the clip (data.video's segment
-  centres, the same frames the VLM reward sees), embedded, and compared with the embedding of each
+- Faces are detected in `num_frames` frames spread uniformly over the clip (data.video's
+  sample_frame_indices, the official reward's frames: with equal `num_frames` the VLM reward sees the
+  same ones, which the config requires when both are used), embedded, and compared with the embedding of each
   reference image's face by cosine similarity.
 - Per frame, detected faces are matched to reference identities by Hungarian assignment (maximising
   total similarity), so with several people every identity gets its *own* face: a clip that shows one
@@ -71,6 +72,7 @@ class FaceScore:
     found_frac: float
     per_frame: np.ndarray
     num_faces: np.ndarray
+    frame_indices: List[int]  # the frames looked at (sample_frame_indices, repeats removed)
 
 
 def _face_model_dir() -> str:
@@ -271,7 +273,7 @@ class FaceIdentityReward:
                 per_frame[row, ids] = sim[ids, faces]
         per_identity = per_frame.mean(0)
         score = per_identity.mean() if self.aggregate == "mean" else per_identity.min()
-        return FaceScore(float(score), per_identity, float(np.mean(num_faces >= k)), per_frame, num_faces)
+        return FaceScore(float(score), per_identity, float(np.mean(num_faces >= k)), per_frame, num_faces, idx)
 
     def score_batch(self, videos: Sequence[ArrayLike], references_per_video: Sequence[Sequence[ArrayLike]],
                     num_people: Optional[Sequence[int]] = None) -> List[FaceScore]:

@@ -96,16 +96,27 @@ def rao_kupper_log_probs(r_a: torch.Tensor, r_b: torch.Tensor, theta: float = 5.
 # ----------------------------------------------------------------------------- losses (mean NLL)
 
 
-def bradley_terry_loss(r_a: torch.Tensor, r_b: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+BT_TIES = ("half", "ignore")
+
+
+def bradley_terry_loss(r_a: torch.Tensor, r_b: torch.Tensor, labels: torch.Tensor, ties: str = "half") -> torch.Tensor:
     """Mean negative log-likelihood of the labels under Bradley-Terry.
 
-    Plain Bradley-Terry has no tie outcome; a tie label is taken as the soft target
-    (1/2, 1/2) over the two wins (as HPSv2 / VideoAlign do), whose NLL is minimised at d = 0.
+    Plain Bradley-Terry has no tie outcome, so a tie label needs a rule (`ties`):
+    - "half": the soft target (1/2, 1/2) over the two wins, whose NLL is minimised at d = 0: ties pull the
+      two scores together;
+    - "ignore": zero loss, still counted in the mean (VideoAlign's `loss_type="bt"`: the loss times the
+      non-tied mask, then `.mean()` over all pairs): ties carry no signal.
+    The official Identity-GRPO reward model uses neither: `loss_type="btt"`, Rao-Kupper with theta 5
+    (`rao_kupper_loss`, this project's default).
     """
     _check_pair(r_a, r_b, labels)
+    if ties not in BT_TIES:
+        raise ValueError(f"unknown tie rule {ties!r} for bradley_terry; expected one of {BT_TIES}")
     lp = bt_log_probs(r_a, r_b)
     nll_a, nll_b = -lp[:, 0], -lp[:, 1]
-    nll = torch.where(labels == A_WINS, nll_a, torch.where(labels == B_WINS, nll_b, 0.5 * (nll_a + nll_b)))
+    tie_nll = 0.5 * (nll_a + nll_b) if ties == "half" else torch.zeros_like(nll_a)
+    nll = torch.where(labels == A_WINS, nll_a, torch.where(labels == B_WINS, nll_b, tie_nll))
     return nll.mean()
 
 
@@ -118,12 +129,12 @@ def rao_kupper_loss(r_a: torch.Tensor, r_b: torch.Tensor, labels: torch.Tensor,
 
 
 def preference_loss(kind: str, r_a: torch.Tensor, r_b: torch.Tensor, labels: torch.Tensor,
-                    theta: float = 5.0) -> torch.Tensor:
-    """Dispatch by name: 'rao_kupper' (ties) or 'bradley_terry'."""
+                    theta: float = 5.0, bt_ties: str = "half") -> torch.Tensor:
+    """Dispatch by name: 'rao_kupper' (ties) or 'bradley_terry' (ties by `bt_ties`)."""
     if kind == "rao_kupper":
         return rao_kupper_loss(r_a, r_b, labels, theta)
     if kind == "bradley_terry":
-        return bradley_terry_loss(r_a, r_b, labels)
+        return bradley_terry_loss(r_a, r_b, labels, bt_ties)
     raise ValueError(f"unknown loss {kind!r}; expected 'rao_kupper' or 'bradley_terry'")
 
 

@@ -243,7 +243,8 @@ def _eval_history(out: Path, step: int) -> List[Dict[str, Any]]:
 
 def run_eval(cfg, engine, plan: DataPlan, rank: int, world: int) -> Dict[str, float]:
     samples = eval_samples(cfg.data, plan, rank, world)
-    return evaluate(engine.module, samples, cfg.trainer.tie_theta, cfg.trainer.loss, cfg.trainer.eval_batch_size)
+    t = cfg.trainer
+    return evaluate(engine.module, samples, t.tie_theta, t.loss, t.eval_batch_size, t.bt_ties)
 
 
 def train_step(cfg, engine, pools, step: int, weight: float, available: Dict[str, int]):
@@ -257,7 +258,7 @@ def train_step(cfg, engine, pools, step: int, weight: float, available: Dict[str
         scores = engine(**engine.module.device_inputs(engine.module.inputs(videos, refs, prompts)))
         n = len(samples)  # scores: A of every pair, then B of every pair
         labels = label_indices(prefs, device=scores.device)
-        loss = preference_loss(t.loss, scores[:n], scores[n:], labels, t.tie_theta)
+        loss = preference_loss(t.loss, scores[:n], scores[n:], labels, t.tie_theta, t.bt_ties)
         engine.backward(loss)
         engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
         loss_sum += loss.item()

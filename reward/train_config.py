@@ -107,8 +107,11 @@ class RewardTrainerConfig:
     steps: int = 200
     batch_size: int = 4  # pairs per micro-batch per rank (2x that many videos per forward)
     grad_accum: int = 1
-    loss: str = "rao_kupper"  # rao_kupper (ties) | bradley_terry
+    # rao_kupper: Bradley-Terry with ties (the official reward's `loss_type="btt"`, theta 5) | bradley_terry
+    loss: str = "rao_kupper"
     tie_theta: float = 5.0
+    # bradley_terry only: a tie is the target (1/2, 1/2) ("half") or zero loss ("ignore": VideoAlign's "bt")
+    bt_ties: str = "half"
     seed: int = 0
     device: str = "cpu"  # cpu | cuda
     # torch intra-op threads (null: torch's default). Tiny CPU models run several times faster with 1 thread
@@ -148,6 +151,7 @@ CHOICES = {
     "data.on_error": {"raise", "skip"},
     "curriculum.schedule": {"cosine", "linear", "constant"},
     "trainer.loss": {"rao_kupper", "bradley_terry"},
+    "trainer.bt_ties": {"half", "ignore"},
     "trainer.device": {"cpu", "cuda"},
     "trainer.zero_stage": {0, 1, 2, 3},
     "trainer.precision": {"fp32", "bf16"},

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "identity-reward-model"
 VERSION = 1
 SETTINGS_FILE = "reward_model.json"
+OFFICIAL_CONFIG_FILE = "model_config.json"  # marks the official Identity-GRPO (VideoAlign) checkpoint layout
 LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -180,12 +181,17 @@ class IdentityRewardModel(nn.Module):
                                                         size={"shortest_edge": area, "longest_edge": area})
         full = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype])
         vlm = full.model
+        rows = vlm.get_input_embeddings().weight.shape[0]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            if len(tokenizer) > vlm.get_input_embeddings().weight.shape[0]:
+            if len(tokenizer) > rows:
                 vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             inputs = RewardInputBuilder(tokenizer, proc, image_size, num_frames, instruction)
             model = cls(vlm, inputs, tie_theta, base_path=str(Path(path).resolve()))
+        token_id = inputs.reward_token_id
+        logger.warning("%s %s: a Qwen2.5-VL base: created the reward token %s (id %d, %s) and a new reward head "
+                       "(random init, seed %d); train it before scoring with it", config_key, path, REWARD_TOKEN,
+                       token_id, "a spare embedding row" if token_id < rows else "a new embedding row", seed)
         return model
 
     @classmethod
@@ -353,16 +359,22 @@ def reward_model_from_config(v, config_key: str = "reward.vlm.path") -> Identity
                                                 text_layers=v.text_layers, vision_layers=v.vision_layers,
                                                 vocab=v.vocab)
     return load_reward_model(v.path, image_size=v.image_size, num_frames=v.num_frames, tie_theta=v.tie_theta,
-                             dtype=v.dtype, config_key=config_key)
+                             dtype=v.dtype, config_key=config_key, allow_untrained_head=v.allow_untrained_head)
 
 
 def load_reward_model(path: Optional[str], image_size: int = 56, num_frames: int = 5, tie_theta: float = 5.0,
-                      seed: int = 0, dtype: str = "float32",
-                      config_key: str = "reward.vlm.path") -> IdentityRewardModel:
-    """What the reward worker calls with `reward.vlm` settings: a trained reward directory
-    (has reward_model.json), a plain Qwen2.5-VL base directory (untrained head), or None (tiny)."""
+                      seed: int = 0, dtype: str = "float32", config_key: str = "reward.vlm.path",
+                      allow_untrained_head: bool = False) -> IdentityRewardModel:
+    """What the reward worker calls with `reward.vlm` settings: a trained reward directory (has
+    reward_model.json), None (tiny), or, only with `allow_untrained_head`, a plain Qwen2.5-VL base directory
+    (its head is random: its scores mean nothing, so scoring with it by mistake is an error)."""
     if path is None:
         return IdentityRewardModel.build_tiny(image_size, num_frames, tie_theta, seed)
+    if os.path.isfile(os.path.join(path, OFFICIAL_CONFIG_FILE)):
+        raise NotImplementedError(
+            f"{config_key}: {path} is an official Identity-GRPO reward checkpoint ({OFFICIAL_CONFIG_FILE} + "
+            f"checkpoint-N/ with adapter_model.safetensors and non_lora_state_dict.pth); loading that layout, with "
+            f"its input format (<|SA_reward|>, Qwen's video path), is not implemented yet (README, 'Missing')")
     if os.path.isfile(os.path.join(path, SETTINGS_FILE)):
         model = IdentityRewardModel.from_pretrained(path, config_key=config_key)
         saved = (model.inputs.image_size, model.inputs.num_frames, model.tie_theta)
@@ -370,5 +382,10 @@ def load_reward_model(path: Optional[str], image_size: int = 56, num_frames: int
             logger.warning("%s: using the trained model's image_size, num_frames, tie_theta %s, not the "
                            "configured %s", config_key, saved, (image_size, num_frames, float(tie_theta)))
         return model
+    if not allow_untrained_head:
+        _check_dir(path, config_key, "config.json")
+        raise ValueError(f"{config_key}: {path} has no trained reward head ({SETTINGS_FILE} missing): it is a "
+                         f"Qwen2.5-VL base, whose new head is random. Give a trained reward model (python -m "
+                         f"reward.train writes one), or set reward.vlm.allow_untrained_head=true")
     return IdentityRewardModel.from_base(path, image_size, num_frames, tie_theta, dtype, config_key=config_key,
                                          seed=seed)

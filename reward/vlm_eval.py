@@ -50,7 +50,7 @@ def _world() -> int:
 
 
 def evaluate(model, samples: Iterable[Dict[str, Any]], theta: float, loss_kind: str,
-             batch_size: int = 8) -> Dict[str, float]:
+             batch_size: int = 8, bt_ties: str = "half") -> Dict[str, float]:
     """Metrics over this rank's samples, summed over ranks (every rank gets the same dict)."""
     r_a, r_b, labels = [], [], []
     for batch in _batches(samples, batch_size):
@@ -59,7 +59,7 @@ def evaluate(model, samples: Iterable[Dict[str, Any]], theta: float, loss_kind: 
     if r_a:
         a, b, y = torch.cat(r_a), torch.cat(r_b), torch.cat(labels)
         acc = pairwise_accuracy(a, b, y, theta)
-        nll_sum = float(preference_loss(loss_kind, a, b, y, theta)) * len(y)
+        nll_sum = float(preference_loss(loss_kind, a, b, y, theta, bt_ties)) * len(y)
     else:
         acc = {"correct_without_ties": 0.0, "num_without_ties": 0, "correct_with_ties": 0.0, "num_pairs": 0,
                "tie_threshold": pairwise_accuracy(torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.long),

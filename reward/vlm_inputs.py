@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data.video import sample_frame_indices
+
 REWARD_TOKEN = "<|reward|>"
 PAD_TOKEN = "<|endoftext|>"
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -79,13 +81,6 @@ def build_image_processor(image_size: int, patch_size: int = 14, merge_size: int
     area = image_size * image_size
     return Qwen2VLImageProcessorPil(size={"shortest_edge": area, "longest_edge": area}, patch_size=patch_size,
                                     merge_size=merge_size, temporal_patch_size=temporal_patch_size)
-
-
-def sample_frame_indices(num_available: int, num_frames: int) -> np.ndarray:
-    """N indices spread uniformly over the clip, first and last frame included (repeats if F < N)."""
-    if num_available < 1:
-        raise ValueError("a video needs at least one frame")
-    return np.rint(np.linspace(0, num_available - 1, num_frames)).astype(np.int64)
 
 
 def _as_uint8(x, what: str, ndim: int) -> np.ndarray:

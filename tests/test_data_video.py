@@ -95,9 +95,13 @@ def test_resize_center_crop_covers_and_keeps_aspect():
 
 
 def test_sample_frame_indices_uniform():
-    assert sample_frame_indices(33, 5) == [3, 9, 16, 23, 29]
+    """The official reward's frames: torch.linspace(0, N - 1, n).round() (vace_reward/vision_process.py); with its
+    config (num_frames 5.0, rounded to a multiple of 2: 4 frames) a 33-frame rollout gives [0, 11, 21, 32], an
+    81-frame evaluation video [0, 27, 53, 80]."""
+    assert sample_frame_indices(33, 4) == [0, 11, 21, 32] and sample_frame_indices(81, 4) == [0, 27, 53, 80]
+    assert sample_frame_indices(33, 5) == [0, 8, 16, 24, 32]
     assert sample_frame_indices(10, 10) == list(range(10))
-    assert sample_frame_indices(9, 1) == [4]
+    assert sample_frame_indices(9, 1) == [0]
     idx = sample_frame_indices(3, 5)
     assert idx == sorted(idx) and set(idx) == {0, 1, 2} and len(idx) == 5
     for bad in [(0, 3), (5, 0)]:

@@ -1,5 +1,7 @@
 """The demo's trained tiny VAE (policy/demo_vae.py) and `make demo` end to end (launcher/demo.py)."""
 
+import re
+
 import pytest
 import torch
 
@@ -72,6 +74,9 @@ def test_make_demo_raises_the_mean_reward(root, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert (model / "model_index.json").is_file() and (data / "prompts-000000.tar").is_file()
     assert "load_lora_weights" in printed and "-> video (9, 32, 32, 3)" in printed
+    # the stock pipeline, at the training's text length, shows what the LoRA learned: a brighter video
+    match = re.search(r"base ([0-9.]+), with the LoRA ([0-9.]+)", printed)
+    assert match and float(match.group(2)) > float(match.group(1)) + 0.01, printed[-500:]
     assert (out / "checkpoints" / "step_000060" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     rewards = [r["reward_mean"] for r in read_metrics(out)]
     assert len(rewards) == 60

@@ -1,5 +1,7 @@
 """The DeepSpeed learner in-process (no Ray): micro-batching a group accumulates the same gradient."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -11,24 +13,31 @@ from workers.learner import LearnerWorker
 from workers.rollout import RolloutWorker
 
 pytestmark = pytest.mark.slow
+REFS = [np.random.RandomState(0).randint(0, 255, (40, 30, 3), dtype=np.uint8)]
 
 
-def one_update(root, tmp_path, micro_batch_size):
+@contextlib.contextmanager
+def learner_and_rollout(root, tmp_path, *overrides):
+    """One learner rank (DeepSpeed, in this process) and a rollout worker holding its published weights."""
     cfg = load_config(root / "cluster_configs" / "local_cpu.yaml", [
-        "workers.learner.num_workers=1", "grpo.prompts_per_step=1", "data.prompt_shards=unused",
-        f"trainer.output_dir={tmp_path}", f"workers.learner_engine.micro_batch_size={micro_batch_size}"])
+        "workers.learner.num_workers=1", "data.prompt_shards=unused", f"trainer.output_dir={tmp_path}", *overrides])
     learner = LearnerWorker(0, 1, to_yaml(cfg))
     learner.setup("127.0.0.1", free_port())
     try:
         rollout = RolloutWorker(0, 1, to_yaml(cfg))
         rollout.set_weights(0, learner.publish(0)[1])
-        refs = [np.random.RandomState(0).randint(0, 255, (40, 30, 3), dtype=np.uint8)]
-        traj = rollout.generate(1, {"prompt": "a person smiles", "refs": refs}, [1, 2, 3, 4], 0)
+        yield learner, rollout
+    finally:
+        learner.shutdown()
+
+
+def one_update(root, tmp_path, micro_batch_size):
+    with learner_and_rollout(root, tmp_path, "grpo.prompts_per_step=1",
+                             f"workers.learner_engine.micro_batch_size={micro_batch_size}") as (learner, rollout):
+        traj = rollout.generate(1, {"prompt": "a person smiles", "refs": REFS}, [1, 2, 3, 4], 0)
         adv, mask = torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(4, dtype=torch.bool)
         stats = learner.update(1, [0], [adv], [mask], traj)
         return stats, learner.publish(1)[1]
-    finally:
-        learner.shutdown()
 
 
 def test_micro_batches_accumulate_the_whole_group_gradient(root, tmp_path):
@@ -63,16 +72,9 @@ def test_zero3_learner_keeps_torch_linear(root, tmp_path):
 
 def _updates(root, tmp_path, steps_per_update: int, groups_per_update: int):
     """Two groups trained with `steps_per_update` optimizer steps per update of `groups_per_update` groups."""
-    cfg = load_config(root / "cluster_configs" / "local_cpu.yaml", [
-        "workers.learner.num_workers=1", f"grpo.prompts_per_step={groups_per_update}", "data.prompt_shards=unused",
-        f"trainer.output_dir={tmp_path}", f"grpo.optimizer_steps_per_update={steps_per_update}"])
-    learner = LearnerWorker(0, 1, to_yaml(cfg))
-    learner.setup("127.0.0.1", free_port())
-    try:
-        rollout = RolloutWorker(0, 1, to_yaml(cfg))
-        rollout.set_weights(0, learner.publish(0)[1])
-        refs = [np.random.RandomState(0).randint(0, 255, (40, 30, 3), dtype=np.uint8)]
-        trajs = [rollout.generate(1, {"prompt": p, "refs": refs}, [1, 2, 3, 4], 0)
+    with learner_and_rollout(root, tmp_path, f"grpo.prompts_per_step={groups_per_update}",
+                             f"grpo.optimizer_steps_per_update={steps_per_update}") as (learner, rollout):
+        trajs = [rollout.generate(1, {"prompt": p, "refs": REFS}, [1, 2, 3, 4], 0)
                  for p in ("a person smiles", "a person waves")]
         advs = [torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.tensor([-1.0, 1.0, 0.0, 0.3])]
         mask = torch.ones(4, dtype=torch.bool)
@@ -82,8 +84,6 @@ def _updates(root, tmp_path, steps_per_update: int, groups_per_update: int):
             stats.append(learner.update(1 + start, list(range(groups_per_update)), advs[part],
                                         [mask] * groups_per_update, *trajs[part]))
         return stats, learner.publish(1)[1], learner.engine.global_steps
-    finally:
-        learner.shutdown()
 
 
 def test_two_optimizer_steps_per_update_equal_two_updates(root, tmp_path):

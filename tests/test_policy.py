@@ -200,3 +200,23 @@ def test_decoding_one_video_at_a_time_equals_the_batch(root):
     a, b = one.decode(latents, cond).int(), batched.decode(latents, cond).int()
     # the same up to float rounding in the batched convolutions: a rare pixel 1/255 apart
     assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3
+
+
+def test_transformer_sees_the_schedules_timesteps(root):
+    """UniPC (official): the transformer gets the scheduler's integer timesteps (999, 857, 600), not sigma * 1000;
+    the score step at k recomputes with the same timestep."""
+    policy, cfg = make_policy(root, "t2v")
+    cond = policy.encode_condition(PROMPT)
+    seen = []
+    hook = policy.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timestep"].tolist()), with_kwargs=True)
+    try:
+        unipc = sampling_schedule("unipc", 3, 3.0)
+        traj = sample_group(policy, cond, [1], NoiseRule("linear", std_min="schedule", std_max="schedule"), unipc,
+                            decode=False)
+        score_step(policy, traj, 2)
+    finally:
+        hook.remove()
+    assert unipc.timesteps.tolist() == [999.0, 857.0, 600.0]
+    assert seen == [[t, t] for t in unipc.timesteps.tolist()] + [[600.0, 600.0]]  # cond + uncond rows
+    assert traj.rule.std_max == unipc.sigmas[1].item() and traj.rule.std_min == 0.0  # resolved and stored

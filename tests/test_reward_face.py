@@ -224,3 +224,23 @@ def test_arcface_backend_runs_an_onnx_model_end_to_end(photos, tmp_path, batch):
     assert a.found_frac == 1.0 and np.isfinite(a.score) and -1 <= a.score <= 1
     assert a.score == pytest.approx(b.score, abs=1e-12)
     assert r.score_video(video, [refs["E"], refs["G"]]).score == a.score
+
+
+def test_face_and_vlm_rewards_look_at_the_same_frames(photos):
+    """One frame sampler (data.video.sample_frame_indices) for both rewards: frame t of the clip is painted with
+    grey level 7 t, so the VLM's input images and the face reward's frame list name the frames they used."""
+    from reward.vlm_inputs import RewardInputBuilder, build_image_processor, build_tiny_tokenizer
+
+    refs, _ = photos
+    video = np.stack([np.full((56, 56, 3), 7 * t, np.uint8) for t in range(33)])
+    builder = RewardInputBuilder(build_tiny_tokenizer(), build_image_processor(56), 56, num_frames=4)
+    vlm_frames = [int(img[0, 0, 0]) // 7 for img in builder.images(video, [refs["E"]])[1:]]
+    face = FaceIdentityReward(num_frames=4).score_video(video, [refs["E"]])
+    assert vlm_frames == face.frame_indices == [0, 11, 21, 32]
+
+
+def test_face_and_vlm_frame_counts_must_agree(root):
+    from launcher.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="reward.face.num_frames.*reward.vlm.num_frames"):
+        load_config(root / "cluster_configs" / "local_cpu.yaml", ["reward.weights.vlm=1.0", "reward.vlm.num_frames=4"])

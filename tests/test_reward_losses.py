@@ -39,6 +39,25 @@ def test_bradley_terry_hand_computed():
     assert bradley_terry_loss(t(1.0), t(0.0), torch.tensor([2])).item() == pytest.approx(0.813262, abs=1e-6)
     loss = preference_loss("bradley_terry", t(1.0), t(0.0), torch.tensor([0]))
     assert loss.item() == pytest.approx(0.313262, abs=1e-6)
+    # VideoAlign's "bt": a tie has zero loss but still counts in the mean: (0.313262 + 0) / 2
+    ignored = bradley_terry_loss(t(1.0, 1.0), t(0.0, 0.0), torch.tensor([0, 2]), ties="ignore")
+    assert ignored.item() == pytest.approx(0.313262 / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="tie rule"):
+        bradley_terry_loss(t(1.0), t(0.0), torch.tensor([2]), ties="drop")
+
+
+def test_rao_kupper_is_the_official_btt_loss():
+    """VideoAlign / Identity-GRPO `loss_type="btt"` (k = 5), by hand: a win costs -logsigmoid(d - ln 5), a tie
+    -logsigmoid(d - ln 5) - logsigmoid(-d - ln 5) - ln 24, d = r_chosen - r_rejected."""
+    def logsigmoid(x):
+        return -math.log1p(math.exp(-x))
+
+    d = 0.7
+    win = -logsigmoid(d - math.log(5))
+    tie = -logsigmoid(d - math.log(5)) - logsigmoid(-d - math.log(5)) - math.log(24)
+    assert rao_kupper_loss(t(d), t(0.0), torch.tensor([0]), 5.0).item() == pytest.approx(win, abs=1e-6)
+    assert rao_kupper_loss(t(0.0), t(d), torch.tensor([1]), 5.0).item() == pytest.approx(win, abs=1e-6)
+    assert rao_kupper_loss(t(d), t(0.0), torch.tensor([2]), 5.0).item() == pytest.approx(tie, abs=1e-6)
 
 
 @pytest.mark.parametrize("theta", [1.01, 2.0, 5.0, 50.0])

@@ -4,13 +4,15 @@ Everything is a real transformers Qwen2.5-VL class with tiny random weights; the
 tiny Qwen2_5_VLForConditionalGeneration written with save_pretrained in the Hugging Face layout.
 """
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 
 from reward.vlm import IdentityRewardModel, load_reward_model, tiny_vlm_config
-from reward.vlm_inputs import (REWARD_TOKEN, RewardInputBuilder, build_image_processor, build_tiny_tokenizer,
-                               sample_frame_indices)
+from data.video import sample_frame_indices
+from reward.vlm_inputs import REWARD_TOKEN, RewardInputBuilder, build_image_processor, build_tiny_tokenizer
 
 
 def _data(n=3, frames=7, seed=0):
@@ -50,7 +52,7 @@ def test_sequence_layout_refs_then_frames_then_text_then_reward_token(tiny):
         assert ids.count(b.image_token_id) == 4 * (len(refs[i]) + 3)
     assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * (sum(len(r) for r in refs) + 3 * 3)
     assert torch.equal(batch["mm_token_type_ids"].bool(), batch["input_ids"] == b.image_token_id)
-    assert sample_frame_indices(7, 3).tolist() == [0, 3, 6] and sample_frame_indices(2, 5).tolist() == [0, 0, 0, 1, 1]
+    assert sample_frame_indices(7, 3) == [0, 3, 6] and sample_frame_indices(2, 5) == [0, 0, 0, 1, 1]
 
 
 def test_score_shape_determinism_and_batch_independence(tiny):
@@ -115,7 +117,7 @@ def test_save_load_round_trip_tiny_with_lora(tmp_path):
     assert torch.equal(before, load_reward_model(str(tmp_path / "rm"), num_frames=3).score(videos, refs, prompts))
 
 
-def test_local_base_partial_save_round_trip(tmp_path):
+def test_local_base_partial_save_round_trip(tmp_path, caplog):
     """A Qwen2.5-VL directory in the HF layout is the base; only trained weights are saved."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -125,8 +127,15 @@ def test_local_base_partial_save_round_trip(tmp_path):
     tok.save_pretrained(tmp_path / "qwen")
     build_image_processor(56).save_pretrained(tmp_path / "qwen")
 
-    m = IdentityRewardModel.from_base(str(tmp_path / "qwen"), image_size=56, num_frames=2, dtype="float32")
+    with caplog.at_level(logging.WARNING, logger="reward.vlm"):
+        m = IdentityRewardModel.from_base(str(tmp_path / "qwen"), image_size=56, num_frames=2, dtype="float32")
+    assert "created the reward token <|reward|>" in caplog.text and "a new embedding row" in caplog.text
     assert m.inputs.reward_token_id == len(tok)  # added, and the embedding matrix grew to hold it
+    # scoring with a base (untrained head) is an error naming the directory, unless explicitly allowed
+    with pytest.raises(ValueError, match=r"reward\.vlm\.path: .*qwen has no trained reward head.*allow_untrained"):
+        load_reward_model(str(tmp_path / "qwen"), image_size=56, num_frames=2)
+    allowed = load_reward_model(str(tmp_path / "qwen"), image_size=56, num_frames=2, allow_untrained_head=True)
+    assert torch.equal(allowed.head.weight, m.head.weight)  # the same seeded new head
     assert m.vlm.get_input_embeddings().weight.shape[0] == len(tok) + 1
     m.configure_training({"rank": 4, "alpha": 8.0}, vision=True, merger=True)
     for part in ("lora_B", "visual.merger", "head"):
@@ -150,3 +159,13 @@ def test_missing_base_path_names_the_key(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"reward\.vlm\.path.*has no config.json"):
         IdentityRewardModel.from_base(str(tmp_path / "empty"))
+
+
+def test_official_checkpoint_layout_is_named_not_misread(tmp_path):
+    """The official layout (outputs/identity_reward: model_config.json + checkpoint-N/) is recognised and refused
+    with a clear error, never loaded as a base with a random head."""
+    (tmp_path / "identity_reward" / "checkpoint-21").mkdir(parents=True)
+    (tmp_path / "identity_reward" / "model_config.json").write_text("{}")
+    (tmp_path / "identity_reward" / "config.json").write_text("{}")
+    with pytest.raises(NotImplementedError, match=r"reward\.vlm\.path: .*official Identity-GRPO reward checkpoint"):
+        load_reward_model(str(tmp_path / "identity_reward"), allow_untrained_head=True)
