@@ -25,6 +25,9 @@ DRIVER_STATE = "driver.pt"
 
 class CheckpointManager:
     def __init__(self, output_dir: str | Path, keep_last: int = 3):
+        if keep_last < 1:
+            raise ValueError(f"trainer.keep_last must be >= 1 (the checkpoint 'latest' names is always kept), "
+                             f"got {keep_last}")
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
 
@@ -80,9 +83,14 @@ class CheckpointManager:
         return torch.load(path / DRIVER_STATE, weights_only=False)
 
     def _prune(self) -> None:
+        """Keep the `keep_last` highest steps, and always the one `latest` names (after a resume from an older
+        checkpoint into the same directory, the newest save is not the highest step)."""
+        pointer = self.root / LATEST
+        protected = pointer.read_text().strip() if pointer.exists() else None
         steps = sorted(p for p in self.root.glob("step_*") if p.is_dir() and ".tmp-" not in p.name)
         for old in steps[: max(0, len(steps) - self.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != protected:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_tree(path: Path) -> None:

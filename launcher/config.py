@@ -306,10 +306,10 @@ CHOICES = {
 POSITIVE = [
     "model.height", "model.width", "model.num_frames", "model.lora.rank", "sampler.num_steps",
     "grpo.group_size", "grpo.prompts_per_step", "grpo.num_inner_epochs", "grpo.optimizer_steps_per_update",
-    "trainer.steps", "trainer.checkpoint_every", "workers.rollout.num_workers", "workers.reward.num_workers",
-    "workers.learner.num_workers", "logging.eval_num_prompts", "logging.eval_seeds_per_prompt",
-    "workers.weight_sync_timeout_s", "model.vae_decode_batch", "optim.ema.update_interval", "optim.ema.repeats",
-    "reward.vlm.image_size", "reward.vlm.num_frames",
+    "trainer.steps", "trainer.checkpoint_every", "trainer.keep_last", "workers.rollout.num_workers",
+    "workers.reward.num_workers", "workers.learner.num_workers", "logging.eval_num_prompts",
+    "logging.eval_seeds_per_prompt", "workers.weight_sync_timeout_s", "model.vae_decode_batch",
+    "optim.ema.update_interval", "optim.ema.repeats", "reward.vlm.image_size", "reward.vlm.num_frames",
 ]
 # Optional counts: None (not set) or > 0.
 OPTIONAL_POSITIVE = ["model.num_layers", "model.text_encoder_layers", "model.text_encoder_vocab",

@@ -64,9 +64,8 @@ def show_lora_in_pipeline(cfg, lora_dir: Path) -> tuple:
     without the LoRA, on the first demo prompt and its references. Returns (base, LoRA) mean brightness.
 
     The pipeline gets the training's text length (`sampler.max_sequence_length`), negative prompt, guidance
-    and step count: the LoRA was trained on text embeddings of that length, and with diffusers' default of
-    512 tokens the cross-attention sees 480 more padding positions than in training, so the same LoRA
-    darkens the video instead of brightening it.
+    and step count: the LoRA was trained on text embeddings of that length, and diffusers' default of 512
+    tokens puts 480 padding positions it never saw into every cross-attention (README, "Demo").
     """
     import torch
     from diffusers import WanVACEPipeline

@@ -1,0 +1,38 @@
+"""Checkpoint retention (launcher/checkpoint.py): never the checkpoint `latest` names, never all of them."""
+
+import pytest
+
+from launcher.checkpoint import CheckpointManager
+from launcher.config import ConfigError, load_config
+
+
+def save(manager, step):
+    return manager.save(step, lambda tmp: (tmp / "part").write_text(str(step)), {"step": step}, "")
+
+
+def test_keep_last_prunes_the_oldest(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3):
+        save(manager, step)
+    assert sorted(p.name for p in manager.root.glob("step_*")) == ["step_000002", "step_000003"]
+    assert manager.latest().name == "step_000003"
+
+
+def test_a_resumed_older_run_keeps_its_latest_checkpoint(tmp_path):
+    """Resumed from step 1 into the same directory, the next save (step 2) is not the highest step on disk;
+    with keep_last=1 it must survive beside the old step 5, and `latest` must name it."""
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    for step in (1, 5):
+        save(manager, step)
+    (manager.root / "step_000001").mkdir()  # as if the older checkpoint were still there to resume from
+    newest = save(manager, 2)
+    assert manager.latest() == newest and newest.is_dir()
+    assert (newest / "part").read_text() == "2"
+
+
+@pytest.mark.parametrize("keep_last", [0, -1])
+def test_keep_last_below_one_is_refused(root, tmp_path, keep_last):
+    with pytest.raises(ValueError, match="keep_last must be >= 1"):
+        CheckpointManager(tmp_path, keep_last=keep_last)
+    with pytest.raises(ConfigError, match="'trainer.keep_last' must be > 0"):
+        load_config(root / "cluster_configs" / "local_cpu.yaml", [f"trainer.keep_last={keep_last}"])
