@@ -181,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=float, help="re-encode videos at this frame rate")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards with this prefix")
     args = p.parse_args(argv)
+    for flag, value in (("--max-samples-per-shard", args.max_samples_per_shard), ("--num-frames", args.num_frames),
+                        ("--fps", args.fps)):
+        if value is not None and value <= 0:
+            p.error(f"argument {flag}: must be > 0, got {value}")  # exit 2, one line naming the flag
     try:
         problems: list = []
         records = (read_manifest(args.manifest, args.kind, problems) if args.manifest

@@ -11,6 +11,22 @@ from launcher.config import ConfigError, load_config, to_yaml
 DEFAULT_CONFIG = "cluster_configs/local_cpu.yaml"
 
 
+def at_least(low: float, kind: Callable = int) -> Callable[[str], float]:
+    """An argparse type: a `kind` number >= `low`. Out of range is refused with the value named, never
+    replaced by a default."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} >= {low}"
+    return parse
+
+
 def build_parser(description: str, default_config: str = DEFAULT_CONFIG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help="OmegaConf YAML (default: %(default)s)")

@@ -12,10 +12,12 @@ Usage:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -375,6 +377,9 @@ def _check_values(cfg: DictConfig, source: str) -> None:
     if {"face", "vlm"} <= set(cfg.reward.weights) and cfg.reward.face.num_frames != cfg.reward.vlm.num_frames:
         raise ConfigError(f"{source}: 'reward.face.num_frames' ({cfg.reward.face.num_frames}) must equal "
                           f"'reward.vlm.num_frames' ({cfg.reward.vlm.num_frames}): both rewards score the same frames")
+    weights = dict(cfg.reward.weights)
+    if not all(math.isfinite(w) for w in weights.values()) or not any(w != 0 for w in weights.values()):
+        raise ConfigError(f"{source}: 'reward.weights' must be finite and not all zero, got {weights}")
     for name in cfg.reward.weights:
         if name not in KNOWN_REWARDS:
             raise ConfigError(f"{source}: 'reward.weights.{name}' is not a known reward {sorted(KNOWN_REWARDS)}")
@@ -470,7 +475,15 @@ def _file_chain(path: str | Path, seen: Sequence[Path] = ()) -> List[tuple]:
         raise ConfigError(f"config file not found: {path}" + (f" (the 'base' of {seen[-1]})" if seen else ""))
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' files form a cycle: {' -> '.join(map(str, [*seen, path.resolve()]))}")
-    tree = OmegaConf.load(path)
+    try:
+        tree = OmegaConf.load(path)
+    except yaml.YAMLError as err:  # one line: file, line, column, what the parser says
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} not valid YAML: {getattr(err, 'problem', None) or err}") from None
+    if not isinstance(tree, DictConfig):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections (model:, sampler:, ...), "
+                          f"got a {type(tree).__name__}")
     base = tree.pop("base", None)
     if base is not None and not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be one file name, got {base!r}")

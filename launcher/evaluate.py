@@ -43,7 +43,7 @@ import torch
 from omegaconf import OmegaConf
 
 from launcher.checkpoint import CheckpointManager
-from launcher.cli import build_parser, parse_config
+from launcher.cli import at_least, build_parser, parse_config
 from launcher.eval_metrics import EvalScorer, compare_records, summarize_records
 
 log = logging.getLogger("identity_grpo.evaluate")
@@ -329,14 +329,14 @@ def _parser():
     parser.add_argument("--weights", default="ema", choices=["ema", "live"],
                         help="a checkpoint's EMA weights when it has them (official eval), or the live ones")
     parser.add_argument("--compare", default=None, help="baseline policy to compare with: latest | base | PATH")
-    parser.add_argument("--num-prompts", type=int, default=None,
+    parser.add_argument("--num-prompts", type=at_least(1), default=None,
                         help="prompts (default: logging.eval_num_prompts or 8)")
-    parser.add_argument("--seeds-per-prompt", type=int, default=None,
+    parser.add_argument("--seeds-per-prompt", type=at_least(1), default=None,
                         help="videos per prompt (default: logging.eval_seeds_per_prompt or 2)")
     parser.add_argument("--prompt-shards", default=None,
                         help="prompt shard pattern (default: data.eval_prompt_shards, else data.prompt_shards)")
     parser.add_argument("--out", default=None, help="output directory (default: <trainer.output_dir>/eval)")
-    parser.add_argument("--grid-prompts", type=int, default=4, help="prompts shown in the video grid")
+    parser.add_argument("--grid-prompts", type=at_least(0), default=4, help="prompts shown in the video grid")
     parser.add_argument("--save-videos", action="store_true", help="also write every video as mp4")
     parser.add_argument("--no-tensorboard", action="store_true", help="do not log the plots to TensorBoard")
     return parser

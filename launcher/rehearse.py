@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from launcher.cli import at_least
 from launcher.config import ConfigError, load_config
 
 GiB = 1024 ** 3
@@ -186,8 +187,9 @@ def rehearse_reward(preset_path: str, overrides: Sequence[str] = ()) -> Dict[str
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a preset in cluster_configs/")
-    parser.add_argument("--learner-ranks", type=int, default=None,
-                        help="learner ranks (default: the preset's own count, at least 2)")
+    parser.add_argument("--learner-ranks", type=at_least(2), default=None,
+                        help="learner ranks, >= 2 (a group of one is no test of the distributed path; default: "
+                             "the preset's own count, at least 2)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value, applied after the CPU overrides")
     args = parser.parse_args(argv)
     if args.learner_ranks is not None and args.learner_ranks < 2:

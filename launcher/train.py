@@ -20,7 +20,9 @@ restart the learner group and roll the whole run back to the last checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +31,16 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import ray
 import torch
+from omegaconf import OmegaConf
 from ray.exceptions import RayActorError
 
 from data.reader import ShardReader
+from data.tarindex import expand_pattern
 from launcher.checkpoint import CheckpointManager
 from launcher.cli import parse_config
 from launcher.cluster import (Workers, build_workers, connect_ray, restart_learner, split_groups,
                               start_learner, stop_ray)
-from launcher.config import to_yaml
+from launcher.config import ConfigError, to_yaml
 from launcher.evaluate import eval_seeds, load_prompts
 from launcher.metrics import MetricsLogger
 from launcher.progress import Progress
@@ -329,9 +333,33 @@ def run(cfg, handle_signals: bool = False) -> Trainer:
     return trainer
 
 
+def preflight(cfg) -> None:
+    """What can be checked before a cluster starts, so that a wrong path costs seconds, not a Ray start-up:
+    every shard pattern names existing files, the output directory is writable, and the resume target (or
+    the `latest` pointer) is a complete checkpoint. Raises ConfigError naming the key."""
+    out = Path(cfg.trainer.output_dir)
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK):
+        raise ConfigError(f"'trainer.output_dir' {out}: {existing} is not writable")
+    try:
+        CheckpointManager(out, cfg.trainer.keep_last).resolve(cfg.trainer.resume)
+    except FileNotFoundError as err:
+        raise ConfigError(f"'trainer.resume' {cfg.trainer.resume}: {err}") from None
+    for key in ["data.prompt_shards"] + ["data.eval_prompt_shards"] * bool(cfg.logging.eval_every):
+        try:
+            expand_pattern(OmegaConf.select(cfg, key))  # every shard must exist (data/tarindex.py)
+        except FileNotFoundError as err:
+            raise ConfigError(f"'{key}': {err}") from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> RunState:
     cfg, _ = parse_config(__doc__, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        preflight(cfg)
+    except ConfigError as err:
+        print(f"train: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     trainer = run(cfg, handle_signals=True)
     state = trainer.state
     if trainer.stop_requested and state.step < cfg.trainer.steps:
