@@ -10,6 +10,12 @@ first removes a stale build lock: torch's `cpp_extension.load` takes the lock fi
 when the op is already built (to let ninja check it), and waits for it with no timeout. A process killed
 while holding it (Ctrl-C, a Ray worker killed, a CI job cancelled) leaves it behind, and then every later
 `deepspeed.init_distributed` on the machine hangs forever in `FileBaton.wait`: seen here.
+
+The op is built under this Python environment (`<sys.prefix>/torch_extensions`, unless TORCH_EXTENSIONS_DIR is
+set), not the per-user ~/.cache/torch_extensions: two checkouts with their own .venv (a fresh clone beside a
+working copy) write different build.ninja files (their include paths differ), so through a shared directory
+each one's processes rebuilt the op the other had just built, under the same lock, and a process killed in
+one of those rebuilds hung the other checkout's runs (seen here: tests of both stalled on the lock).
 """
 
 import os
@@ -23,6 +29,11 @@ from workers.common import free_port
 OP_NAME = "deepspeed_shm_comm"  # DeepSpeed's ShareMemCommBuilder's op, built by init_distributed on CPU
 # A build takes about a minute on 2 cores; a lock much older than that belongs to a dead process.
 STALE_LOCK_S = 600.0
+
+
+def use_environment_extension_dir() -> str:
+    """TORCH_EXTENSIONS_DIR for this process and its children: the environment's own, unless already set."""
+    return os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 def clear_stale_build_lock(name: str = OP_NAME, max_age_s: float = STALE_LOCK_S) -> bool:
@@ -46,6 +57,7 @@ def init_distributed(backend: str) -> None:
     """`deepspeed.init_distributed`, after clearing a stale build lock of its CPU op."""
     import deepspeed
 
+    use_environment_extension_dir()
     clear_stale_build_lock()
     deepspeed.init_distributed(dist_backend=backend)
 

@@ -41,3 +41,17 @@ def test_init_distributed_survives_a_stale_lock(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "removing stale build lock" in out.stderr
     assert "warm_ops: DeepSpeed CPU ops ready" in out.stdout or "gloo will be used" in out.stderr
+
+
+def test_the_op_is_built_inside_this_environment():
+    """Two checkouts with their own .venv must not share (and rebuild under one lock) the op's build directory;
+    a user's own TORCH_EXTENSIONS_DIR wins."""
+    code = ("import sys; from launcher.warm_ops import use_environment_extension_dir as use; "
+            "from torch.utils.cpp_extension import _get_build_directory as build_dir; "
+            "print(use(), build_dir('x', False), sys.prefix)")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    for given in (None, "/elsewhere"):
+        run_env = env if given is None else dict(env, TORCH_EXTENSIONS_DIR=given)
+        out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, timeout=120)
+        used, build, prefix = out.stdout.split()
+        assert used == (given or os.path.join(prefix, "torch_extensions")) and build.startswith(used), out.stderr
