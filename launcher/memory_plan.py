@@ -95,6 +95,15 @@ def learner_state_bytes(trainable: int, world: int, zero_stage: int, mixed: bool
     return int(grads + bucket + 12 * share + 8 * share)
 
 
+def ema_bytes(cfg, sizes: Dict[str, int]) -> int:
+    """optim.ema on a learner rank: an fp32 copy of the trained weights (policy/ema.py), plus a copy of the live
+    ones while the EMA is swapped in: for a LoRA checkpoint's lora_ema/, or the held-out monitor."""
+    if not cfg.optim.ema.enabled:
+        return 0
+    swapped = cfg.model.lora.enabled or cfg.logging.eval_every > 0
+    return 4 * sizes["trainable_params"] + (sizes["trainable_bytes"] if swapped else 0)
+
+
 def predict(cfg, sizes: Dict[str, int]) -> Dict[str, Dict[str, int]]:
     """{role: {term: bytes, ..., "total": bytes}} for one process of each role."""
     world = cfg.workers.learner.num_workers
@@ -111,9 +120,7 @@ def predict(cfg, sizes: Dict[str, int]) -> Dict[str, Dict[str, int]]:
         "learner": {"base": BASE_BYTES["learner"], "model": learner_model,
                     "training_state": learner_state_bytes(sizes["trainable_params"], world,
                                                           cfg.workers.learner_engine.zero_stage, mixed),
-                    # optim.ema: an fp32 copy of the trainable weights on every rank (policy/ema.py), plus a
-                    # live copy of them while the EMA is swapped in for a save
-                    "ema": (4 * sizes["trainable_params"] + sizes["trainable_bytes"]) if cfg.optim.ema.enabled else 0},
+                    "ema": ema_bytes(cfg, sizes)},
         "reward": {"base": BASE_BYTES["reward"], "vlm": sizes["vlm"]},
     }
     for terms in plan.values():
