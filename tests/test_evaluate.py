@@ -18,7 +18,7 @@ from launcher.eval_metrics import EvalScorer, bootstrap_ci, compare_records, sum
 from launcher.evaluate import (EvalError, build_eval_policy, check_compatible, eval_seeds, held_out_monitor,
                                load_prompts, main, resolve_policy)
 
-FAST = ["sampler.num_steps=2", "reward.face.num_frames=2", "logging.progress_bar=false"]
+FAST = ["sampler.num_steps=2", "reward.face.num_frames=2", "reward.vlm.num_frames=2", "logging.progress_bar=false"]
 
 
 
