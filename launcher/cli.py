@@ -45,7 +45,7 @@ def parse_config(description: str, argv: Optional[Sequence[str]] = None,
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except NotImplementedError as err:  # a valid setting this version does not implement (README, "Missing")
+    except NotImplementedError as err:  # a valid setting this version does not implement (README, "Not built yet")
         print(f"not implemented: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.print_config:

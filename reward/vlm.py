@@ -374,7 +374,7 @@ def load_reward_model(path: Optional[str], image_size: int = 56, num_frames: int
         raise NotImplementedError(
             f"{config_key}: {path} is an official Identity-GRPO reward checkpoint ({OFFICIAL_CONFIG_FILE} + "
             f"checkpoint-N/ with adapter_model.safetensors and non_lora_state_dict.pth); loading that layout, with "
-            f"its input format (<|SA_reward|>, Qwen's video path), is not implemented yet (README, 'Missing')")
+            f"its input format (<|SA_reward|>, Qwen's video path), is not implemented yet (README, 'Not built yet')")
     if os.path.isfile(os.path.join(path, SETTINGS_FILE)):
         model = IdentityRewardModel.from_pretrained(path, config_key=config_key)
         saved = (model.inputs.image_size, model.inputs.num_frames, model.tie_theta)
