@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 # A crash in native code (a segfault at exit, issue #14) prints every thread's Python stack, in tests and in CI.
 export PYTHONFAULTHANDLER := 1
 
-.PHONY: install test test-slurm test-rehearsal test-fast rehearse demo shards train-reward train eval bench lint tensorboard submit clean
+.PHONY: install test test-slurm test-rehearsal test-faults test-fast rehearse demo shards train-reward train eval bench lint tensorboard submit clean
 
 install: $(STAMP)
 
@@ -27,7 +27,7 @@ $(STAMP): requirements.txt setup.cfg
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -m "not slurm and not rehearsal" tests
+	$(PY) -m pytest -q -m "not slurm and not rehearsal and not faults" tests
 
 test-slurm: install
 	$(PY) -m pytest -q -m slurm tests
@@ -36,8 +36,12 @@ test-slurm: install
 test-rehearsal: install
 	$(PY) -m pytest -q -m rehearsal tests
 
+# Worker processes kill -9'ed from outside at chosen moments of a run (tests/process_killer.py; minutes; run in CI).
+test-faults: install
+	$(PY) -m pytest -q -m faults tests
+
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not slurm and not rehearsal" tests
+	$(PY) -m pytest -q -m "not slow and not slurm and not rehearsal and not faults" tests
 
 # Rehearse a GPU preset on this CPU: its real architectures, random weights, tiny sizes (launcher/rehearse.py).
 PRESET ?= cluster_configs/vace_1.3b_8gpu.yaml
@@ -70,10 +74,13 @@ lint: install
 	$(PY) -m ruff check launcher workers reward policy data tests bench
 
 # Submit to a running Ray cluster: make submit ADDRESS=http://head:8265 CONFIG=... ARGS="..."
+# (= ray job submit --working-dir . --runtime-env cluster_configs/runtime_env.yaml, waiting up to
+# AGENT_TIMEOUT_S for a fresh head's job agent, then following the job's log: launcher/submit.py)
 ADDRESS ?= http://127.0.0.1:8265
+AGENT_TIMEOUT_S ?= 180
 submit: install
-	.venv/bin/ray job submit --address $(ADDRESS) --working-dir . \
-		--runtime-env cluster_configs/runtime_env.yaml -- python -m launcher.train --config $(CONFIG) $(ARGS)
+	$(PY) -m launcher.submit --address $(ADDRESS) --agent-timeout-s $(AGENT_TIMEOUT_S) \
+		-- python -m launcher.train --config $(CONFIG) $(ARGS)
 
 tensorboard: install
 	.venv/bin/tensorboard --logdir $(OUT) --bind_all

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                                        num_frames=args.num_frames,
                                        video_size=args.video_size, fps=args.fps)
     except (ManifestError, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"write_shards: {err}", file=sys.stderr)
         return 2
     print(f"wrote {len(records)} {args.kind} samples in {len(paths)} shard(s): {pattern}")
     return 0

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Callable, Optional, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+from omegaconf import OmegaConf
 
 from launcher.config import ConfigError, load_config, to_yaml
 
@@ -36,19 +40,46 @@ def build_parser(description: str, default_config: str = DEFAULT_CONFIG) -> argp
 
 
 def parse_config(description: str, argv: Optional[Sequence[str]] = None,
-                 parser: Optional[argparse.ArgumentParser] = None, loader: Callable = load_config):
-    """Parse argv into (config, args). A bad key or value exits with status 2 and names it."""
+                 parser: Optional[argparse.ArgumentParser] = None, loader: Callable = load_config,
+                 command: str = "train"):
+    """Parse argv into (config, args). A bad key or value exits with status 2 and one line
+    `<command>: config error: ...` naming it."""
     parser = parser or build_parser(description)
     args = parser.parse_args(argv)
     try:
         cfg = loader(args.config, args.overrides)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        print(f"{command}: config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except NotImplementedError as err:  # a valid setting this version does not implement (README, "Not built yet")
-        print(f"not implemented: {err}", file=sys.stderr)
+        print(f"{command}: not implemented: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.print_config:
         print(to_yaml(cfg), end="")
         raise SystemExit(0)
     return cfg, args
+
+
+# ----------------------------------------------------------------------------- checks before any work starts
+
+
+def require_writable(key: str, path: str) -> None:
+    """ConfigError naming `key` unless `path`, or the nearest of its parents that exists, is writable."""
+    path = Path(path)
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ConfigError(f"'{key}' {path}: {existing} is not a writable directory")
+
+
+def require_shards(cfg, keys: Iterable[str]) -> None:
+    """ConfigError naming the key unless every shard of each of these brace patterns exists (unset keys pass)."""
+    from data.tarindex import expand_pattern
+
+    for key in keys:
+        pattern = OmegaConf.select(cfg, key)
+        if pattern is None:
+            continue
+        try:
+            expand_pattern(pattern)
+        except FileNotFoundError as err:
+            raise ConfigError(f"'{key}': {err}") from None

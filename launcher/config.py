@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -243,6 +243,9 @@ class TrainerConfig:
     keep_last: int = 3
     mode: str = "sync"  # sync | async
     max_staleness: int = 1
+    # A dead learner rank restarts the learner group from the last checkpoint; more restarts than this in
+    # one run stop it (a rank that dies every time: out of memory, a bad node).
+    max_learner_restarts: int = 10
 
 
 @dataclass
@@ -313,6 +316,9 @@ POSITIVE = [
     "logging.eval_seeds_per_prompt", "workers.weight_sync_timeout_s", "model.vae_decode_batch",
     "optim.ema.update_interval", "optim.ema.repeats", "reward.vlm.image_size", "reward.vlm.num_frames",
 ]
+NON_NEGATIVE = ["trainer.max_staleness", "trainer.max_learner_restarts", "logging.video_every",
+                "model.lora.alpha", "optim.lr", "optim.warmup_steps", "optim.grad_clip", "grpo.kl_beta",
+                "grpo.clip_range"]
 # Optional counts: None (not set) or > 0.
 OPTIONAL_POSITIVE = ["model.num_layers", "model.text_encoder_layers", "model.text_encoder_vocab",
                      "reward.vlm.text_layers", "reward.vlm.vision_layers", "reward.vlm.vocab"]
@@ -334,6 +340,9 @@ def _check_values(cfg: DictConfig, source: str) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise ConfigError(f"{source}: '{key}' must be > 0, got {OmegaConf.select(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if OmegaConf.select(cfg, key) < 0:
+            raise ConfigError(f"{source}: '{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")
     for key in OPTIONAL_POSITIVE:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
@@ -534,3 +543,26 @@ def config_from_yaml_text(text: str) -> DictConfig:
     _check_values(cfg, "stored config")
     return cfg
 
+
+
+# What a checkpoint's weights and optimizer state are shaped by: resuming or evaluating it under another value
+# would fail deep inside DeepSpeed or peft, or, worse, load and mean something else.
+LORA_KEYS = ("model.kind", "model.lora.rank", "model.lora.alpha", "model.lora.target_modules")
+RESUME_KEYS = LORA_KEYS + ("model.init", "model.arch", "model.num_layers", "model.dtype", "model.lora.enabled",
+                           "workers.learner.num_workers", "workers.learner_engine.zero_stage",
+                           "workers.learner_engine.precision")
+
+
+def stored_config_mismatches(stored: Path, cfg: DictConfig, keys: Sequence[str]) -> List[Tuple[str, object, object]]:
+    """(key, value in the checkpoint's config.yaml, value in `cfg`) for each of `keys` that differs (a key the
+    stored config lacks is not compared). `model.tiny_seed` is compared too when the weights are random-init."""
+    saved = OmegaConf.create(Path(stored).read_text())
+    keys = tuple(keys) + (("model.tiny_seed",) if not cfg.model.path else ())
+    out = []
+    for key in keys:
+        mine, theirs = OmegaConf.select(cfg, key), OmegaConf.select(saved, key)
+        mine = OmegaConf.to_container(mine) if OmegaConf.is_config(mine) else mine
+        theirs = OmegaConf.to_container(theirs) if OmegaConf.is_config(theirs) else theirs
+        if theirs is not None and mine != theirs:
+            out.append((key, theirs, mine))
+    return out

@@ -105,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         cfg = load_config(args.config, list(args.overrides))
     except ConfigError as err:
-        raise SystemExit(f"config error: {err}") from None
+        raise SystemExit(f"demo: config error: {err}") from None
     logging.basicConfig(level=logging.WARNING)
     ensure_demo_shards(cfg.data.prompt_shards)
     if cfg.model.path:

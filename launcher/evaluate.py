@@ -44,13 +44,11 @@ from omegaconf import OmegaConf
 
 from launcher.checkpoint import CheckpointManager
 from launcher.cli import at_least, build_parser, parse_config
+from launcher.config import LORA_KEYS, stored_config_mismatches
 from launcher.eval_metrics import EvalScorer, compare_records, summarize_records
 
 log = logging.getLogger("identity_grpo.evaluate")
 SEED_DOMAIN = 0x5EED_E7A1  # keeps evaluation seeds apart from training's sample_seed streams
-CHECKED_MODEL_KEYS = ("model.kind", "model.lora.rank", "model.lora.alpha", "model.lora.target_modules")
-
-
 class EvalError(ValueError):
     """A policy to evaluate cannot be found or does not fit the config; the message names it."""
 
@@ -129,14 +127,9 @@ def check_compatible(spec: PolicySpec, cfg) -> None:
     if saved.model.get("path") != cfg.model.path:  # may be the same weights in another place: only warn
         log.warning("%s: trained on model.path=%s, evaluating on %s", spec.source, saved.model.get("path"),
                     cfg.model.path)
-    keys = CHECKED_MODEL_KEYS + (("model.tiny_seed",) if not cfg.model.path else ())
-    for key in keys:
-        mine, theirs = OmegaConf.select(cfg, key), OmegaConf.select(saved, key)
-        mine = OmegaConf.to_container(mine) if OmegaConf.is_config(mine) else mine
-        theirs = OmegaConf.to_container(theirs) if OmegaConf.is_config(theirs) else theirs
-        if theirs is not None and mine != theirs:
-            raise EvalError(f"{spec.source}: trained with {key}={theirs!r} ({stored}) but the config has {mine!r}; "
-                            f"pass {key}={theirs} or the training config")
+    for key, theirs, mine in stored_config_mismatches(stored, cfg, LORA_KEYS)[:1]:
+        raise EvalError(f"{spec.source}: trained with {key}={theirs!r} ({stored}) but the config has {mine!r}; "
+                        f"pass {key}={theirs} or the training config")
 
 
 def read_lora(path: Path) -> Dict[str, torch.Tensor]:
@@ -343,7 +336,7 @@ def _parser():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    cfg, args = parse_config(__doc__, argv, _parser())
+    cfg, args = parse_config(__doc__, argv, _parser(), command="evaluate")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         return run(cfg, args)

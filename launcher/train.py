@@ -20,7 +20,6 @@ restart the learner group and roll the whole run back to the last checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import time
@@ -31,16 +30,14 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import ray
 import torch
-from omegaconf import OmegaConf
 from ray.exceptions import RayActorError
 
 from data.reader import ShardReader
-from data.tarindex import expand_pattern
 from launcher.checkpoint import CheckpointManager
-from launcher.cli import parse_config
+from launcher.cli import parse_config, require_shards, require_writable
 from launcher.cluster import (Workers, build_workers, connect_ray, restart_learner, split_groups,
                               start_learner, stop_ray)
-from launcher.config import ConfigError, to_yaml
+from launcher.config import RESUME_KEYS, ConfigError, stored_config_mismatches, to_yaml
 from launcher.evaluate import eval_seeds, load_prompts
 from launcher.metrics import MetricsLogger
 from launcher.progress import Progress
@@ -74,7 +71,11 @@ class Trainer:
         # publish and rebuilt whenever a member is new); LoRA through the object store (workers.weight_sync).
         self.weight_sync = (WeightSync(self.workers, cfg.workers.weight_sync_timeout_s)
                             if sync_mode(cfg) == "broadcast" else None)
-        self.state = self.restore(self.checkpoints.resolve(cfg.trainer.resume))
+        # what a learner failure rolls back to: the checkpoint this run started from or last wrote (not the
+        # directory's `latest`, which may be another run's when trainer.resume=never)
+        self.last_checkpoint = self.checkpoints.resolve(cfg.trainer.resume)
+        self.learner_restarts = 0
+        self.state = self.restore(self.last_checkpoint)
         self.metrics = MetricsLogger(self.out, cfg.logging.tensorboard, resume_step=self.state.step)
         self.stop_requested = False
         self.eval_prompts = (load_prompts(cfg.data.eval_prompt_shards, cfg.logging.eval_num_prompts, cfg.data.on_error)
@@ -129,30 +130,27 @@ class Trainer:
                 self.state.version += 1
                 self.publish_weights()
                 sync_s = time.perf_counter() - t0
+                self.state.step, self.state.reader = step, reader_state
+                # 7. log, held-out monitor, checkpoint
+                record = self.record(step, scored, adv, learn, staleness, rewards_s, learn_s, sync_s,
+                                     time.perf_counter() - t_step)
+                if self.eval_prompts and step % cfg.logging.eval_every == 0:
+                    record.update(self.held_out_monitor())
+                self.metrics.log(record)
+                if cfg.logging.video_every and step % cfg.logging.video_every == 0:
+                    traj = ray.get(trajectories[0])
+                    self.metrics.log_videos(step, traj.videos, traj.references)
+                if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps or self.stop_requested:
+                    self.save_checkpoint(step, next_rollouts)
             except RayActorError as err:
+                # A rollout or reward worker that dies is restarted by Ray, which re-runs its call; a learner
+                # rank that dies in any phase (update, publish, monitor, checkpoint, or idle before its next
+                # call) fails the whole collective group: restart it and replay from the last checkpoint.
                 if not self.is_learner_failure(err):
                     raise
                 log.warning("learner rank died (%s); restarting the learner group from the last checkpoint", err)
                 next_rollouts = self.recover_learner()
                 continue
-            self.state.step, self.state.reader = step, reader_state
-            # 7. log and checkpoint
-            record = self.record(step, scored, adv, learn, staleness, rewards_s, learn_s, sync_s,
-                                 time.perf_counter() - t_step)
-            if self.eval_prompts and step % cfg.logging.eval_every == 0:
-                # held-out prompts, scored with rewards the policy is not trained on (launcher/evaluate.py)
-                t0 = time.perf_counter()
-                # with the EMA weights when there is an EMA (official: eval swaps the EMA in)
-                ema = self.workers.learner.actors[0].ema_weights.remote() if cfg.optim.ema.enabled else None
-                record.update(ray.get(self.workers.rollout.actors[0].held_out.remote(self.eval_prompts,
-                                                                                     self.eval_seeds, ema)))
-                record["eval_s"] = time.perf_counter() - t0
-            self.metrics.log(record)
-            if cfg.logging.video_every and step % cfg.logging.video_every == 0:
-                traj = ray.get(trajectories[0])
-                self.metrics.log_videos(step, traj.videos, traj.references)
-            if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps or self.stop_requested:
-                self.save_checkpoint(step, next_rollouts)
             progress.update(step, record)
             if self.stop_requested:
                 log.warning("stopped at step %d on request; resume with trainer.resume=auto", step)
@@ -230,6 +228,17 @@ class Trainer:
         for old in [v for v in self.state.weights if v < version - max(1, self.cfg.trainer.max_staleness)]:
             del self.state.weights[old]
 
+    def held_out_monitor(self) -> Dict[str, float]:
+        """Held-out prompts scored with rewards the policy is not trained on (launcher/evaluate.py), by rollout
+        worker 0 with the current version (a worker Ray restarts mid-call fetches it, so the numbers do not
+        change), or with the EMA weights when there is an EMA (official: evaluation swaps the EMA in)."""
+        t0 = time.perf_counter()
+        version = self.state.version
+        ema = self.workers.learner.actors[0].ema_weights.remote() if self.cfg.optim.ema.enabled else None
+        out = ray.get(self.workers.rollout.actors[0].held_out.remote(
+            self.eval_prompts, self.eval_seeds, version, [self.state.weights[version]], ema))
+        return {**out, "eval_s": time.perf_counter() - t0}
+
     # ------------------------------------------------------------------ checkpoints and recovery
 
     def save_checkpoint(self, step: int, inflight) -> None:
@@ -247,8 +256,8 @@ class Trainer:
         def write_parts(tmp: Path) -> None:
             ray.get(self.workers.learner.run("save", str(tmp)))
 
-        self.checkpoints.save(step, write_parts, driver_state, to_yaml(cfg),
-                              before_commit=lambda: maybe_fault(cfg, "checkpoint", 0, step))
+        self.last_checkpoint = self.checkpoints.save(step, write_parts, driver_state, to_yaml(cfg),
+                                                     before_commit=lambda: maybe_fault(cfg, "checkpoint", 0, step))
 
     def restore(self, path: Optional[Path]) -> RunState:
         """Learner weights and optimizer, reader position and step from a checkpoint (or a fresh start)."""
@@ -273,9 +282,23 @@ class Trainer:
 
     def recover_learner(self):
         """Gang-restart the learner group and roll back to the last checkpoint. (Broadcast sync: the new
-        learner rank 0 is in no weight group yet, so the publish in restore() rebuilds the group.)"""
-        restart_learner(self.workers.learner)
-        self.state = self.restore(self.checkpoints.latest())
+        learner rank 0 is in no weight group yet, so the publish in restore() rebuilds the group.) A rank
+        that dies during the recovery itself starts it over; `trainer.max_learner_restarts` bounds the
+        restarts of a run, so a learner that dies every time (out of memory, a bad node) stops the run."""
+        while True:
+            self.learner_restarts += 1
+            if self.learner_restarts > self.cfg.trainer.max_learner_restarts:
+                raise RuntimeError(f"the learner group died {self.learner_restarts} times, more than "
+                                   f"'trainer.max_learner_restarts' ({self.cfg.trainer.max_learner_restarts}); "
+                                   "see the learner ranks' logs for the cause")
+            try:
+                restart_learner(self.workers.learner)
+                self.state = self.restore(self.last_checkpoint)
+                break
+            except RayActorError as err:
+                if not self.is_learner_failure(err):
+                    raise
+                log.warning("learner rank died while recovering (%s); restarting again", err)
         self.metrics.truncate_after(self.state.step)
         return None
 
@@ -337,19 +360,18 @@ def preflight(cfg) -> None:
     """What can be checked before a cluster starts, so that a wrong path costs seconds, not a Ray start-up:
     every shard pattern names existing files, the output directory is writable, and the resume target (or
     the `latest` pointer) is a complete checkpoint. Raises ConfigError naming the key."""
-    out = Path(cfg.trainer.output_dir)
-    existing = next((p for p in [out, *out.parents] if p.exists()), None)
-    if existing is None or not os.access(existing, os.W_OK):
-        raise ConfigError(f"'trainer.output_dir' {out}: {existing} is not writable")
+    require_writable("trainer.output_dir", cfg.trainer.output_dir)
     try:
-        CheckpointManager(out, cfg.trainer.keep_last).resolve(cfg.trainer.resume)
+        resume = CheckpointManager(cfg.trainer.output_dir, cfg.trainer.keep_last).resolve(cfg.trainer.resume)
     except FileNotFoundError as err:
         raise ConfigError(f"'trainer.resume' {cfg.trainer.resume}: {err}") from None
-    for key in ["data.prompt_shards"] + ["data.eval_prompt_shards"] * bool(cfg.logging.eval_every):
-        try:
-            expand_pattern(OmegaConf.select(cfg, key))  # every shard must exist (data/tarindex.py)
-        except FileNotFoundError as err:
-            raise ConfigError(f"'{key}': {err}") from None
+    if resume is not None and (resume / "config.yaml").is_file():
+        differ = stored_config_mismatches(resume / "config.yaml", cfg, RESUME_KEYS)
+        if differ:
+            raise ConfigError(f"'trainer.resume' {resume} was written with " + ", ".join(
+                f"{key}={theirs!r} (this config: {mine!r})" for key, theirs, mine in differ) +
+                "; resume with those values, or start elsewhere (trainer.output_dir) or anew (trainer.resume=never)")
+    require_shards(cfg, ["data.prompt_shards"] + ["data.eval_prompt_shards"] * bool(cfg.logging.eval_every))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> RunState:

@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -36,6 +37,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from launcher.cli import require_shards, require_writable
+from launcher.config import ConfigError
 from reward.losses import label_indices, pairwise_accuracy, preference_loss
 from reward.train_config import parse_args, with_updates
 from reward.vlm import DTYPES, IdentityRewardModel
@@ -145,8 +148,10 @@ def save_checkpoint(engine, out: Path, step: int, pools, rank: int, keep_last: i
     dist.barrier()
     if rank == 0:
         tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+        latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
         for old in tags[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != latest:  # after a resume from an older step, the newest save is not the highest
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(engine, target, pools, rank: int) -> int:
@@ -381,8 +386,24 @@ def _loop(cfg, engine, plan: DataPlan, pools, extra: Dict[str, Any], out: Path, 
     return {"losses": losses, "eval": history[-1], "step": step, "model_dir": str(out / MODEL_DIR)}
 
 
+def preflight(cfg) -> None:
+    """Paths checked before a process group or a model is built: shards exist, the output directory is writable,
+    the resume target is a checkpoint. Raises ConfigError naming the key."""
+    require_writable("trainer.output_dir", cfg.trainer.output_dir)
+    require_shards(cfg, ["data.preference_shards", "data.eval_shards"])
+    try:
+        _resume_target(cfg, Path(cfg.trainer.output_dir))
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_args(argv, description=__doc__.splitlines()[0])
+    try:
+        preflight(cfg)
+    except ConfigError as err:
+        print(f"reward.train: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         train(cfg)
     finally:

@@ -237,5 +237,5 @@ def parse_args(argv: Optional[Sequence[str]] = None, description: str = "") -> D
     Also accepts `--local_rank=N`, which the `deepspeed` launcher appends."""
     parser = build_parser(description, default_config="cluster_configs/reward_local_cpu.yaml")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    cfg, _ = parse_config(description, argv, parser=parser, loader=load_reward_config)
+    cfg, _ = parse_config(description, argv, parser=parser, loader=load_reward_config, command="reward.train")
     return cfg

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import psutil
 import pytest
 import ray
 import torch
@@ -17,7 +18,7 @@ from launcher.train import run as train_run
 
 pytestmark = pytest.mark.slow
 
-TIMING = {"rollout_s", "reward_s", "learn_s", "sync_s", "step_s"}
+TIMING = {"rollout_s", "reward_s", "learn_s", "sync_s", "step_s", "eval_s"}
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,38 @@ def test_killed_learner_rank_resumes_from_checkpoint(root, shards, tmp_path, str
                                f"faults.role={role}", "faults.rank=1", f"faults.step={step}")))
     assert (tmp_path / "faults" / f"{role}_1_step{step}.done").exists()
     assert records == straight
+
+
+@pytest.fixture(scope="module")
+def monitored(root, shards, tmp_path_factory):
+    """The reference for kills from outside: 4 steps, checkpoint and held-out monitor every 2."""
+    out = tmp_path_factory.mktemp("monitored")
+    return strip(run(config(root, shards, out, *MONITORED, f"data.eval_prompt_shards={shards}")))
+
+
+MONITORED = ["trainer.steps=4", "trainer.checkpoint_every=2", "logging.eval_every=2", "logging.eval_num_prompts=1"]
+# Processes killed from outside (SIGKILL, found by what they are doing: tests/process_killer.py), in
+# phases the `faults` hooks do not reach, all in one run. A learner rank: the group restarts and the run
+# replays from step 2's checkpoint; a rollout or reward worker: Ray restarts it and re-runs the call.
+KILLED = [
+    ("ray::RolloutWorker.held_out", 1, 0),  # step 2's held-out monitor: the restarted worker must fetch
+    ("ray::RewardWorker.score", 2, 0),      # version 2, not monitor with its initial weights
+    ("ray::LearnerWorker", 1, 3),  # a rank idle between two calls, once step 3 is logged
+    ("ray::LearnerWorker.save", 2, 0),  # then, replaying, step 4's checkpoint, mid-write
+]
+
+
+@pytest.mark.faults
+def test_workers_killed_from_outside_give_same_metrics(root, shards, tmp_path, monitored):
+    from tests.process_killer import Kill, ProcessKiller
+
+    kills = [Kill(title, nth, after, metrics=tmp_path / "metrics.jsonl") for title, nth, after in KILLED]
+    with ProcessKiller(kills):
+        records = strip(run(config(root, shards, tmp_path, *MONITORED, f"data.eval_prompt_shards={shards}")))
+    for kill in kills:
+        assert kill.killed_pid is not None, f"{kill.title} was never seen (seen {kill.seen}x)"
+        assert not psutil.pid_exists(kill.killed_pid) or psutil.Process(kill.killed_pid).status() == "zombie"
+    assert records == monitored
 
 
 def test_async_staleness_bound(root, shards, tmp_path, straight):

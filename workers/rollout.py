@@ -46,12 +46,22 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         self.version = version
         return version
 
+    def _ensure_version(self, version: int, weights_box: Optional[list]) -> None:
+        """Hold `version` before sampling with it: a worker Ray restarted (back at its initial weights) or one
+        that lags fetches the version's object-store copy, so a re-run call reproduces the lost one."""
+        if version == self.version:
+            return
+        if weights_box is None:
+            raise RuntimeError(f"rollout {self.rank}: has version {self.version}, asked for {version} without weights")
+        log.info("rollout %d: fetching version %d's object-store copy (has %d)", self.rank, version, self.version)
+        self.set_weights(version, ray.get(weights_box[0]))
+        self.fetched_versions.append(version)
+
     def _install(self, weights: Dict[str, torch.Tensor]) -> None:
         if self.cfg.model.lora.enabled:
             load_lora_state_dict(self.policy.transformer, weights)
         else:
             self.policy.transformer.load_state_dict(weights, strict=True)
-
 
     def receive_weights(self, version: int) -> int:
         """Install a policy version broadcast by learner rank 0, in place into the model's own tensors.
@@ -79,13 +89,7 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         """One prompt group. `weights_box` = [ref] of that version's weights: a restarted or lagging
         worker fetches them first, so a re-queued task samples with exactly the recorded version."""
         maybe_fault(self.cfg, "rollout", self.rank, step)
-        if version != self.version:
-            if weights_box is None:
-                raise RuntimeError(f"rollout {self.rank}: has version {self.version}, asked for {version} "
-                                   "without weights")
-            log.info("rollout %d: fetching version %d's object-store copy (has %d)", self.rank, version, self.version)
-            self.set_weights(version, ray.get(weights_box[0]))
-            self.fetched_versions.append(version)
+        self._ensure_version(version, weights_box)
         start = time.perf_counter()
         cond = self.policy.encode_condition(sample["prompt"], sample.get("refs", []))
         trajectory = sample_group(self.policy, cond, seeds, self.rule, self.schedule, deterministic=deterministic,
@@ -95,12 +99,14 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         trajectory.rollout_s = time.perf_counter() - start
         return trajectory
 
-    def held_out(self, prompts: List[dict], seeds: List[int],
+    def held_out(self, prompts: List[dict], seeds: List[int], version: int, weights_box: list,
                  weights: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
-        """Over-optimisation monitor (launcher/evaluate.py) with this worker's current weights, or with
-        `weights` (the EMA's) installed for the duration and the current ones put back after."""
+        """Over-optimisation monitor (launcher/evaluate.py) with policy `version` (fetched from `weights_box` by a
+        worker Ray restarted mid-call, like `generate`), or with `weights` (the EMA's) installed for the
+        duration and the version's put back after."""
         from launcher.evaluate import held_out_monitor
 
+        self._ensure_version(version, weights_box)
         if weights is None:
             return held_out_monitor(self.policy, self.cfg, prompts, seeds)
         live = published_weights(self.policy.transformer, self.cfg.model.lora.enabled)
