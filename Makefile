@@ -23,7 +23,7 @@ $(STAMP): requirements.txt setup.cfg
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m pip check
-	$(PY) -m launcher.warm_ops
+	$(PY) -m workers.warm_ops
 	touch $(STAMP)
 
 test: install
@@ -71,7 +71,7 @@ bench: install
 	for b in $(BENCHES); do $(PY) $$b || exit 1; done
 
 lint: install
-	$(PY) -m ruff check launcher workers reward policy data tests bench
+	$(PY) -m ruff check config evaluation launcher workers reward policy data tests bench
 
 # Submit to a running Ray cluster: make submit ADDRESS=http://head:8265 CONFIG=... ARGS="..."
 # (= ray job submit --working-dir . --runtime-env cluster_configs/runtime_env.yaml, waiting up to

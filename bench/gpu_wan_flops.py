@@ -156,7 +156,7 @@ def saved_bytes(cfg: dict, latent: tuple, text_len: int, mode: str, dtype=torch.
 
     model = build_transformer(cfg, "cpu", dtype, 0)
     if mode == "lora":
-        from launcher.config import LoraConfig
+        from config import LoraConfig
         from policy.lora import add_lora
 
         add_lora(model, LoraConfig(rank=32, alpha=32.0, target_modules=list(LORA_TARGETS)))

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from launcher.config import load_config  # noqa: E402
+from config import load_config  # noqa: E402
 
 WARMUP = 2
 

@@ -187,7 +187,7 @@ class ShardReader(IterableDataset):
     @classmethod
     def from_config(cls, data_cfg, kind: str, rank: int = 0, world_size: int = 1,
                     epochs: int | None = None) -> ShardReader:
-        """Build from launcher.config.DataConfig fields (prompt_shards or preference_shards by kind)."""
+        """Build from config.schema.DataConfig fields (prompt_shards or preference_shards by kind)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         pattern = data_cfg.prompt_shards if kind == "prompt" else data_cfg.preference_shards

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 import ray
 
-from launcher.config import to_yaml
+from config import to_yaml
 from workers.group import POOLS, Placement, WorkerGroup, plan_placements, release
 from workers.learner import LearnerWorker
 from workers.reward_worker import RewardWorker

@@ -22,7 +22,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from launcher.config import ConfigError, load_config
+from config import ConfigError, load_config
 
 DEMO_CONFIG = "cluster_configs/demo_cpu.yaml"
 

@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Sequence
 
 import yaml
 
-from launcher.cli import at_least
+from config.cli import at_least
 
 NOT_READY = ("No available agent", "Failed to connect", "Connection refused", "ConnectionError",
              "Max retries exceeded")

@@ -34,11 +34,11 @@ from ray.exceptions import RayActorError
 
 from data.reader import ShardReader
 from launcher.checkpoint import CheckpointManager
-from launcher.cli import parse_config, require_shards, require_writable
+from config.cli import parse_config, require_shards, require_writable
 from launcher.cluster import (Workers, build_workers, connect_ray, restart_learner, split_groups,
                               start_learner, stop_ray)
-from launcher.config import RESUME_KEYS, ConfigError, stored_config_mismatches, to_yaml
-from launcher.evaluate import eval_seeds, load_prompts
+from config import RESUME_KEYS, ConfigError, stored_config_mismatches, to_yaml
+from evaluation.held_out import eval_seeds, load_prompts
 from launcher.metrics import MetricsLogger
 from launcher.progress import Progress
 from policy.grpo import advantage_stats, group_advantages
@@ -229,7 +229,7 @@ class Trainer:
             del self.state.weights[old]
 
     def held_out_monitor(self) -> Dict[str, float]:
-        """Held-out prompts scored with rewards the policy is not trained on (launcher/evaluate.py), by rollout
+        """Held-out prompts scored with rewards the policy is not trained on (evaluation/held_out.py), by rollout
         worker 0 with the current version (a worker Ray restarts mid-call fetches it, so the numbers do not
         change), or with the EMA weights when there is an EMA (official: evaluation swaps the EMA in)."""
         t0 = time.perf_counter()

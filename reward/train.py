@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from launcher.cli import require_shards, require_writable
-from launcher.config import ConfigError
+from config.cli import require_shards, require_writable
+from config import ConfigError
 from reward.losses import label_indices, pairwise_accuracy, preference_loss
 from reward.train_config import parse_args, with_updates
 from reward.vlm import DTYPES, IdentityRewardModel
@@ -60,7 +60,7 @@ def _free_port() -> int:
 
 def setup_distributed(device: str):
     """Fill single-process env defaults (../shared/CPU_STACK.md) and init torch.distributed once."""
-    from launcher.warm_ops import init_distributed
+    from workers.warm_ops import init_distributed
 
     if "RANK" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",

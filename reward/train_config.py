@@ -1,6 +1,6 @@
 """Config tree of the reward-model trainer (`python -m reward.train`), separate from the GRPO tree.
 
-Same rules as launcher/config.py: OmegaConf structured configs from the dataclasses below; a YAML
+Same rules as the training config (config/): OmegaConf structured configs from the dataclasses below; a YAML
 file and then `key.sub=value` overrides are merged onto the defaults, and an unknown key, a value of
 the wrong type, a value outside its choices or a missing required value is a `ConfigError` naming
 the key and where it came from. Defaults are the tiny CPU preset; cluster_configs/reward_3b_8gpu.yaml
@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from launcher.cli import build_parser, parse_config
-from launcher.config import VLM_ARCHITECTURES, ConfigError, describe_error, load_structured
+from config.cli import build_parser, parse_config
+from config import VLM_ARCHITECTURES, ConfigError, describe_error, load_structured
 from reward.vlm import LLM_LORA_TARGETS
 from reward.vlm_inputs import DEFAULT_INSTRUCTION
 

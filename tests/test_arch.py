@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from launcher.config import LoraConfig, load_config
+from config import LoraConfig, load_config
 from launcher.memory_plan import learner_state_bytes
 from policy.arch import keeps_fp32, transformer_config
 from policy.lora import add_lora

@@ -80,7 +80,7 @@ def test_flop_formula_matches_flop_counter_on_tiny(one_thread):
 
 
 def test_flop_formula_lora_terms(one_thread):
-    from launcher.config import LoraConfig
+    from config import LoraConfig
     from policy.lora import add_lora
 
     cfg = SIZES["tiny"]["transformer"]

@@ -3,7 +3,7 @@
 import pytest
 
 from launcher.checkpoint import CheckpointManager
-from launcher.config import ConfigError, load_config
+from config import ConfigError, load_config
 
 
 def save(manager, step):

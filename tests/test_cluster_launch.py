@@ -7,7 +7,7 @@ import sys
 import pytest
 import ray
 
-from launcher.config import load_config
+from config import load_config
 from launcher.metrics import read_metrics
 from tests.ray_nodes import LocalRayCluster, ray_env
 

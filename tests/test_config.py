@@ -4,7 +4,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from launcher.config import ConfigError, config_from_yaml_text, load_config, to_yaml
+from config import ConfigError, config_from_yaml_text, load_config, to_yaml
 
 CONFIGS = ["local_cpu", "demo_cpu", "vace_1.3b_8gpu", "vace_1.3b_eval", "phantom_1.3b_8gpu", "vace_14b_multinode"]
 

@@ -136,7 +136,7 @@ def test_load_state_refuses_a_different_order(shards):
 
 
 def test_from_config_uses_data_config_fields(shards):
-    from launcher.config import DataConfig
+    from config import DataConfig
 
     cfg = OmegaConf.structured(DataConfig(prompt_shards=shards, preference_shards="unused", shuffle_buffer=6,
                                           seed=7, on_error="skip", num_loader_workers=0))

@@ -7,7 +7,7 @@ import pytest
 import ray
 
 from data import write_shards
-from launcher.config import load_config, to_yaml
+from config import load_config, to_yaml
 from launcher import evaluate, rehearse, submit
 from launcher import train as train_cli
 from reward import train as reward_train

@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 from launcher.checkpoint import CheckpointManager
-from launcher.config import load_config, to_yaml
-from launcher.eval_metrics import EvalScorer, bootstrap_ci, compare_records, summarize_records, win_rate
-from launcher.evaluate import (EvalError, build_eval_policy, check_compatible, eval_seeds, held_out_monitor,
-                               load_prompts, main, resolve_policy)
+from config import load_config, to_yaml
+from evaluation.held_out import eval_seeds, held_out_monitor, load_prompts
+from evaluation.metrics import EvalScorer, bootstrap_ci, compare_records, summarize_records, win_rate
+from evaluation.policies import EvalError, build_eval_policy, check_compatible, resolve_policy
+from launcher.evaluate import main
 
 FAST = ["sampler.num_steps=2", "reward.face.num_frames=2", "reward.vlm.num_frames=2", "logging.progress_bar=false"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.config import load_config, to_yaml
+from config import load_config, to_yaml
 from tests.fresh_process import in_fresh_process
 from workers.common import free_port
 from workers.learner import LearnerWorker

@@ -11,7 +11,7 @@ import ray
 import torch
 
 from launcher.checkpoint import CheckpointManager
-from launcher.config import load_config
+from config import load_config
 from launcher.metrics import read_metrics
 from launcher.train import Trainer
 from launcher.train import run as train_run

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from launcher.config import load_config
+from config import load_config
 from policy.models import (ModelPathError, build_components, build_tiny_components,
                            load_pretrained_components, save_pretrained)
 

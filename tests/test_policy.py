@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from launcher.config import load_config
+from config import load_config
 from policy.grpo import grpo_loss
 from policy.lora import lora_state_dict, save_lora
 from policy.models import build_components, pipeline_for, save_pretrained

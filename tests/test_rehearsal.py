@@ -13,7 +13,7 @@ import sys
 import pytest
 import yaml
 
-from launcher.config import load_config
+from config import load_config
 from launcher.metrics import read_metrics
 from launcher.rehearse import cpu_overrides
 

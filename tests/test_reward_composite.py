@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from skimage import data
 
 from data.faces import crop_face, load_face_photos
-from launcher.config import Config, RewardConfig
+from config import Config, RewardConfig
 from policy.grpo import group_advantages
 from reward.composite import REWARD_BUILDERS, CompositeReward, RewardError
 from reward.demo import demo_brightness, demo_reference_color
@@ -164,11 +164,16 @@ def test_contract_violations_raise(sample):
         CompositeReward({"demo_brightness": demo_brightness}, {"demo_brightness": 1.0}, on_nan="zero")
 
 
-def test_vlm_is_imported_only_when_built_and_can_be_prebuilt(sample, monkeypatch):
+def test_vlm_is_imported_only_when_built_and_can_be_prebuilt(root, sample, monkeypatch):
     video, ref, _ = sample
-    from launcher.config import KNOWN_REWARDS
+    from config import ConfigError, load_config
 
-    assert set(REWARD_BUILDERS) == KNOWN_REWARDS  # the config accepts exactly what can be built
+    # the registry is the one list: the config accepts a name exactly when it can be built
+    preset, extra = root / "cluster_configs" / "local_cpu.yaml", ["trainer.output_dir=x", "reward.weights={extra: 1.0}"]
+    with pytest.raises(ConfigError, match="'reward.weights.extra' is not a known reward"):
+        load_config(preset, extra)
+    monkeypatch.setitem(REWARD_BUILDERS, "extra", lambda reward_cfg: None)
+    assert dict(load_config(preset, extra).reward.weights) == {"extra": 1.0}
     monkeypatch.setitem(sys.modules, "reward.vlm", None)  # any import of reward/vlm.py now fails
     rc = cfg(weights={"demo_brightness": 1.0, "vlm": 0.0})
     assert list(CompositeReward.from_config(rc, build_zero_weight=False).components) == ["demo_brightness"]

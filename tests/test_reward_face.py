@@ -15,7 +15,7 @@ from scipy import ndimage
 from skimage import data
 
 from data.faces import crop_face, load_face_photos
-from launcher.config import FaceRewardConfig
+from config import FaceRewardConfig
 from reward.face import (DLIB5_ARCFACE_112, FaceIdentityReward, FaceNotFoundError, align_face,
                          similarity_transform)
 
@@ -240,7 +240,7 @@ def test_face_and_vlm_rewards_look_at_the_same_frames(photos):
 
 
 def test_face_and_vlm_frame_counts_must_agree(root):
-    from launcher.config import ConfigError, load_config
+    from config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="reward.face.num_frames.*reward.vlm.num_frames"):
         load_config(root / "cluster_configs" / "local_cpu.yaml", ["reward.weights.vlm=1.0", "reward.vlm.num_frames=4"])

@@ -72,7 +72,7 @@ def test_pool_draws_follow_the_weight_and_are_stateless():
 
 
 def test_config_errors_name_the_key(tmp_path):
-    from launcher.config import ConfigError
+    from config import ConfigError
 
     with pytest.raises(ConfigError, match="'trainer.lr'"):
         load_reward_config(None, ["trainer.lr=1", "data.preference_shards=x", f"trainer.output_dir={tmp_path}"])

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from launcher.config import ConfigError, load_config
+from config import ConfigError, load_config
 from workers.common import free_port
 from workers.weight_sync import WeightBroadcastGroup, WeightSyncError
 

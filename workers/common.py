@@ -11,7 +11,7 @@ from typing import Dict
 import numpy as np
 import torch
 
-from launcher.config import config_from_yaml_text
+from config import config_from_yaml_text
 
 log = logging.getLogger(__name__)
 

@@ -118,7 +118,7 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         """Join the process group and build the engine; returns the number of trainable parameters."""
         import deepspeed
 
-        from launcher.warm_ops import init_distributed
+        from workers.warm_ops import init_distributed
 
         cfg = self.cfg
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),

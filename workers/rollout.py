@@ -101,10 +101,10 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
 
     def held_out(self, prompts: List[dict], seeds: List[int], version: int, weights_box: list,
                  weights: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
-        """Over-optimisation monitor (launcher/evaluate.py) with policy `version` (fetched from `weights_box` by a
+        """Over-optimisation monitor (evaluation/held_out.py) with policy `version` (fetched from `weights_box` by a
         worker Ray restarted mid-call, like `generate`), or with `weights` (the EMA's) installed for the
         duration and the version's put back after."""
-        from launcher.evaluate import held_out_monitor
+        from evaluation.held_out import held_out_monitor
 
         self._ensure_version(version, weights_box)
         if weights is None:

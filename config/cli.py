@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from launcher.config import ConfigError, load_config, to_yaml
+from config import ConfigError, load_config, to_yaml
 
 DEFAULT_CONFIG = "cluster_configs/local_cpu.yaml"
 

@@ -1,6 +1,6 @@
 """Evaluation report: Markdown with tables, PNG plots and a base-vs-fine-tuned video grid.
 
-Written by launcher/evaluate.py into `<out>/` (default `<trainer.output_dir>/eval/`):
+Written by `python -m launcher.evaluate` into `<out>/` (default `<trainer.output_dir>/eval/`):
     report.md                 metric tables per policy, paired comparison (deltas, 95% CIs, win rates),
                               breakdowns by number of people and by identity, links to the files below
     training_curves.png       from `<trainer.output_dir>/metrics.jsonl`: training reward (total and per

@@ -1,0 +1,22 @@
+"""The config room: one tree of dataclasses for the whole system, loaded from YAML and `key=value` overrides.
+
+A leaf: `data/`, `policy/`, `reward/`, `workers/` and `launcher/` import it; it imports none of them when it
+is imported (config/checks.py asks `policy/` and `reward/` about architectures, noise rules and the reward
+registry only while it checks a config).
+
+    schema.py  the dataclasses (every knob, its default and why)
+    checks.py  value checks beyond types; ConfigError
+    load.py    defaults <- YAML (with `base:`) <- overrides; to/from the YAML stored in checkpoints
+    cli.py     the entry points' shared command line, range-checked arguments, checks of paths before work
+"""
+
+from config.checks import (LORA_KEYS, PRECISION_OF_DTYPE, RESUME_KEYS, VLM_ARCHITECTURES, ConfigError,
+                           describe_error, stored_config_mismatches)
+from config.load import config_from_yaml_text, load_config, load_structured, to_yaml
+from config.schema import (Config, DataConfig, FaceRewardConfig, LoraConfig, ModelConfig, RewardConfig,
+                           SamplerConfig)
+
+__all__ = ["Config", "ConfigError", "DataConfig", "FaceRewardConfig", "LORA_KEYS", "LoraConfig", "ModelConfig",
+           "PRECISION_OF_DTYPE", "RESUME_KEYS", "RewardConfig", "SamplerConfig", "VLM_ARCHITECTURES",
+           "config_from_yaml_text", "describe_error", "load_config", "load_structured", "stored_config_mismatches",
+           "to_yaml"]

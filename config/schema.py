@@ -1,0 +1,275 @@
+"""The config tree: every knob of the training system, as dataclasses (config/load.py loads them).
+
+Every knob lives in a dataclass below; OmegaConf turns the tree into a *structured* config, so a
+YAML file or a `key.sub=value` override that names an unknown key, or gives a value of the wrong type,
+fails at load time with a message naming the key (and the file). Defaults here are the tiny CPU
+preset (`cluster_configs/local_cpu.yaml` only restates the important ones); the GPU presets override
+them with the paper's settings.
+
+Usage:
+    cfg = load_config("cluster_configs/local_cpu.yaml", ["trainer.steps=3"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    rank: int = 4
+    alpha: float = 4.0
+    # Attention projections of diffusers' Wan blocks (attn1 = self, attn2 = cross).
+    target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # peft init of A: "default" (Kaiming) or "gaussian"; B starts at zero either way, so a fresh
+    # adapter is an exact no-op (policy == reference at step 0).
+    init: str = "default"
+
+
+@dataclass
+class ModelConfig:
+    # t2v: Wan2.1 text-to-video; vace: Wan2.1 VACE (refs as control); phantom: refs concatenated.
+    kind: str = "vace"
+    # pretrained: load `path`. random: build `arch` with random weights, nothing read or downloaded (the
+    # tiny CPU models, or a real architecture for a rehearsal: launcher/rehearse.py).
+    init: str = "pretrained"
+    # A named architecture (policy/arch.py): tiny | wan2.1-vace-1.3b | wan2.1-vace-14b | wan2.1-t2v-1.3b |
+    # wan2.1-t2v-14b | phantom-wan-1.3b. With init=pretrained it is checked against `path`'s transformer.
+    arch: Optional[str] = None
+    # Local diffusers-format directory (model_index.json, transformer/, vae/, text_encoder/, tokenizer/).
+    path: Optional[str] = None
+    # Phantom's released transformer checkpoint (original Wan key format), converted on load.
+    phantom_checkpoint: Optional[str] = None
+    tiny_seed: int = 0  # seed of random init (any arch): every role builds the same weights
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    # Rehearsal only (init=random): fewer transformer blocks (VACE control blocks kept at the architecture's
+    # stride), text-encoder layers and vocabulary. Widths, heads and patch sizes stay the architecture's.
+    num_layers: Optional[int] = None
+    text_encoder_layers: Optional[int] = None
+    text_encoder_vocab: Optional[int] = None
+    vae_decode_batch: int = 1  # videos the VAE decodes at once (its activations dominate a rollout's peak)
+    height: int = 32
+    width: int = 32
+    num_frames: int = 9
+    max_references: int = 3
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+@dataclass
+class SamplerConfig:
+    num_steps: int = 4
+    guidance_scale: float = 4.5
+    shift: float = 3.0  # Wan's flow shift of the sigma schedule
+    # Sigmas and transformer timesteps (policy/schedule.py): "unipc" = Wan's shipped UniPC flow schedule
+    # (official Identity-GRPO), "euler" = FlowMatchEulerDiscreteScheduler's (Flow-GRPO).
+    schedule: str = "unipc"
+    # "linear": std = std_min + (std_max - std_min) * s (official Identity-GRPO code);
+    # "eta": std = eta * sqrt(s / (1 - s)) (Flow-GRPO).
+    noise_rule: str = "linear"
+    eta: float = 0.7
+    # Numbers, or "schedule": std_max = the schedule's sigmas[1], std_min = its last sigma (official).
+    std_min: Any = "schedule"
+    std_max: Any = "schedule"
+    # Phantom's image guidance (its CFG has text and image terms; guidance_scale is the text one).
+    image_guidance_scale: float = 5.0
+    negative_prompt: str = ""
+    max_sequence_length: int = 32
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+
+@dataclass
+class GrpoConfig:
+    group_size: int = 4
+    prompts_per_step: int = 2
+    clip_range: float = 1e-3
+    kl_beta: float = 0.004
+    adv_clip: float = 5.0
+    adv_eps: float = 1e-4
+    std_mode: str = "group"  # group | global
+    std_ddof: int = 0  # 0: population std (official np.std), 1: sample std
+    # Which sampled steps are trained: a fraction of them, in "fixed" (first ones) or "random" order.
+    timestep_fraction: float = 1.0
+    timestep_order: str = "random"  # random | fixed
+    num_inner_epochs: int = 1
+    # Optimizer steps per update, each over an equal share of every learner rank's groups (official: 2 per
+    # epoch of 32 prompts). 1 = one step over all groups (on-policy: every ratio starts at exactly 1).
+    optimizer_steps_per_update: int = 1
+
+
+@dataclass
+class EmaConfig:
+    """EMA of the trainable weights (policy/ema.py): evaluated and saved beside the live weights."""
+
+    enabled: bool = False
+    decay: float = 0.9
+    update_interval: int = 8  # optimizer steps between updates
+    repeats: int = 1  # applications per update (official loop: 4, see policy/ema.py)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    ema: EmaConfig = field(default_factory=EmaConfig)
+
+
+# ----------------------------------------------------------------------------- reward
+
+
+@dataclass
+class VlmRewardConfig:
+    # pretrained: `path` (a trained reward-model directory, or a Qwen2.5-VL base); random: `arch` with random
+    # weights (tiny | qwen2.5-vl-3b), for CPU tests and rehearsals.
+    init: str = "pretrained"
+    arch: Optional[str] = None
+    path: Optional[str] = None
+    num_frames: int = 5
+    tie_theta: float = 5.0
+    image_size: int = 448  # multiple of 28; the CPU presets use 56
+    dtype: str = "float32"  # float32 | bfloat16: the VLM's weights (the GPU presets: bfloat16)
+    # A `path` that is a Qwen2.5-VL base (no trained head) is an error unless this is set (its scores are noise).
+    allow_untrained_head: bool = False
+    # Rehearsal only (init=random, arch qwen2.5-vl-3b): fewer language / vision layers and a smaller vocabulary.
+    text_layers: Optional[int] = None
+    vision_layers: Optional[int] = None
+    vocab: Optional[int] = None
+
+
+@dataclass
+class FaceRewardConfig:
+    backend: str = "dlib"  # dlib (weights from face-recognition-models) | arcface (local ONNX)
+    model_path: Optional[str] = None
+    num_frames: int = 5
+    aggregate: str = "mean"  # mean | min over identities
+    missing_penalty: float = 0.0
+    upsample: int = 1  # dlib HOG upsampling passes: 0 finds faces >= ~80 px, 1 >= ~40 px (about 4x slower)
+    max_extra_faces: int = 2  # embed at most (people + this) largest faces per frame; bounds cost on crowds
+
+
+@dataclass
+class RewardConfig:
+    # Named components and their weights; the composite reward is their weighted sum.
+    weights: Dict[str, float] = field(default_factory=lambda: {"face": 1.0})
+    on_nan: str = "mask"  # mask the sample (counted) | raise
+    vlm: VlmRewardConfig = field(default_factory=VlmRewardConfig)
+    face: FaceRewardConfig = field(default_factory=FaceRewardConfig)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    prompt_shards: str = MISSING  # required: local paths or a brace pattern of prompt shards
+    preference_shards: Optional[str] = None  # reward-model training only
+    eval_prompt_shards: Optional[str] = None  # held-out prompts: launcher.evaluate's default and the training monitor
+    shuffle_buffer: int = 16
+    seed: int = 0
+    on_error: str = "raise"  # raise | skip
+    num_loader_workers: int = 0
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+@dataclass
+class PoolConfig:
+    num_workers: int = 1
+    num_gpus_per_worker: float = 0.0
+    num_cpus_per_worker: float = 1.0
+    # Ray custom resource a node must offer to host this pool (e.g. "reward_node"); None = any.
+    node_resource: Optional[str] = None
+
+
+@dataclass
+class LearnerConfig:
+    zero_stage: int = 2
+    precision: str = "fp32"  # fp32 | bf16
+    # Samples of one group per forward/backward; 0 = the whole group (the rollout's own batch, so the
+    # first recomputed log-prob matches bit for bit). Large models split a group (e.g. 14B: 4).
+    micro_batch_size: int = 0
+
+
+@dataclass
+class WorkersConfig:
+    colocate: bool = True
+    ray_address: Optional[str] = None  # attach to this cluster; None starts a local one
+    rollout: PoolConfig = field(default_factory=PoolConfig)
+    reward: PoolConfig = field(default_factory=PoolConfig)
+    learner: PoolConfig = field(default_factory=lambda: PoolConfig(num_workers=2))
+    learner_engine: LearnerConfig = field(default_factory=LearnerConfig)
+    # How a new policy version reaches the rollout workers: "broadcast" = a process group of learner
+    # rank 0 + the rollout workers (workers/weight_sync.py), "object_store" = a Ray object ref each
+    # worker fetches, "auto" = broadcast for full fine-tuning, the object store for (small) LoRA.
+    weight_sync: str = "auto"
+    weight_sync_timeout_s: float = 600.0  # a broadcast (or group build) slower than this raises
+
+
+# ----------------------------------------------------------------------------- trainer / logging
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    output_dir: str = MISSING  # required
+    resume: str = "auto"  # auto | never | <checkpoint path>
+    checkpoint_every: int = 5
+    keep_last: int = 3
+    mode: str = "sync"  # sync | async
+    max_staleness: int = 1
+    # A dead learner rank restarts the learner group from the last checkpoint; more restarts than this in
+    # one run stop it (a rank that dies every time: out of memory, a bad node).
+    max_learner_restarts: int = 10
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    video_every: int = 5
+    progress_bar: bool = True
+    eval_every: int = 0  # held-out over-optimisation monitor every N steps (0 = off); needs data.eval_prompt_shards
+    eval_num_prompts: int = 4
+    eval_seeds_per_prompt: int = 1
+
+
+@dataclass
+class FaultsConfig:
+    """Deliberate failures for tests and demos: kill `role` worker `rank` at `step` (-1 = never)."""
+
+    # rollout | reward | learner (in the update) | publish (a learner rank, while publishing that step's
+    # weights) | checkpoint (the driver, mid-commit)
+    role: Optional[str] = None
+    rank: int = 0
+    step: int = -1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
