@@ -51,14 +51,21 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.gpu_wan_flops import (activation_bytes, activation_report, counted_forward_flops,  # noqa: E402
-                                  flop_terms, latent_shape, peak_bf16_tflops, train_step_flops, video_tokens)
+from bench.gpu_wan_flops import (  # noqa: E402
+    activation_bytes,
+    activation_report,
+    counted_forward_flops,
+    flop_terms,
+    latent_shape,
+    peak_bf16_tflops,
+    train_step_flops,
+    video_tokens,
+)
 from bench.gpu_wan_naive import naive_rollout, naive_train_pass, naive_velocity  # noqa: E402
 from config import LoraConfig, ModelConfig, SamplerConfig  # noqa: E402
-from policy.grpo import group_advantages, grpo_loss  # noqa: E402
 from policy.arch import TINY_TRANSFORMER, transformer_config  # noqa: E402
-from policy.models import (WanComponents, build_scheduler, build_tiny_text_encoder, build_tiny_tokenizer,  # noqa: E402
-                           build_tiny_vae)
+from policy.grpo import group_advantages, grpo_loss  # noqa: E402
+from policy.models import WanComponents, build_scheduler, build_tiny_text_encoder, build_tiny_tokenizer, build_tiny_vae  # noqa: E402
 from policy.policy import Condition, WanPolicy  # noqa: E402
 from policy.sampler import sample_group, score_step  # noqa: E402
 from policy.schedule import sampling_schedule  # noqa: E402

@@ -10,11 +10,17 @@ registry only while it checks a config).
     cli.py     the entry points' shared command line, range-checked arguments, checks of paths before work
 """
 
-from config.checks import (LORA_KEYS, PRECISION_OF_DTYPE, RESUME_KEYS, VLM_ARCHITECTURES, ConfigError,
-                           describe_error, stored_config_mismatches)
+from config.checks import (
+                           LORA_KEYS,
+                           PRECISION_OF_DTYPE,
+                           RESUME_KEYS,
+                           VLM_ARCHITECTURES,
+                           ConfigError,
+                           describe_error,
+                           stored_config_mismatches,
+)
 from config.load import config_from_yaml_text, load_config, load_structured, to_yaml
-from config.schema import (Config, DataConfig, FaceRewardConfig, LoraConfig, ModelConfig, RewardConfig,
-                           SamplerConfig)
+from config.schema import Config, DataConfig, FaceRewardConfig, LoraConfig, ModelConfig, RewardConfig, SamplerConfig
 
 __all__ = ["Config", "ConfigError", "DataConfig", "FaceRewardConfig", "LORA_KEYS", "LoraConfig", "ModelConfig",
            "PRECISION_OF_DTYPE", "RESUME_KEYS", "RewardConfig", "SamplerConfig", "VLM_ARCHITECTURES",

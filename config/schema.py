@@ -17,7 +17,6 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-
 # ----------------------------------------------------------------------------- model
 
 

@@ -32,8 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from config.cli import at_least
 from config import ConfigError, load_config
+from config.cli import at_least
 
 GiB = 1024 ** 3
 # Depth per architecture: enough blocks that VACE keeps two control blocks at its real stride (every 2nd

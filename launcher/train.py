@@ -32,13 +32,12 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from data.reader import ShardReader
-from launcher.checkpoint import CheckpointManager
-from config.cli import parse_config, require_shards, require_writable
-from launcher.cluster import (Workers, build_workers, connect_ray, restart_learner, split_groups,
-                              start_learner, stop_ray)
 from config import RESUME_KEYS, ConfigError, stored_config_mismatches, to_yaml
+from config.cli import parse_config, require_shards, require_writable
+from data.reader import ShardReader
 from evaluation.held_out import eval_seeds, load_prompts
+from launcher.checkpoint import CheckpointManager
+from launcher.cluster import Workers, build_workers, connect_ray, restart_learner, split_groups, start_learner, stop_ray
 from launcher.metrics import MetricsLogger
 from launcher.progress import Progress
 from policy.grpo import advantage_stats, group_advantages

@@ -37,13 +37,21 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from config.cli import require_shards, require_writable
 from config import ConfigError
+from config.cli import require_shards, require_writable
 from reward.losses import label_indices, pairwise_accuracy, preference_loss
 from reward.train_config import parse_args, with_updates
 from reward.vlm import DTYPES, IdentityRewardModel
-from reward.vlm_data import (DataPlan, auto_weight, candidate_samples, choose_pool, eval_samples, make_pools,
-                             pair_inputs, plan_data)
+from reward.vlm_data import (
+    DataPlan,
+    auto_weight,
+    candidate_samples,
+    choose_pool,
+    eval_samples,
+    make_pools,
+    pair_inputs,
+    plan_data,
+)
 from reward.vlm_eval import evaluate, teacher_filter, write_json
 
 CKPT_DIR, TAG_PREFIX, MODEL_DIR = "checkpoints", "step_", "model"

@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from config.cli import build_parser, parse_config
 from config import VLM_ARCHITECTURES, ConfigError, describe_error, load_structured
+from config.cli import build_parser, parse_config
 from reward.vlm import LLM_LORA_TARGETS
 from reward.vlm_inputs import DEFAULT_INSTRUCTION
 

@@ -7,8 +7,15 @@ from config import LoraConfig, load_config
 from launcher.memory_plan import learner_state_bytes
 from policy.arch import keeps_fp32, transformer_config
 from policy.lora import add_lora
-from policy.models import (ModelPathError, build_components, build_random_components, build_tiny_components,
-                           build_transformer, load_pretrained_components, save_pretrained)
+from policy.models import (
+    ModelPathError,
+    build_components,
+    build_random_components,
+    build_tiny_components,
+    build_transformer,
+    load_pretrained_components,
+    save_pretrained,
+)
 from policy.precision import dtype_map, set_policy_dtypes
 
 

@@ -14,10 +14,16 @@ import torch
 
 from bench import gpu_wan
 from bench.gpu_wan import SIZES, WAN21_1_3B, build_transformer
-from bench.gpu_wan_flops import (ACT_COEF, counted_forward_flops, flop_terms, latent_shape, peak_bf16_tflops,
-                                 saved_bytes, train_step_flops, video_tokens)
-
-
+from bench.gpu_wan_flops import (
+    ACT_COEF,
+    counted_forward_flops,
+    flop_terms,
+    latent_shape,
+    peak_bf16_tflops,
+    saved_bytes,
+    train_step_flops,
+    video_tokens,
+)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from launcher.checkpoint import CheckpointManager
 from config import ConfigError, load_config
+from launcher.checkpoint import CheckpointManager
 
 
 def save(manager, step):

@@ -6,8 +6,8 @@ import time
 import pytest
 import ray
 
-from data import write_shards
 from config import load_config, to_yaml
+from data import write_shards
 from launcher import evaluate, rehearse, submit
 from launcher import train as train_cli
 from reward import train as reward_train

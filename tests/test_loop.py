@@ -10,8 +10,8 @@ import pytest
 import ray
 import torch
 
-from launcher.checkpoint import CheckpointManager
 from config import load_config
+from launcher.checkpoint import CheckpointManager
 from launcher.metrics import read_metrics
 from launcher.train import Trainer
 from launcher.train import run as train_run

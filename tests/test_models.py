@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from config import load_config
-from policy.models import (ModelPathError, build_components, build_tiny_components,
-                           load_pretrained_components, save_pretrained)
+from policy.models import (
+    ModelPathError,
+    build_components,
+    build_tiny_components,
+    load_pretrained_components,
+    save_pretrained,
+)
 
 
 def _forward_all(c, kind):

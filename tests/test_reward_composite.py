@@ -12,8 +12,8 @@ import torch
 from omegaconf import OmegaConf
 from skimage import data
 
-from data.faces import crop_face, load_face_photos
 from config import Config, RewardConfig
+from data.faces import crop_face, load_face_photos
 from policy.grpo import group_advantages
 from reward.composite import REWARD_BUILDERS, CompositeReward, RewardError
 from reward.demo import demo_brightness, demo_reference_color

@@ -14,10 +14,9 @@ import torch
 from scipy import ndimage
 from skimage import data
 
-from data.faces import crop_face, load_face_photos
 from config import FaceRewardConfig
-from reward.face import (DLIB5_ARCFACE_112, FaceIdentityReward, FaceNotFoundError, align_face,
-                         similarity_transform)
+from data.faces import crop_face, load_face_photos
+from reward.face import DLIB5_ARCFACE_112, FaceIdentityReward, FaceNotFoundError, align_face, similarity_transform
 
 H, W = 112, 224  # two 80 px faces side by side; dlib (upsample=1) finds both
 

@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from data.demo import write_mixed_pairs
+from reward.losses import label_probability
 from reward.train import train
 from reward.train_config import load_reward_config
 from reward.vlm import IdentityRewardModel
 from reward.vlm_data import auto_weight, choose_pool, make_pools, plan_data
 from reward.vlm_eval import score_pairs
-from reward.losses import label_probability
 from tests.fresh_process import in_fresh_process
 
 

@@ -23,8 +23,8 @@ from typing import Dict, List, Optional
 import ray
 import torch
 
-from policy.grpo import grpo_loss, select_timesteps, trained_step_count
 from policy.ema import Ema
+from policy.grpo import grpo_loss, select_timesteps, trained_step_count
 from policy.lora import save_lora
 from policy.models import TRANSFORMER_ONLY, build_components
 from policy.policy import WanPolicy

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from workers.common import free_port
 
-
 OP_NAME = "deepspeed_shm_comm"  # DeepSpeed's ShareMemCommBuilder's op, built by init_distributed on CPU
 # A build takes about a minute on 2 cores; a lock much older than that belongs to a dead process.
 STALE_LOCK_S = 600.0
