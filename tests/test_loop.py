@@ -132,6 +132,15 @@ def test_workers_killed_from_outside_give_same_metrics(root, shards, tmp_path, m
     assert records == monitored
 
 
+@pytest.mark.faults
+def test_learner_restarts_are_bounded(root, shards, tmp_path):
+    """A learner that keeps dying (out of memory, a bad node) stops the run, naming the key, instead of looping."""
+    with pytest.raises(RuntimeError, match=r"more than 'trainer.max_learner_restarts' \(0\)"):
+        run(config(root, shards, tmp_path, "trainer.steps=1", "trainer.max_learner_restarts=0", "sampler.num_steps=2",
+                   "faults.role=learner", "faults.rank=0", "faults.step=1"))
+    assert (tmp_path / "faults" / "learner_0_step1.done").exists()
+
+
 def test_async_staleness_bound(root, shards, tmp_path, straight):
     records = run(config(root, shards, tmp_path / "a1", "trainer.steps=4", "trainer.mode=async",
                          "trainer.max_staleness=1"))
