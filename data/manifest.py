@@ -32,6 +32,7 @@ from data.video import (
     encode_png,
     encode_video,
     resize_center_crop,
+    sample_frame_indices,
 )
 
 _PROMPT_FIELDS = {"key", "prompt", "refs", "identity_ids", "source", "extra"}
@@ -206,14 +207,21 @@ def _read_bytes(rec: Record, fld: str, path: Path) -> bytes:
 
 
 def _load_video(rec: Record, fld: str, path: Path, num_frames: int | None,
-                size: tuple[int, int] | None, fps: float | None):
+                size: tuple[int, int] | None, fps: float | None, resample: bool = False):
     data = _read_bytes(rec, fld, path)
     try:
-        video, info = decode_video_with_info(data, num_frames)
+        video, info = decode_video_with_info(data, None if resample else num_frames)
     except MediaError as err:
         raise _problem(rec.origin, fld, f"{err} ({path})") from None
     rate = fps or info.fps or DEFAULT_FPS
-    if size is not None or path.suffix.lower() != ".mp4" or (fps and abs(fps - info.fps) > 1e-6):
+    retimed = resample and num_frames is not None and video.shape[0] != num_frames
+    if retimed:
+        # Real clips rarely have the model's 4k+1 frames: take `num_frames` frames spread uniformly over the clip,
+        # first and last included (the frames the rewards sample too), at the rate that keeps its duration.
+        if not fps:
+            rate = rate * num_frames / video.shape[0]
+        video = video[sample_frame_indices(video.shape[0], num_frames)]
+    if retimed or size is not None or path.suffix.lower() != ".mp4" or (fps and abs(fps - info.fps) > 1e-6):
         if size is not None:
             video = resize_center_crop(video, *size)
         data = encode_video(video, fps=rate)
@@ -222,10 +230,12 @@ def _load_video(rec: Record, fld: str, path: Path, num_frames: int | None,
 
 
 def load_record(rec: Record, num_frames: int | None = None, video_size: tuple[int, int] | None = None,
-                fps: float | None = None) -> dict[str, bytes]:
+                fps: float | None = None, resample_frames: bool = False) -> dict[str, bytes]:
     """Read, check and encode one record into shard members. Raises ManifestError naming origin and field.
 
     num_frames: required frame count of both videos (the record's own `num_frames` wins).
+    resample_frames: a video with another frame count is resampled to `num_frames` (uniform over the clip,
+        duration kept) instead of refused.
     video_size: (height, width) to resize and centre-crop videos to (re-encoded); None keeps mp4 bytes.
     fps: frame rate to re-encode at; None keeps the source's rate.
     """
@@ -241,8 +251,8 @@ def load_record(rec: Record, num_frames: int | None = None, video_size: tuple[in
             meta = make_meta(len(refs), rec.identity_ids, rec.source, extra=rec.extra)
             return prompt_members(rec.prompt, refs, meta)
         expected = rec.num_frames if rec.num_frames is not None else num_frames
-        a, info_a = _load_video(rec, "video_a", rec.video_a, expected, video_size, fps)
-        b, info_b = _load_video(rec, "video_b", rec.video_b, expected, video_size, fps)
+        a, info_a = _load_video(rec, "video_a", rec.video_a, expected, video_size, fps, resample_frames)
+        b, info_b = _load_video(rec, "video_b", rec.video_b, expected, video_size, fps, resample_frames)
         meta = make_meta(len(refs), rec.identity_ids, rec.source, {"a": info_a, "b": info_b}, rec.extra)
         return preference_members(rec.prompt, refs, a, b, rec.label, meta)
     except SampleError as err:

@@ -179,19 +179,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-frames", type=int, help="required frame count of every video")
     p.add_argument("--video-size", type=_size, help="resize + centre-crop videos to HEIGHTxWIDTH")
     p.add_argument("--fps", type=float, help="re-encode videos at this frame rate")
+    p.add_argument("--resample-frames", action="store_true",
+                   help="with --num-frames: resample videos of another length to it (uniform over the clip, duration "
+                        "kept) instead of refusing them")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards with this prefix")
     args = p.parse_args(argv)
     for flag, value in (("--max-samples-per-shard", args.max_samples_per_shard), ("--num-frames", args.num_frames),
                         ("--fps", args.fps)):
         if value is not None and value <= 0:
             p.error(f"argument {flag}: must be > 0, got {value}")  # exit 2, one line naming the flag
+    if args.resample_frames and args.num_frames is None:
+        p.error("argument --resample-frames: needs --num-frames (the frame count to resample to)")
     try:
         problems: list = []
         records = (read_manifest(args.manifest, args.kind, problems) if args.manifest
                    else read_folder(args.folder, args.kind, problems))
         paths, pattern = write_records(records, args.out, args.prefix or DEFAULT_PREFIX[args.kind],
                                        args.max_samples_per_shard, args.overwrite, problems,
-                                       num_frames=args.num_frames,
+                                       num_frames=args.num_frames, resample_frames=args.resample_frames,
                                        video_size=args.video_size, fps=args.fps)
     except (ManifestError, FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"write_shards: {err}", file=sys.stderr)

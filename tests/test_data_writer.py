@@ -172,6 +172,28 @@ def test_validation_error_names_line_and_field(inputs, tmp_path, record, field, 
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+def test_resample_frames_to_the_model_count(inputs, tmp_path):
+    """--resample-frames: a longer and a shorter clip both come out with --num-frames frames, taken uniformly over
+    the clip (first and last kept), at the frame rate that keeps the clip's duration."""
+    root, _ = inputs
+    long_clip = clip(1, frames=9)
+    (root / "vids" / "long.mp4").write_bytes(encode_video(long_clip))  # 9 frames at 16 fps
+    m = write_manifest(root / "r.jsonl", [pref("r0", a="vids/long.mp4", b="vids/short.mp4")])
+    out = tmp_path / "out"
+    args = ["--kind", "preference", "--manifest", str(m), "--out", str(out), "--num-frames", "5"]
+    assert main(args) == 2  # without the flag, other lengths are refused
+    assert main([*args, "--resample-frames"]) == 0
+    (got,) = ShardReader(str(out / "pairs-{000000..000000}.tar"), kind="preference", epochs=1, shuffle=False)
+    assert got["video_a"].shape == got["video_b"].shape == (5, 32, 48, 3)
+    for k, source in enumerate([0, 2, 4, 6, 8]):  # linspace(0, 8, 5)
+        assert np.abs(got["video_a"][k].astype(int) - long_clip[source].astype(int)).mean() < 2.0
+    short = clip(0, frames=3)
+    for k, source in enumerate([0, 0, 1, 2, 2]):  # linspace(0, 2, 5).round(), halves to even
+        assert np.abs(got["video_b"][k].astype(int) - short[source].astype(int)).mean() < 2.0
+    assert got["meta"]["videos"]["a"]["fps"] == pytest.approx(16 * 5 / 9, abs=0.05)  # 9 frames' duration kept
+    assert got["meta"]["videos"]["b"]["fps"] == pytest.approx(16 * 5 / 3, abs=0.05)
+
+
 def test_every_problem_listed_and_cli_fails_cleanly(inputs, tmp_path, capsys):
     root, _ = inputs
     m = root / "many.jsonl"

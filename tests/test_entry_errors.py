@@ -81,6 +81,8 @@ CASES = [
      "write_shards: input folder"),
     (write_shards, lambda f: ["--kind", "prompt", "--manifest", str(f / "bad.jsonl"), "--out", str(f / "o")],
      "bad.jsonl line 1"),
+    (write_shards, lambda f: ["--kind", "preference", "--folder", str(f), "--out", str(f / "o"), "--resample-frames"],
+     "argument --resample-frames: needs --num-frames"),
     (submit, lambda f: ["--address", "http://127.0.0.1:9"], "submit: no job command"),
     (submit, lambda f: ["--address", "http://127.0.0.1:9", "--runtime-env", str(f / "none.yaml"), "--", "true"],
      "--runtime-env"),
