@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, NoReturn, Optional, Sequence
 
 from omegaconf import OmegaConf
 
@@ -31,6 +31,24 @@ def at_least(low: float, kind: Callable = int) -> Callable[[str], float]:
     return parse
 
 
+DEBUG_ENV = "IDENTITY_GRPO_DEBUG"  # =1: expected errors propagate with their traceback instead of one line
+
+
+def report_expected(command: str, message: str) -> int:
+    """Call inside `except`: an entry point's answer to an expected error (config, path, data, checkpoint) is one
+    line `<command>: <message>` on stderr and status 2; with IDENTITY_GRPO_DEBUG=1 the error propagates instead,
+    traceback and all. Real bugs are never caught, so they always show theirs."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        raise  # the exception the caller is handling, with its traceback
+    print(f"{command}: {message}", file=sys.stderr)
+    return 2
+
+
+def exit_expected(command: str, message: str) -> NoReturn:
+    """`report_expected`, then exit with its status."""
+    raise SystemExit(report_expected(command, message))
+
+
 def build_parser(description: str, default_config: str = DEFAULT_CONFIG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help="OmegaConf YAML (default: %(default)s)")
@@ -49,11 +67,9 @@ def parse_config(description: str, argv: Optional[Sequence[str]] = None,
     try:
         cfg = loader(args.config, args.overrides)
     except ConfigError as err:
-        print(f"{command}: config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_expected(command, f"config error: {err}")
     except NotImplementedError as err:  # a valid setting this version does not implement (README, "Not built yet")
-        print(f"{command}: not implemented: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_expected(command, f"not implemented: {err}")
     if args.print_config:
         print(to_yaml(cfg), end="")
         raise SystemExit(0)

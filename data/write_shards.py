@@ -21,6 +21,7 @@ from pathlib import Path
 
 from webdataset import TarWriter
 
+from config.cli import report_expected
 from data.manifest import (
     ManifestError,
     Record,
@@ -199,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                                        num_frames=args.num_frames, resample_frames=args.resample_frames,
                                        video_size=args.video_size, fps=args.fps)
     except (ManifestError, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"write_shards: {err}", file=sys.stderr)
-        return 2
+        return report_expected("write_shards", str(err))
     print(f"wrote {len(records)} {args.kind} samples in {len(paths)} shard(s): {pattern}")
     return 0
 

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from config.cli import at_least, build_parser, parse_config
+from config.cli import at_least, build_parser, exit_expected, parse_config
 from evaluation.files import write_json, write_jsonl
 from evaluation.held_out import eval_seeds, evaluate_policy, load_prompts
 from evaluation.metrics import EvalScorer, compare_records, summarize_records
@@ -64,8 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     try:
         return run(cfg, args)
     except (EvalError, FileNotFoundError) as err:
-        print(f"evaluate: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_expected("evaluate", str(err))
 
 
 def run(cfg, args) -> dict:

@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
 from config import ConfigError, load_config
-from config.cli import at_least
+from config.cli import at_least, exit_expected
 
 GiB = 1024 ** 3
 # Depth per architecture: enough blocks that VACE keeps two control blocks at its real stride (every 2nd
@@ -210,8 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             finally:
                 end_process_group()
     except ConfigError as err:
-        print(f"rehearse: config error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_expected("rehearse", f"config error: {err}")
 
 
 if __name__ == "__main__":

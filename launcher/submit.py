@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Sequence
 
 import yaml
 
-from config.cli import at_least
+from config.cli import at_least, exit_expected
 
 NOT_READY = ("No available agent", "Failed to connect", "Connection refused", "ConnectionError",
              "Max retries exceeded")
@@ -122,8 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return submit(argv)
     except SubmitError as err:
-        print(f"submit: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_expected("submit", str(err))
 
 
 if __name__ == "__main__":

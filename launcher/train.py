@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from config import RESUME_KEYS, ConfigError, stored_config_mismatches, to_yaml
-from config.cli import parse_config, require_shards, require_writable
+from config.cli import exit_expected, parse_config, require_shards, require_writable
 from data.reader import ShardReader
 from evaluation.held_out import eval_seeds, load_prompts
 from launcher.checkpoint import CheckpointManager
@@ -379,8 +378,7 @@ def main(argv: Optional[Sequence[str]] = None) -> RunState:
     try:
         preflight(cfg)
     except ConfigError as err:
-        print(f"train: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_expected("train", str(err))
     trainer = run(cfg, handle_signals=True)
     state = trainer.state
     if trainer.stop_requested and state.step < cfg.trainer.steps:

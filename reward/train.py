@@ -28,7 +28,6 @@ import os
 import random
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -38,7 +37,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from config import ConfigError
-from config.cli import require_shards, require_writable
+from config.cli import exit_expected, require_shards, require_writable
 from reward.losses import label_indices, pairwise_accuracy, preference_loss
 from reward.train_config import parse_args, with_updates
 from reward.vlm import DTYPES, IdentityRewardModel
@@ -410,8 +409,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         preflight(cfg)
     except ConfigError as err:
-        print(f"reward.train: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_expected("reward.train", str(err))
     try:
         train(cfg)
     finally:

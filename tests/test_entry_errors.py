@@ -120,3 +120,17 @@ def test_bad_input_is_one_line_and_exit_2(files, capsys, module, argv, culprit):
 def test_the_table_covers_every_entry_point():
     modules = {module for module, _, _ in CASES}
     assert {train_cli, evaluate, reward_train, write_shards, submit} <= modules and len(CASES) >= 30
+
+
+def test_debug_lets_the_expected_error_propagate(files, monkeypatch):
+    """IDENTITY_GRPO_DEBUG=1: the same mistakes raise, traceback and all, instead of one line and exit 2."""
+    from config import ConfigError
+    from data.manifest import ManifestError
+
+    monkeypatch.setenv("IDENTITY_GRPO_DEBUG", "1")
+    with pytest.raises(ConfigError, match="'trainer.keep_last' must be > 0"):  # while loading the config
+        train_cli.main(train_args(files, "trainer.keep_last=0"))
+    with pytest.raises(ConfigError, match="'trainer.resume'"):  # in the checks before Ray
+        train_cli.main(train_args(files, f"trainer.resume={files}/nowhere"))
+    with pytest.raises(ManifestError, match="bad.jsonl line 1"):
+        write_shards.main(["--kind", "prompt", "--manifest", str(files / "bad.jsonl"), "--out", str(files / "o")])

@@ -111,11 +111,13 @@ MONITORED = ["trainer.steps=4", "trainer.checkpoint_every=2", "logging.eval_ever
 # Processes killed from outside (SIGKILL, found by what they are doing: tests/process_killer.py), in
 # phases the `faults` hooks do not reach, all in one run. A learner rank: the group restarts and the run
 # replays from step 2's checkpoint; a rollout or reward worker: Ray restarts it and re-runs the call.
+# (title, n-th process to enter it, once metrics.jsonl holds this many records); there is one rollout and
+# one reward worker, and two learner ranks, each of which counts.
 KILLED = [
     ("ray::RolloutWorker.held_out", 1, 0),  # step 2's held-out monitor: the restarted worker must fetch
     ("ray::RewardWorker.score", 2, 0),      # version 2, not monitor with its initial weights
     ("ray::LearnerWorker", 1, 3),  # a rank idle between two calls, once step 3 is logged
-    ("ray::LearnerWorker.save", 2, 0),  # then, replaying, step 4's checkpoint, mid-write
+    ("ray::LearnerWorker.save", 1, 4),  # then, replaying, step 4's checkpoint, mid-write
 ]
 
 
