@@ -40,6 +40,7 @@ CHOICES = {
     "workers.learner_engine.precision": {"fp32", "bf16"},
     "workers.weight_sync": {"auto", "object_store", "broadcast"},
     "trainer.mode": {"sync", "async"},
+    "sampler.sde_window.strategy": {"progressive", "random", "fixed"},
     "faults.role": {None, "rollout", "reward", "learner", "publish", "checkpoint"},
 }
 
@@ -50,10 +51,11 @@ POSITIVE = [
     "workers.reward.num_workers", "workers.learner.num_workers", "logging.eval_num_prompts",
     "logging.eval_seeds_per_prompt", "workers.weight_sync_timeout_s", "model.vae_decode_batch",
     "optim.ema.update_interval", "optim.ema.repeats", "reward.vlm.image_size", "reward.vlm.num_frames",
+    "sampler.sde_window.shift_every",
 ]
 NON_NEGATIVE = ["trainer.max_staleness", "trainer.max_learner_restarts", "logging.video_every",
                 "model.lora.alpha", "optim.lr", "optim.warmup_steps", "optim.grad_clip", "grpo.kl_beta",
-                "grpo.clip_range"]
+                "grpo.clip_range", "sampler.sde_window.size", "sampler.sde_window.start", "sampler.sde_window.stride"]
 # Optional counts: None (not set) or > 0.
 OPTIONAL_POSITIVE = ["model.num_layers", "model.text_encoder_layers", "model.text_encoder_vocab",
                      "reward.vlm.text_layers", "reward.vlm.vision_layers", "reward.vlm.vocab"]
@@ -110,6 +112,10 @@ def check_values(cfg: DictConfig, source: str) -> None:
     if mb < 0 or (mb and cfg.grpo.group_size % mb):
         raise ConfigError(f"{source}: 'workers.learner_engine.micro_batch_size' ({mb}) must be 0 (whole group) "
                           f"or divide 'grpo.group_size' ({cfg.grpo.group_size})")
+    window, steps = cfg.sampler.sde_window, cfg.sampler.num_steps
+    if 0 < window.size < steps and window.start > steps - window.size:
+        raise ConfigError(f"{source}: 'sampler.sde_window.start' ({window.start}) leaves no room for a window of "
+                          f"{window.size} in {steps} steps (at most {steps - window.size})")
     if cfg.grpo.group_size < 2:
         raise ConfigError(f"{source}: 'grpo.group_size' must be >= 2 (advantages are relative)")
     if cfg.logging.eval_every < 0 or (cfg.logging.eval_every and not cfg.data.eval_prompt_shards):

@@ -66,6 +66,19 @@ class ModelConfig:
 
 
 @dataclass
+class SdeWindowConfig:
+    """MixGRPO's SDE window (policy/window.py): only `size` consecutive steps are stochastic, recorded and trained;
+    the others take the deterministic ODE step. 0 = every step (Flow-GRPO / the official Identity-GRPO code)."""
+
+    size: int = 0
+    start: int = 0  # the window's first step at training step 1
+    strategy: str = "progressive"  # progressive | random | fixed
+    shift_every: int = 25  # progressive: training steps between moves (MixGRPO's iters_per_group default)
+    stride: int = 0  # progressive: steps per move; 0 = the window's size (MixGRPO without prog_overlap)
+    roll_back: bool = False  # progressive: past the last position, start again (else stay at the end)
+
+
+@dataclass
 class SamplerConfig:
     num_steps: int = 4
     guidance_scale: float = 4.5
@@ -84,6 +97,7 @@ class SamplerConfig:
     image_guidance_scale: float = 5.0
     negative_prompt: str = ""
     max_sequence_length: int = 32
+    sde_window: SdeWindowConfig = field(default_factory=SdeWindowConfig)
 
 
 # ----------------------------------------------------------------------------- GRPO

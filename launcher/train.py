@@ -40,7 +40,9 @@ from launcher.cluster import Workers, build_workers, connect_ray, restart_learne
 from launcher.metrics import MetricsLogger
 from launcher.progress import Progress
 from policy.grpo import advantage_stats, group_advantages
+from policy.window import sde_steps
 from workers.common import maybe_fault, sample_seed
+from workers.learner import transformer_passes
 from workers.weight_sync import WeightSync, sync_mode
 
 log = logging.getLogger("identity_grpo")
@@ -170,11 +172,13 @@ class Trainer:
         samples = [next(stream) for _ in range(cfg.grpo.prompts_per_step)]
         reader_state = self.prompts.state_dict()
         weights_box = [self.state.weights[version]]
+        # the SDE window at this step (policy/window.py): a function of the step, so replays see the same one
+        window = sde_steps(cfg.sampler.sde_window, cfg.sampler.num_steps, step, cfg.trainer.seed)
         refs = []
         for g, sample in enumerate(samples):
             seeds = [sample_seed(cfg.trainer.seed, step, g, i) for i in range(cfg.grpo.group_size)]
             rollout = self.workers.rollout.actors[g % len(self.workers.rollout)]
-            refs.append(rollout.generate.remote(step, _light(sample), seeds, version, weights_box))
+            refs.append(rollout.generate.remote(step, _light(sample), seeds, version, weights_box, sde_steps=window))
         n = len(self.workers.reward)
         pending = [self.workers.reward.actors[r].score.remote(step, *refs[r::n]) for r in range(n)]
         return samples, refs, pending, reader_state
@@ -320,7 +324,7 @@ class Trainer:
             "reward_failed": int((~torch.isfinite(totals)).sum()), "policy_version": self.state.version,
             "staleness_max": max(staleness), "rollout_s": max(s["rollout_s"] for s in scored),
             "reward_s": reward_s, "learn_s": learn_s, "sync_s": sync_s, "step_s": step_s,
-            "data_skipped": self.prompts.num_skipped,
+            "data_skipped": self.prompts.num_skipped, **transformer_passes(self.cfg),
         }
         for name in scored[0]["scores"]:
             if name != "total":

@@ -22,7 +22,8 @@ class Trajectory:
     """One prompt group of G samples: latents at every step (G, T+1, C, F, h, w) and per-step log-probs."""
 
     latents: torch.Tensor
-    log_probs: Optional[torch.Tensor]  # (G, T) float64; None for a deterministic run
+    # (G, T) float64 at the SDE steps, NaN at the ODE steps outside an SDE window; None for a deterministic run
+    log_probs: Optional[torch.Tensor]
     sigmas: torch.Tensor  # (T+1,) float64, s_0 = 1 ... s_T = 0
     timesteps: torch.Tensor  # (T,) float32: the transformer's timestep at each step (policy/schedule.py)
     seeds: List[int]
@@ -35,10 +36,15 @@ class Trajectory:
     references: Optional[list] = None  # uint8 (H, W, 3) arrays, one per person: what rewards compare to
     key: str = ""  # the prompt sample's key in its shard
     rollout_s: float = 0.0
+    sde_steps: Optional[List[int]] = None  # the stochastic (recorded, trainable) steps; None: every step
 
     @property
     def num_steps(self) -> int:
         return self.sigmas.numel() - 1
+
+    @property
+    def trainable_steps(self) -> List[int]:
+        return list(range(self.num_steps)) if self.sde_steps is None else list(self.sde_steps)
 
     @property
     def final_latents(self) -> torch.Tensor:
@@ -58,29 +64,35 @@ def initial_noise(seeds: Sequence[int], shape: tuple, device="cpu") -> tuple[tor
 @torch.no_grad()
 def sample_group(policy: WanPolicy, cond: Condition, seeds: Sequence[int], rule: NoiseRule,
                  schedule: Schedule, deterministic: bool = False, decode: bool = True,
-                 policy_version: int = 0, latents: Optional[torch.Tensor] = None) -> Trajectory:
-    """Run the full SDE (or, deterministic, the Euler ODE) from s = 1 to 0 for len(seeds) samples."""
+                 policy_version: int = 0, latents: Optional[torch.Tensor] = None,
+                 sde_steps: Optional[Sequence[int]] = None) -> Trajectory:
+    """Run the SDE (or, deterministic, the Euler ODE) from s = 1 to 0 for len(seeds) samples.
+
+    `sde_steps` (an SDE window, policy/window.py): only those steps are stochastic and get a log-prob; the
+    others take the ODE step and draw no noise. None: every step (with every step listed, the same samples)."""
     sigmas, timesteps, num_steps = schedule.sigmas, schedule.timesteps, schedule.num_steps
     rule = rule.resolve(sigmas)
+    stochastic = set(range(num_steps) if sde_steps is None or deterministic else sde_steps)
     noise, generators = initial_noise(seeds, cond.latent_shape, policy.device)
     x = noise if latents is None else latents.to(policy.device, torch.float32)
     states, log_probs = [x], []
     for k in range(num_steps):
         v = policy.velocity(x, timesteps[k].expand(len(seeds)), cond)
-        step_noise = None
-        if not deterministic:
+        step_noise, ode = None, deterministic or k not in stochastic
+        if not ode:
             step_noise = host_to_device(torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32)
                                                  for g in generators]), x.device)
-        step = sde_step_with_logprob(x, v, sigmas[k], sigmas[k + 1], rule, noise=step_noise,
-                                     deterministic=deterministic)
+        step = sde_step_with_logprob(x, v, sigmas[k], sigmas[k + 1], rule, noise=step_noise, deterministic=ode)
         x = step.prev_sample
         states.append(x)
-        if step.log_prob is not None:
-            log_probs.append(step.log_prob)
+        if not deterministic:
+            log_probs.append(step.log_prob if not ode else torch.full((len(seeds),), torch.nan, dtype=torch.float64,
+                                                                     device=x.device))
+    window = None if sde_steps is None or deterministic else sorted(stochastic)
     trajectory = Trajectory(
         latents=torch.stack(states, dim=1).cpu(), log_probs=torch.stack(log_probs, 1).cpu() if log_probs else None,
         sigmas=sigmas, timesteps=timesteps, seeds=[int(s) for s in seeds], cond=cond.to("cpu"), rule=rule,
-        guidance_scale=float(policy.sampler_cfg.guidance_scale), policy_version=policy_version)
+        guidance_scale=float(policy.sampler_cfg.guidance_scale), policy_version=policy_version, sde_steps=window)
     if decode:
         trajectory.videos = policy.decode(x, cond)
     return trajectory

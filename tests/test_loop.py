@@ -100,6 +100,27 @@ def test_killed_learner_rank_resumes_from_checkpoint(root, shards, tmp_path, str
     assert records == straight
 
 
+def test_moving_sde_window_trains_its_steps_and_resumes_exactly(root, shards, tmp_path, straight):
+    """A one-step SDE window moving every step (MixGRPO, policy/window.py): the learner trains the window's step only
+    (a quarter of the full run's passes here), log-probs recomputed exactly, and a resumed run sees the same windows."""
+    window = ["trainer.steps=4", "trainer.checkpoint_every=2", "grpo.timestep_fraction=1.0",
+              "sampler.sde_window.size=1", "sampler.sde_window.shift_every=1", "sampler.sde_window.roll_back=true"]
+    whole = strip(run(config(root, shards, tmp_path / "whole", *window)))
+    for r in whole:
+        assert r["first_epoch_logprob_dev"] == 0.0 and r["ratio_mean"] == 1.0
+        assert r["rollout_nfe"] == straight[0]["rollout_nfe"] == 3 * 2  # every step still sampled (CFG: 2 passes)
+    assert whole[0]["learn_passes"] * 3 == trained_passes(root, shards, tmp_path) and whole != straight
+    run(config(root, shards, tmp_path / "resumed", *window, "trainer.steps=2"))  # later overrides win
+    assert strip(run(config(root, shards, tmp_path / "resumed", *window))) == whole
+
+
+def trained_passes(root, shards, tmp_path):
+    """learn_passes of the same config without a window (every one of the 3 steps trained)."""
+    from workers.learner import transformer_passes
+
+    return transformer_passes(config(root, shards, tmp_path, "grpo.timestep_fraction=1.0"))["learn_passes"]
+
+
 @pytest.fixture(scope="module")
 def monitored(root, shards, tmp_path_factory):
     """The reference for kills from outside: 4 steps, checkpoint and held-out monitor every 2."""

@@ -30,6 +30,7 @@ from policy.models import TRANSFORMER_ONLY, build_components
 from policy.policy import WanPolicy
 from policy.sampler import score_step
 from policy.sde import host_to_device
+from policy.window import window_size
 from workers.common import WorkerBase, free_port, maybe_fault, published_weights, sample_seed
 from workers.weight_sync import WeightGroupMember, sync_tensors
 
@@ -74,7 +75,18 @@ def deepspeed_config(cfg, grad_accum: int) -> dict:
 
 
 def trained_timesteps(cfg) -> int:
-    return trained_step_count(cfg.sampler.num_steps, cfg.grpo.timestep_fraction)
+    """Steps trained per trajectory: the `grpo.timestep_fraction` of its SDE steps (all, or the SDE window's)."""
+    return trained_step_count(window_size(cfg.sampler.sde_window, cfg.sampler.num_steps), cfg.grpo.timestep_fraction)
+
+
+def transformer_passes(cfg) -> Dict[str, int]:
+    """What one video costs in transformer passes (each a batched CFG forward: 2 for VACE and T2V, 3 for
+    Phantom's text + image guidance): `rollout_nfe` to sample it (every step; an SDE window does not change it),
+    `learn_passes` to learn from it (the trained steps of every inner epoch, each a policy forward + backward,
+    and with a KL term the reference's forward too)."""
+    guided = 3 if cfg.model.kind == "phantom" else 2
+    learn = trained_timesteps(cfg) * cfg.grpo.num_inner_epochs * guided * (2 if cfg.grpo.kl_beta > 0 else 1)
+    return {"rollout_nfe": cfg.sampler.num_steps * guided, "learn_passes": learn}
 
 
 def micro_steps_per_optimizer_step(cfg, world_size: int) -> int:
@@ -182,8 +194,9 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         for epoch in range(cfg.grpo.num_inner_epochs):
             for gid, adv, mask, old_log_probs, traj in groups:
                 gen = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, step, gid, 10_000 + epoch))
-                timesteps = select_timesteps(traj.num_steps, cfg.grpo.timestep_fraction,
-                                             cfg.grpo.timestep_order, gen).tolist()
+                trainable = traj.trainable_steps  # every step, or the SDE window's (ODE steps have no log-prob)
+                timesteps = [trainable[i] for i in select_timesteps(len(trainable), cfg.grpo.timestep_fraction,
+                                                                    cfg.grpo.timestep_order, gen).tolist()]
                 for k, rows in ((k, rows) for k in timesteps for rows in row_chunks(cfg)):
                     score = score_step(self.policy, traj, k, rows=rows, with_kl=cfg.grpo.kl_beta > 0)
                     rows_ = slice(rows[0], rows[-1] + 1)  # row_chunks are contiguous: a slice, no index copy

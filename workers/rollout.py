@@ -85,15 +85,17 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         return {"version": self.version, "epoch": self.weight_group_epoch(), "fetched": list(self.fetched_versions)}
 
     def generate(self, step: int, sample: dict, seeds: List[int], version: int,
-                 weights_box: Optional[list] = None, deterministic: bool = False) -> Trajectory:
+                 weights_box: Optional[list] = None, deterministic: bool = False,
+                 sde_steps: Optional[List[int]] = None) -> Trajectory:
         """One prompt group. `weights_box` = [ref] of that version's weights: a restarted or lagging
-        worker fetches them first, so a re-queued task samples with exactly the recorded version."""
+        worker fetches them first, so a re-queued task samples with exactly the recorded version.
+        `sde_steps`: the step's SDE window (policy/window.py), None for every step."""
         maybe_fault(self.cfg, "rollout", self.rank, step)
         self._ensure_version(version, weights_box)
         start = time.perf_counter()
         cond = self.policy.encode_condition(sample["prompt"], sample.get("refs", []))
         trajectory = sample_group(self.policy, cond, seeds, self.rule, self.schedule, deterministic=deterministic,
-                                  policy_version=version)
+                                  policy_version=version, sde_steps=sde_steps)
         trajectory.prompt, trajectory.key = sample["prompt"], sample.get("key", "")
         trajectory.references = list(sample.get("refs", []))
         trajectory.rollout_s = time.perf_counter() - start
