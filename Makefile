@@ -66,7 +66,7 @@ train: install
 eval: install
 	$(PY) -m launcher.evaluate --config $(CONFIG) $(ARGS)
 
-BENCHES := bench/loop_overhead.py bench/data_throughput.py bench/gpu_wan.py
+BENCHES := bench/loop_overhead.py bench/data_throughput.py bench/gpu_wan.py bench/layout_seconds.py
 bench: install
 	for b in $(BENCHES); do $(PY) $$b || exit 1; done
 
