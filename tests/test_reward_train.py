@@ -185,10 +185,12 @@ def test_teacher_filter_keeps_the_fraction_it_reports(mixed_shards, tmp_path):
 
 @pytest.mark.slow
 def test_tiny_model_learns_synthetic_distortions(tmp_path):
-    """A few hundred CPU steps on synthetic distortion pairs: held-out accuracy >= 0.75 (chance 0.5)."""
+    """500 CPU steps on synthetic distortion pairs: held-out accuracy >= 0.75 (chance 0.5). (300 steps sat on the
+    edge: 0.73 on a fresh install of 2026-12-01, the same on the code of the day before, which had passed, so an
+    unpinned library moved it; 500 steps reach 0.95.)"""
     shards = write_mixed_pairs(tmp_path / "shards", 160, ("synthetic",))
-    result = in_fresh_process(train, tiny_cfg(shards, tmp_path / "run", "trainer.steps=300", "trainer.batch_size=4",
-                            "trainer.checkpoint_every=300", "trainer.eval_every=0", "trainer.log_every=50",
+    result = in_fresh_process(train, tiny_cfg(shards, tmp_path / "run", "trainer.steps=500", "trainer.batch_size=4",
+                            "trainer.checkpoint_every=500", "trainer.eval_every=0", "trainer.log_every=50",
                             "optim.lr=1e-3",
                             "data.held_out_fraction=0.25"))
     losses = result["losses"]
