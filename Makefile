@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 # A crash in native code (a segfault at exit, issue #14) prints every thread's Python stack, in tests and in CI.
 export PYTHONFAULTHANDLER := 1
 
-.PHONY: install test test-slurm test-rehearsal test-faults test-fast rehearse demo shards train-reward train eval bench lint tensorboard submit clean
+.PHONY: install test test-slow test-slurm test-rehearsal test-faults rehearse demo shards train-reward train eval bench lint tensorboard submit clean
 
 install: $(STAMP)
 
@@ -26,8 +26,14 @@ $(STAMP): requirements.txt setup.cfg
 	$(PY) -m workers.warm_ops
 	touch $(STAMP)
 
+# The unit and component tests (minutes). The integration suites below start Ray clusters, DeepSpeed engines,
+# Slurm and real-width models; CI runs them all (.ci/run, two at a time: most of their phases use one core).
 test: install
-	$(PY) -m pytest -q -m "not slurm and not rehearsal and not faults" tests
+	$(PY) -m pytest -q -m "not slow and not slurm and not rehearsal and not faults" tests
+
+# The whole system on CPU: distributed loop, resume, fault recovery, demo, cluster launch, the 1.3B rehearsal.
+test-slow: install
+	$(PY) -m pytest -q -m "slow and not slurm and not rehearsal and not faults" tests
 
 test-slurm: install
 	$(PY) -m pytest -q -m slurm tests
@@ -39,9 +45,6 @@ test-rehearsal: install
 # Worker processes kill -9'ed from outside at chosen moments of a run (tests/process_killer.py; minutes; run in CI).
 test-faults: install
 	$(PY) -m pytest -q -m faults tests
-
-test-fast: install
-	$(PY) -m pytest -q -m "not slow and not slurm and not rehearsal and not faults" tests
 
 # Rehearse a GPU preset on this CPU: its real architectures, random weights, tiny sizes (launcher/rehearse.py).
 PRESET ?= cluster_configs/vace_1.3b_8gpu.yaml

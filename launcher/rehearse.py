@@ -39,7 +39,10 @@ GiB = 1024 ** 3
 # block of the 1.3B model; the 14B model's stride of 5 would need 6 blocks of 0.35B parameters: one block).
 REHEARSAL_LAYERS = {"wan2.1-vace-1.3b": 3, "wan2.1-vace-14b": 1, "wan2.1-t2v-1.3b": 2, "wan2.1-t2v-14b": 1,
                     "phantom-wan-1.3b": 2, "tiny": None}
-VLM_LAYERS = dict(text_layers=2, vision_layers=8)  # vision block 7 is Qwen2.5-VL's first full-attention block
+# The reward VLM at published widths: 1 language block, 2 vision blocks (a windowed one, then a full-attention one:
+# reward.vlm.published_vlm_config). bf16 matmuls run at a fifth of float32's speed on an AVX2-only CPU, so depth here
+# is CI minutes: 2 + 8 blocks scored a rehearsal step's 16 videos in ~200 s, 1 + 2 in ~60 s.
+VLM_LAYERS = dict(text_layers=1, vision_layers=2)
 VOCAB = 512
 
 
@@ -161,7 +164,7 @@ def rehearse_reward(preset_path: str, overrides: Sequence[str] = ()) -> Dict[str
     shards = Path(out) / "data"
     if not (shards / "pairs-000000.tar").exists():
         write_mixed_pairs(shards, 24, ("human", "auto", "synthetic"), flip_auto=0.3)
-    forced = ["model.init=random", "model.text_layers=2", "model.vision_layers=8", "model.vocab=512",
+    forced = ["model.init=random", *(f"model.{k}={v}" for k, v in VLM_LAYERS.items()), f"model.vocab={VOCAB}",
               "model.image_size=56", "model.num_frames=2", "trainer.device=cpu", "trainer.steps=2",
               "trainer.checkpoint_every=1", "trainer.keep_last=1", "trainer.eval_every=0", "trainer.log_every=1",
               "trainer.num_threads=1",

@@ -75,6 +75,7 @@ class Trainer:
         # directory's `latest`, which may be another run's when trainer.resume=never)
         self.last_checkpoint = self.checkpoints.resolve(cfg.trainer.resume)
         self.learner_restarts = 0
+        self.passes_per_video = transformer_passes(cfg)  # rollout_nfe, learn_passes: fixed by the config
         self.state = self.restore(self.last_checkpoint)
         self.metrics = MetricsLogger(self.out, cfg.logging.tensorboard, resume_step=self.state.step)
         self.stop_requested = False
@@ -324,7 +325,7 @@ class Trainer:
             "reward_failed": int((~torch.isfinite(totals)).sum()), "policy_version": self.state.version,
             "staleness_max": max(staleness), "rollout_s": max(s["rollout_s"] for s in scored),
             "reward_s": reward_s, "learn_s": learn_s, "sync_s": sync_s, "step_s": step_s,
-            "data_skipped": self.prompts.num_skipped, **transformer_passes(self.cfg),
+            "data_skipped": self.prompts.num_skipped, **self.passes_per_video,
         }
         for name in scored[0]["scores"]:
             if name != "total":

@@ -74,8 +74,12 @@ def published_vlm_config(arch: str, tokenizer, text_layers: Optional[int] = None
     vision = {k: v for k, v in pub["vision_config"].items() if k != "in_chans"}
     vision["in_channels"] = pub["vision_config"]["in_chans"]
     if vision_layers is not None:
+        # The published stack alternates windowed blocks with a full-attention one (every 8th). A reduced stack
+        # keeps the indexes below its depth, and ends on a full-attention block when none is left, so that even
+        # a 2-block rehearsal runs both attention kinds at the published width.
         vision["depth"] = int(vision_layers)
-        vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision_layers]
+        kept = [i for i in vision["fullatt_block_indexes"] if i < vision_layers]
+        vision["fullatt_block_indexes"] = kept or [int(vision_layers) - 1]
     text_keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "hidden_act",
                  "max_position_embeddings", "rms_norm_eps", "attention_dropout", "tie_word_embeddings",
                  "initializer_range", "sliding_window", "use_sliding_window", "max_window_layers")

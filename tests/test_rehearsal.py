@@ -1,8 +1,8 @@
 """Rehearsals of the production presets on CPU (launcher/rehearse.py): real architectures at reduced depth,
 random init, bf16, the presets' own ZeRO stage, weight sync and micro-batching.
 
-The 1.3B VACE rehearsal runs in `make test`; the others under the `rehearsal` marker (`make test-rehearsal`,
-run by .ci/run). Each rehearsal runs as its own process, as a user runs it.
+The 1.3B VACE rehearsal runs in `make test-slow`; the others under the `rehearsal` marker (`make test-rehearsal`);
+CI runs both. Each rehearsal runs as its own process, as a user runs it.
 """
 
 import json
@@ -122,9 +122,11 @@ def test_preset_rehearsal(root, out, preset):
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_full_fine_tune_broadcast_rehearsal(root, out, zero_stage):
     """Full fine-tuning of the 1.3B VACE architecture in bf16 (the preset's ZeRO-2 with its EMA, and ZeRO-3, where
-    the EMA is not implemented), weights broadcast from learner rank 0."""
+    the EMA is not implemented), weights broadcast from learner rank 0. Groups of 2 videos: what is under test
+    is the full-weight path, not the group size (the LoRA rehearsal above keeps the preset's 8)."""
     report, _ = rehearse(root, "vace_1.3b_8gpu.yaml", out, "--learner-ranks", "2", "trainer.steps=2",
-                         "model.lora.enabled=false", "workers.weight_sync=broadcast", "optim.lr=1e-5",
+                         "grpo.group_size=2", "model.lora.enabled=false", "workers.weight_sync=broadcast",
+                         "optim.lr=1e-5",
                          f"workers.learner_engine.zero_stage={zero_stage}", f"optim.ema.enabled={zero_stage < 3}")
     check_grpo_rehearsal(root, "vace_1.3b_8gpu.yaml", report, out, steps=2)
     # step 2 sampled with the weights broadcast after step 1: the learner recomputes exactly what was sampled

@@ -169,3 +169,15 @@ def test_official_checkpoint_layout_is_named_not_misread(tmp_path):
     (tmp_path / "identity_reward" / "config.json").write_text("{}")
     with pytest.raises(NotImplementedError, match=r"reward\.vlm\.path: .*official Identity-GRPO reward checkpoint"):
         load_reward_model(str(tmp_path / "identity_reward"), allow_untrained_head=True)
+
+
+@pytest.mark.parametrize("vision_layers, full_attention", [(None, [7, 15, 23, 31]), (8, [7]), (2, [1]), (1, [0])])
+def test_reduced_vision_stack_keeps_a_full_attention_block(vision_layers, full_attention):
+    """A rehearsal's reduced Qwen2.5-VL-3B vision tower runs both attention kinds: the published full-attention
+    indexes below its depth, else its last block (reward.vlm.published_vlm_config)."""
+    from reward.vlm import published_vlm_config
+
+    config = published_vlm_config("qwen2.5-vl-3b", build_tiny_tokenizer(), text_layers=1, vision_layers=vision_layers)
+    assert config.vision_config.fullatt_block_indexes == full_attention
+    assert config.vision_config.depth == (vision_layers or 32) and config.vision_config.hidden_size == 1280
+    assert config.text_config.num_hidden_layers == 1 and config.text_config.hidden_size == 2048
