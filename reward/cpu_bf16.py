@@ -6,6 +6,7 @@ forward does) 10 GFLOP/s, but bf16 in plain layout ("NN") 0.3 GFLOP/s. oneDNN's 
 CPUs with AVX512-BF16 / AMX; elsewhere torch falls back to its reference cpublas loop, which is fast only
 for some layouts. A linear layer's input gradient (grad_out @ weight) is an NN product, so one backward of a
 bf16 2048-wide MLP over a few hundred tokens took minutes: a reward-model rehearsal step took 7 minutes.
+Used by the reward trainer (reward/train.py) and the GRPO learner's update (workers/learner.py).
 
 `fast_bf16_linear_backward()` swaps `torch.nn.functional.linear` (what nn.Linear and peft's LoRA layers call)
 for an autograd function whose forward *is* the original call (bit-identical outputs, so scores and

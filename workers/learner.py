@@ -31,6 +31,7 @@ from policy.policy import WanPolicy
 from policy.sampler import score_step
 from policy.sde import host_to_device
 from policy.window import window_size
+from reward.cpu_bf16 import fast_bf16_linear_backward
 from workers.common import WorkerBase, free_port, maybe_fault, published_weights, sample_seed
 from workers.weight_sync import WeightGroupMember, sync_tensors
 
@@ -191,6 +192,21 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         groups = [(gid, host_to_device(adv, device), host_to_device(mask, device),
                    host_to_device(traj.log_probs, device), traj)
                   for gid, adv, mask, traj in zip(group_ids, advantages, masks, trajectories)]
+        # bf16 on an AVX2-only CPU (rehearsals): the input gradients in the fast layout; forward unchanged
+        with fast_bf16_linear_backward(cfg.trainer.device, cfg.model.dtype):
+            self._train_groups(cfg, engine, step, groups, on_policy, sums, lows, highs, deviations)
+        out = {name: float(value) for name, value in sums.items()}
+        low = float(torch.stack(lows).min()) if lows else float("inf")
+        high = float(torch.stack(highs).max()) if highs else float("-inf")
+        out.update(micro_steps=len(lows), ratio_min=low, ratio_max=high,  # +-inf: nothing trained here
+                   first_epoch_logprob_dev=float(torch.stack(deviations).max()) if deviations else 0.0,
+                   learn_s=time.perf_counter() - start, lr=float(engine.get_lr()[0]),
+                   grad_norm=float(engine.get_global_grad_norm() or 0.0))
+        return out
+
+    def _train_groups(self, cfg, engine, step, groups, on_policy, sums, lows, highs, deviations) -> None:
+        """The update's micro-steps: every inner epoch, group, trained timestep and row chunk (stats accumulate
+        into sums / lows / highs / deviations)."""
         for epoch in range(cfg.grpo.num_inner_epochs):
             for gid, adv, mask, old_log_probs, traj in groups:
                 gen = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, step, gid, 10_000 + epoch))
@@ -215,14 +231,6 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
                         sums[name] = sums.get(name, 0.0) + stats[name] * stats["num_trained"]
                     lows.append(stats["ratio_min"])
                     highs.append(stats["ratio_max"])
-        out = {name: float(value) for name, value in sums.items()}
-        low = float(torch.stack(lows).min()) if lows else float("inf")
-        high = float(torch.stack(highs).max()) if highs else float("-inf")
-        out.update(micro_steps=len(lows), ratio_min=low, ratio_max=high,  # +-inf: nothing trained here
-                   first_epoch_logprob_dev=float(torch.stack(deviations).max()) if deviations else 0.0,
-                   learn_s=time.perf_counter() - start, lr=float(engine.get_lr()[0]),
-                   grad_norm=float(engine.get_global_grad_norm() or 0.0))
-        return out
 
     # ------------------------------------------------------------------ weights and checkpoints
 
