@@ -178,6 +178,13 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
     def update(self, step: int, group_ids: List[int], advantages: List[torch.Tensor], masks: List[torch.Tensor],
                *trajectories) -> Dict[str, float]:
         """GRPO update on this rank's groups; returns summed stats (the driver averages over ranks)."""
+        # bf16 on an AVX2-only CPU (rehearsals): input gradients in the fast layout, forward unchanged; only for
+        # the update, so F.linear is torch's outside it (reward/cpu_bf16.py)
+        with fast_bf16_linear_backward(self.cfg.trainer.device, self.cfg.model.dtype):
+            return self._update(step, group_ids, advantages, masks, *trajectories)
+
+    def _update(self, step: int, group_ids: List[int], advantages: List[torch.Tensor], masks: List[torch.Tensor],
+                *trajectories) -> Dict[str, float]:
         maybe_fault(self.cfg, "learner", self.rank, step)
         cfg, engine = self.cfg, self.engine
         engine.train()
@@ -192,21 +199,6 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         groups = [(gid, host_to_device(adv, device), host_to_device(mask, device),
                    host_to_device(traj.log_probs, device), traj)
                   for gid, adv, mask, traj in zip(group_ids, advantages, masks, trajectories)]
-        # bf16 on an AVX2-only CPU (rehearsals): the input gradients in the fast layout; forward unchanged
-        with fast_bf16_linear_backward(cfg.trainer.device, cfg.model.dtype):
-            self._train_groups(cfg, engine, step, groups, on_policy, sums, lows, highs, deviations)
-        out = {name: float(value) for name, value in sums.items()}
-        low = float(torch.stack(lows).min()) if lows else float("inf")
-        high = float(torch.stack(highs).max()) if highs else float("-inf")
-        out.update(micro_steps=len(lows), ratio_min=low, ratio_max=high,  # +-inf: nothing trained here
-                   first_epoch_logprob_dev=float(torch.stack(deviations).max()) if deviations else 0.0,
-                   learn_s=time.perf_counter() - start, lr=float(engine.get_lr()[0]),
-                   grad_norm=float(engine.get_global_grad_norm() or 0.0))
-        return out
-
-    def _train_groups(self, cfg, engine, step, groups, on_policy, sums, lows, highs, deviations) -> None:
-        """The update's micro-steps: every inner epoch, group, trained timestep and row chunk (stats accumulate
-        into sums / lows / highs / deviations)."""
         for epoch in range(cfg.grpo.num_inner_epochs):
             for gid, adv, mask, old_log_probs, traj in groups:
                 gen = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, step, gid, 10_000 + epoch))
@@ -231,6 +223,14 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
                         sums[name] = sums.get(name, 0.0) + stats[name] * stats["num_trained"]
                     lows.append(stats["ratio_min"])
                     highs.append(stats["ratio_max"])
+        out = {name: float(value) for name, value in sums.items()}
+        low = float(torch.stack(lows).min()) if lows else float("inf")
+        high = float(torch.stack(highs).max()) if highs else float("-inf")
+        out.update(micro_steps=len(lows), ratio_min=low, ratio_max=high,  # +-inf: nothing trained here
+                   first_epoch_logprob_dev=float(torch.stack(deviations).max()) if deviations else 0.0,
+                   learn_s=time.perf_counter() - start, lr=float(engine.get_lr()[0]),
+                   grad_norm=float(engine.get_global_grad_norm() or 0.0))
+        return out
 
     # ------------------------------------------------------------------ weights and checkpoints
 
