@@ -158,6 +158,13 @@ class VlmRewardConfig:
     dtype: str = "float32"  # float32 | bfloat16: the VLM's weights (the GPU presets: bfloat16)
     # A `path` that is a Qwen2.5-VL base (no trained head) is an error unless this is set (its scores are noise).
     allow_untrained_head: bool = False
+    # A `path` that is an official Identity-GRPO reward checkpoint (model_config.json + checkpoint-<step>/,
+    # reward/official.py): the local Qwen2.5-VL-3B-Instruct directory it was trained from, the step to load
+    # (None = the highest), and the frame rate its M-RoPE time assumes (official: 10, the fps of the mp4 files
+    # the official trainer writes and its scorer reads back).
+    base_path: Optional[str] = None
+    checkpoint_step: Optional[int] = None
+    video_fps: float = 10.0
     # Rehearsal only (init=random, arch qwen2.5-vl-3b): fewer language / vision layers and a smaller vocabulary.
     text_layers: Optional[int] = None
     vision_layers: Optional[int] = None

@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from reward.official import OFFICIAL_CONFIG_FILE, load_official_reward_model
 from reward.vlm_inputs import (DEFAULT_INSTRUCTION, REWARD_TOKEN, RewardInputBuilder, build_image_processor,
                                build_tiny_tokenizer)
 
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 FORMAT = "identity-reward-model"
 VERSION = 1
 SETTINGS_FILE = "reward_model.json"
-OFFICIAL_CONFIG_FILE = "model_config.json"  # marks the official Identity-GRPO (VideoAlign) checkpoint layout
 LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -353,9 +353,10 @@ def _check_dir(path: Optional[str], config_key: str, marker: str) -> None:
         raise FileNotFoundError(f"{config_key}: {path!r} has no {marker}")
 
 
-def reward_model_from_config(v, config_key: str = "reward.vlm.path") -> IdentityRewardModel:
+def reward_model_from_config(v, config_key: str = "reward.vlm.path") -> nn.Module:
     """The identity reward model a `reward.vlm` section names: random weights (`init=random`: the tiny
-    CPU model or a published architecture) or `path` (a trained reward directory or a Qwen2.5-VL base)."""
+    CPU model or a published architecture) or `path` (a trained reward directory, an official Identity-GRPO
+    reward checkpoint, or a Qwen2.5-VL base); each has `score(videos, references, prompts)`."""
     if v.init == "random":
         if v.arch == "tiny":
             return IdentityRewardModel.build_tiny(v.image_size, v.num_frames, v.tie_theta).to(DTYPES[v.dtype])
@@ -363,22 +364,29 @@ def reward_model_from_config(v, config_key: str = "reward.vlm.path") -> Identity
                                                 text_layers=v.text_layers, vision_layers=v.vision_layers,
                                                 vocab=v.vocab)
     return load_reward_model(v.path, image_size=v.image_size, num_frames=v.num_frames, tie_theta=v.tie_theta,
-                             dtype=v.dtype, config_key=config_key, allow_untrained_head=v.allow_untrained_head)
+                             dtype=v.dtype, config_key=config_key, allow_untrained_head=v.allow_untrained_head,
+                             base_path=v.base_path, checkpoint_step=v.checkpoint_step, video_fps=v.video_fps)
 
 
 def load_reward_model(path: Optional[str], image_size: int = 56, num_frames: int = 5, tie_theta: float = 5.0,
                       seed: int = 0, dtype: str = "float32", config_key: str = "reward.vlm.path",
-                      allow_untrained_head: bool = False) -> IdentityRewardModel:
+                      allow_untrained_head: bool = False, base_path: Optional[str] = None,
+                      checkpoint_step: Optional[int] = None, video_fps: float = 10.0) -> nn.Module:
     """What the reward worker calls with `reward.vlm` settings: a trained reward directory (has
-    reward_model.json), None (tiny), or, only with `allow_untrained_head`, a plain Qwen2.5-VL base directory
-    (its head is random: its scores mean nothing, so scoring with it by mistake is an error)."""
+    reward_model.json), None (tiny), an official Identity-GRPO reward checkpoint (model_config.json: reward/official.py,
+    on the Qwen2.5-VL directory `base_path`; its frame count must equal `num_frames`, which the face reward shares),
+    or, only with `allow_untrained_head`, a plain Qwen2.5-VL base directory (its head is random: its scores mean
+    nothing, so scoring with it by mistake is an error)."""
     if path is None:
         return IdentityRewardModel.build_tiny(image_size, num_frames, tie_theta, seed)
     if os.path.isfile(os.path.join(path, OFFICIAL_CONFIG_FILE)):
-        raise NotImplementedError(
-            f"{config_key}: {path} is an official Identity-GRPO reward checkpoint ({OFFICIAL_CONFIG_FILE} + "
-            f"checkpoint-N/ with adapter_model.safetensors and non_lora_state_dict.pth); loading that layout, with "
-            f"its input format (<|SA_reward|>, Qwen's video path), is not implemented yet (README, 'Not built yet')")
+        official = load_official_reward_model(path, base_path, dtype, checkpoint_step, video_fps, config_key)
+        if official.inputs.num_frames != num_frames:
+            raise ValueError(f"reward.vlm.num_frames={num_frames}, but the official checkpoint {path} scores "
+                             f"{official.inputs.num_frames} frames (its model_config.json data_config.num_frames, "
+                             f"rounded to an even count as Qwen's smart_nframes does); set reward.vlm.num_frames "
+                             f"(and reward.face.num_frames) to {official.inputs.num_frames}")
+        return official
     if os.path.isfile(os.path.join(path, SETTINGS_FILE)):
         model = IdentityRewardModel.from_pretrained(path, config_key=config_key)
         saved = (model.inputs.image_size, model.inputs.num_frames, model.tie_theta)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -89,6 +89,17 @@ def _as_uint8(x, what: str, ndim: int) -> np.ndarray:
         shape = "(F, H, W, 3)" if ndim == 4 else "(H, W, 3)"
         raise ValueError(f"{what} must be uint8 {shape}, got {arr.dtype} {arr.shape}")
     return arr
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (input_ids, attention_mask), (B, longest) long tensors padded on the right."""
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attention[i, : len(s)] = 1
+    return input_ids, attention
 
 
 class RewardInputBuilder:
@@ -167,12 +178,7 @@ class RewardInputBuilder:
                 raise ValueError(f"sample {b}: {err}") from None
             seqs.append(self._ids(len(refs), prompt))
         pixels = self.image_processor(images, do_resize=False, return_tensors="pt")
-        length = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), length), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(seqs), length), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            attention[i, : len(s)] = 1
+        input_ids, attention = right_pad(seqs, self.pad_token_id)
         return {"input_ids": input_ids, "attention_mask": attention,
                 "mm_token_type_ids": (input_ids == self.image_token_id).long() * attention,
                 "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"],

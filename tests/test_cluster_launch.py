@@ -69,3 +69,37 @@ def test_pools_land_on_the_nodes_the_config_names(root, shards, tmp_path):
             workers.shutdown()
         ray.shutdown()
         cluster.stop()
+
+
+class GpuProbe:
+    """A stand-in actor that reports the GPU Ray gave it (fake GPUs: Ray schedules them on a CPU machine)."""
+
+    def __init__(self, rank, world):
+        self.rank = rank
+
+    def gpu(self):
+        return self.rank, [int(g) for g in ray.get_gpu_ids()]
+
+
+def test_colocated_preset_puts_one_of_each_role_on_every_gpu(root):
+    """cluster_configs/vace_1.3b_8gpu_colocated.yaml on a (fake) 8-GPU node: rollout i, reward i and learner rank i
+    share GPU i, each with 0.3 of it, and the 24 actors fit the node's 8 bundles."""
+    from workers.group import POOLS, WorkerGroup, plan_placements, release
+
+    cfg = load_config(root / "cluster_configs" / "vace_1.3b_8gpu_colocated.yaml")
+    ray.init(num_cpus=64, num_gpus=8, include_dashboard=False, object_store_memory=100 * 1024 * 1024)
+    placements = None
+    try:
+        placements = plan_placements(cfg.workers, device_is_gpu=True, timeout_s=60)
+        assert len({id(p.group) for p in placements.values()}) == 1  # one placement group for all roles
+        assert placements["learner"].group.bundle_specs == [{"CPU": 8.0, "GPU": 1.0}] * 8
+        assert all(placements[pool].num_gpus == pytest.approx(0.3) for pool in POOLS)
+        groups = {pool: WorkerGroup(pool, GpuProbe, placements[pool]) for pool in POOLS}  # all 24 alive at once
+        gpus = {pool: dict(ray.get(group.run("gpu"), timeout=300)) for pool, group in groups.items()}
+        assert all(len(ids) == 1 for pool in POOLS for ids in gpus[pool].values())
+        assert sorted(ids[0] for ids in gpus["learner"].values()) == list(range(8))  # one learner rank per GPU
+        for rank in range(8):
+            assert gpus["rollout"][rank] == gpus["reward"][rank] == gpus["learner"][rank], (rank, gpus)
+    finally:
+        release(placements)
+        ray.shutdown()

@@ -6,7 +6,8 @@ from omegaconf import OmegaConf
 
 from config import ConfigError, config_from_yaml_text, load_config, to_yaml
 
-CONFIGS = ["local_cpu", "demo_cpu", "vace_1.3b_8gpu", "vace_1.3b_eval", "phantom_1.3b_8gpu", "vace_14b_multinode"]
+CONFIGS = ["local_cpu", "demo_cpu", "vace_1.3b_8gpu", "vace_1.3b_8gpu_colocated", "vace_1.3b_eval", "phantom_1.3b_8gpu",
+           "vace_14b_multinode"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -43,7 +44,8 @@ WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，�
                        "形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
 
 
-@pytest.mark.parametrize("name", ["vace_1.3b_8gpu", "phantom_1.3b_8gpu", "vace_14b_multinode"])
+@pytest.mark.parametrize("name", ["vace_1.3b_8gpu", "vace_1.3b_8gpu_colocated", "phantom_1.3b_8gpu",
+                                  "vace_14b_multinode"])
 def test_gpu_presets_train_the_official_recipe(root, name):
     cfg = load_config(root / "cluster_configs" / f"{name}.yaml")
     for key, value in OFFICIAL_RECIPE.items():

@@ -17,7 +17,8 @@ from config import load_config
 from launcher.metrics import read_metrics
 from launcher.rehearse import cpu_overrides
 
-GPU_PRESETS = ["vace_1.3b_8gpu.yaml", "phantom_1.3b_8gpu.yaml", "vace_14b_multinode.yaml"]
+GPU_PRESETS = ["vace_1.3b_8gpu.yaml", "vace_1.3b_8gpu_colocated.yaml", "phantom_1.3b_8gpu.yaml",
+               "vace_14b_multinode.yaml"]
 MEMORY_TOLERANCE = 0.25  # the plan's prediction within 25% of each role's measured peak (issue #15)
 
 

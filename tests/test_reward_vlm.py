@@ -4,6 +4,7 @@ Everything is a real transformers Qwen2.5-VL class with tiny random weights; the
 tiny Qwen2_5_VLForConditionalGeneration written with save_pretrained in the Hugging Face layout.
 """
 
+import json
 import logging
 
 import numpy as np
@@ -162,12 +163,17 @@ def test_missing_base_path_names_the_key(tmp_path):
 
 
 def test_official_checkpoint_layout_is_named_not_misread(tmp_path):
-    """The official layout (outputs/identity_reward: model_config.json + checkpoint-N/) is recognised and refused
-    with a clear error, never loaded as a base with a random head."""
+    """The official layout (outputs/identity_reward: model_config.json + checkpoint-N/) goes to reward/official.py,
+    never loaded as a base with a random head: a broken model_config.json or a missing base is named."""
     (tmp_path / "identity_reward" / "checkpoint-21").mkdir(parents=True)
     (tmp_path / "identity_reward" / "model_config.json").write_text("{}")
     (tmp_path / "identity_reward" / "config.json").write_text("{}")
-    with pytest.raises(NotImplementedError, match=r"reward\.vlm\.path: .*official Identity-GRPO reward checkpoint"):
+    with pytest.raises(ValueError, match=r"reward\.vlm\.path: .*model_config.json is not an official reward"):
+        load_reward_model(str(tmp_path / "identity_reward"), allow_untrained_head=True)
+    from tests.test_reward_official import OFFICIAL_MODEL_CONFIG
+
+    (tmp_path / "identity_reward" / "model_config.json").write_text(json.dumps(OFFICIAL_MODEL_CONFIG))
+    with pytest.raises(ValueError, match=r"set reward\.vlm\.base_path"):
         load_reward_model(str(tmp_path / "identity_reward"), allow_untrained_head=True)
 
 
