@@ -51,7 +51,7 @@ POSITIVE = [
     "workers.reward.num_workers", "workers.learner.num_workers", "logging.eval_num_prompts",
     "logging.eval_seeds_per_prompt", "workers.weight_sync_timeout_s", "model.vae_decode_batch",
     "optim.ema.update_interval", "optim.ema.repeats", "reward.vlm.image_size", "reward.vlm.num_frames",
-    "sampler.sde_window.shift_every",
+    "sampler.sde_window.shift_every", "reward.vlm.video_fps",
 ]
 NON_NEGATIVE = ["trainer.max_staleness", "trainer.max_learner_restarts", "logging.video_every",
                 "model.lora.alpha", "optim.lr", "optim.warmup_steps", "optim.grad_clip", "grpo.kl_beta",

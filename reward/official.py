@@ -21,7 +21,9 @@ this transformers' `Qwen2_5_VLModel` (`language_model.*`, `visual.*`). A key tha
 weight that no file provides, is an error naming the file and the key.
 
 Deliberate differences from the official loader: a requested step that does not exist is an error (the official
-code silently takes the newest); LoRA stays unmerged as there (merging would round differently in bf16).
+code silently takes the newest); attention is transformers' default kernel (SDPA), where the official code asks
+for flash-attention 2 (same math, different rounding). As there, LoRA stays unmerged and in float32 (merging, or
+bf16 adapters, would round differently).
 """
 
 from __future__ import annotations
@@ -51,8 +53,14 @@ def read_official_config(directory: str | Path, config_key: str = "reward.vlm.pa
     try:
         cfg = json.loads(path.read_text())
         data, model, lora = cfg["data_config"], cfg["model_config"], cfg["peft_lora_config"]
+        for section, keys in (("data_config", ("num_frames", "max_frame_pixels")),
+                              ("peft_lora_config", ("lora_r", "lora_alpha"))):
+            for key in keys:
+                if key not in cfg[section]:
+                    raise KeyError(f"{section}.{key}")
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{config_key}: {path} is not an official reward model_config.json ({err})") from None
+        raise ValueError(f"{config_key}: {path} is not an official reward model_config.json (missing or "
+                         f"unreadable: {err})") from None
     supported = {
         "model_config.use_special_tokens": (model.get("use_special_tokens"), True),
         "model_config.reward_token": (model.get("reward_token"), "special"),
@@ -115,6 +123,11 @@ class OfficialRewardModel(nn.Module):
         self.rm_head = nn.Linear(hidden, 1, bias=False).to(next(vlm.parameters()).dtype)
         pattern = r".*language_model\.layers\.\d+\..*\.(" + "|".join(LLM_LINEARS) + r")$"
         inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=pattern), self.vlm)
+        # The official PeftModel keeps adapters in float32 (get_peft_model's autocast_adapter_dtype): peft then runs
+        # the LoRA branch in float32 and adds it to the bf16 base output before one rounding. Do the same.
+        for name, p in self.vlm.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.float()
         self.requires_grad_(False)
         self.eval()
 
@@ -176,6 +189,10 @@ def load_official_reward_model(directory: str, base_path: Optional[str], dtype: 
 
     cfg = read_official_config(directory, config_key)
     hub_name = cfg["model_config"].get("model_name_or_path")
+    trained_dtype = cfg["model_config"].get("torch_dtype")
+    if trained_dtype and trained_dtype != dtype:
+        logger.warning("%s: the official scorer runs this checkpoint in %s (model_config.json torch_dtype); "
+                       "reward.vlm.dtype is %s", config_key, trained_dtype, dtype)
     if not base_path:
         raise ValueError(f"{config_key}: {directory} is an official reward checkpoint built on {hub_name!r} (a hub "
                          f"id); set reward.vlm.base_path to a local copy of that model (no hub downloads)")

@@ -36,7 +36,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from reward.official import OFFICIAL_CONFIG_FILE, load_official_reward_model
+from reward.official import OFFICIAL_CONFIG_FILE, load_official_reward_model, read_official_config
+from reward.official_inputs import frame_count
 from reward.vlm_inputs import (DEFAULT_INSTRUCTION, REWARD_TOKEN, RewardInputBuilder, build_image_processor,
                                build_tiny_tokenizer)
 
@@ -380,13 +381,14 @@ def load_reward_model(path: Optional[str], image_size: int = 56, num_frames: int
     if path is None:
         return IdentityRewardModel.build_tiny(image_size, num_frames, tie_theta, seed)
     if os.path.isfile(os.path.join(path, OFFICIAL_CONFIG_FILE)):
-        official = load_official_reward_model(path, base_path, dtype, checkpoint_step, video_fps, config_key)
-        if official.inputs.num_frames != num_frames:
+        # checked before the 3B base is read: the face reward scores the same frames as the VLM
+        frames = frame_count(float(read_official_config(path, config_key)["data_config"]["num_frames"]))
+        if frames != num_frames:
             raise ValueError(f"reward.vlm.num_frames={num_frames}, but the official checkpoint {path} scores "
-                             f"{official.inputs.num_frames} frames (its model_config.json data_config.num_frames, "
-                             f"rounded to an even count as Qwen's smart_nframes does); set reward.vlm.num_frames "
-                             f"(and reward.face.num_frames) to {official.inputs.num_frames}")
-        return official
+                             f"{frames} frames (its model_config.json data_config.num_frames, rounded to an even "
+                             f"count as Qwen's smart_nframes does); set reward.vlm.num_frames (and "
+                             f"reward.face.num_frames) to {frames}")
+        return load_official_reward_model(path, base_path, dtype, checkpoint_step, video_fps, config_key)
     if os.path.isfile(os.path.join(path, SETTINGS_FILE)):
         model = IdentityRewardModel.from_pretrained(path, config_key=config_key)
         saved = (model.inputs.image_size, model.inputs.num_frames, model.tie_theta)

@@ -53,18 +53,18 @@ def base_dir(tmp_path_factory):
     return d
 
 
-def write_official_checkpoint(base_dir, out, step=21, seed=1):
+def write_official_checkpoint(base_dir, out, step=21, seed=1, dtype=torch.float32):
     """What the official create_model_and_processor + VideoAlign's save produce: returns the writer's model
-    (the PEFT model with its rm_head) and tokenizer."""
+    (the PEFT model with its rm_head; get_peft_model keeps the adapters in float32 whatever `dtype`) and tokenizer."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": [SA_TOKEN]})
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_dir, dtype=dtype)
     model.resize_token_embeddings(len(tokenizer))
-    model.rm_head = nn.Linear(model.config.text_config.hidden_size, 1, bias=False)
+    model.rm_head = nn.Linear(model.config.text_config.hidden_size, 1, bias=False).to(dtype)
     lora = OFFICIAL_MODEL_CONFIG["peft_lora_config"]
     targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not any(
         x in n for x in lora["lora_namespan_exclude"])]
@@ -101,7 +101,9 @@ def inputs(seed=0, count=2):
 def writer_scores(peft_model, batch):
     """The writer's own forward: its LoRA-wrapped Qwen2.5-VL body, its rm_head at the <|SA_reward|> position."""
     body = peft_model.base_model.model.model
-    out = body(**{k: v for k, v in batch.items() if k != "reward_index"}, use_cache=False)
+    dtype = peft_model.base_model.model.rm_head.weight.dtype
+    inputs = {k: (v.to(dtype) if k.startswith("pixel_values") else v) for k, v in batch.items() if k != "reward_index"}
+    out = body(**inputs, use_cache=False)
     rows = torch.arange(batch["input_ids"].shape[0])
     return peft_model.base_model.model.rm_head(out.last_hidden_state[rows, batch["reward_index"]]).squeeze(-1)
 
@@ -125,11 +127,15 @@ def test_official_layout_round_trip_scores_as_the_writer(base_dir, tmp_path):
         expected = writer_scores(writer, batch)
     got = model.score(videos, refs, prompts)
     assert torch.equal(got, expected.float()), (got, expected)
-    # every trained part counts: the loaded model differs from the base with a zero LoRA
-    assert not torch.allclose(got, torch.zeros_like(got))
     # the text prompt is not part of the official input; the references are
     assert torch.equal(model.score(videos, refs, ["another prompt"] * 2), got)
     assert not torch.equal(model.score(videos, [refs[1], refs[0]], prompts), got)
+    # the adapter counts: without it (B = 0) the scores change
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    assert not torch.allclose(model.score(videos, refs, prompts), got, atol=1e-4)
 
 
 def test_official_input_layout(base_dir, tmp_path):
@@ -239,3 +245,100 @@ def test_inputs_equal_the_official_processor(root):
     assert batch["image_grid_thw"].tolist() == golden["image_grid_thw"]
     assert batch["video_grid_thw"].tolist() == golden["video_grid_thw"]
     assert batch["second_per_grid_ts"].tolist() == pytest.approx(golden["second_per_grid_ts"])
+
+
+def test_full_model_checkpoint_scores_as_the_writer(base_dir, tmp_path):
+    """`save_full_model: true` writes checkpoint-N/model.pth (the PEFT model's whole state dict: base_layer and
+    `.default` LoRA names) instead of the pair; it loads to the same scores."""
+    writer, _ = write_official_checkpoint(base_dir, tmp_path / "identity_reward")
+    ckpt = tmp_path / "identity_reward" / "checkpoint-21"
+    (ckpt / "adapter_model.safetensors").unlink()
+    (ckpt / "non_lora_state_dict.pth").unlink()
+    torch.save({as_transformers_451(k): v for k, v in writer.state_dict().items()}, ckpt / "model.pth")
+    model = load_official_reward_model(str(tmp_path / "identity_reward"), str(base_dir), dtype="float32")
+    videos, refs, prompts = inputs()
+    with torch.no_grad():
+        expected = writer_scores(writer, model.inputs(videos, refs, prompts))
+    assert torch.equal(model.score(videos, refs, prompts), expected.float())
+
+
+def test_bf16_checkpoint_scores_as_the_bf16_writer(base_dir, tmp_path):
+    """The GPU presets' dtype: bf16 weights with float32 adapters (the official PeftModel's), bf16 pixel values."""
+    writer, _ = write_official_checkpoint(base_dir, tmp_path / "identity_reward", dtype=torch.bfloat16)
+    assert {p.dtype for n, p in writer.named_parameters() if "lora_" in n} == {torch.float32}
+    model = load_official_reward_model(str(tmp_path / "identity_reward"), str(base_dir), dtype="bfloat16")
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    assert model.rm_head.weight.dtype == torch.bfloat16
+    videos, refs, prompts = inputs()
+    with torch.no_grad():
+        expected = writer_scores(writer, model.inputs(videos, refs, prompts))
+    assert torch.equal(model.score(videos, refs, prompts), expected.float())
+
+
+def test_adapter_file_wins_over_the_non_lora_file(base_dir, tmp_path):
+    """PEFT may also save the resized embedding in the adapter file (save_embedding_layers="auto"); the official
+    loader applies the adapter file last (sd.update), so its copy wins."""
+    from safetensors.torch import save_file
+
+    write_official_checkpoint(base_dir, tmp_path / "identity_reward")
+    ckpt = tmp_path / "identity_reward" / "checkpoint-21"
+    adapter = load_file(str(ckpt / "adapter_model.safetensors"))
+    key = "base_model.model.model.embed_tokens.weight"
+    embedding = torch.load(ckpt / "non_lora_state_dict.pth")[key]
+    adapter[key] = embedding + 1.0
+    save_file(adapter, str(ckpt / "adapter_model.safetensors"))
+    model = load_official_reward_model(str(tmp_path / "identity_reward"), str(base_dir), dtype="float32")
+    assert torch.equal(model.vlm.language_model.embed_tokens.weight, embedding + 1.0)
+
+
+def test_transformers_451_key_names_map_onto_this_model(root, base_dir, tmp_path):
+    """Every weight name of the tiny Qwen2.5-VL under transformers 4.51 (written by the golden script from 4.51.3
+    itself), PEFT-wrapped as the official checkpoint stores it, maps onto a weight of this model of the same shape
+    (lm_head aside: tied and unused), and every non-LoRA weight of this model is covered."""
+    golden = json.loads((root / "tests" / "data" / "official_inputs_golden.json").read_text())
+    write_official_checkpoint(base_dir, tmp_path / "identity_reward")
+    model = load_official_reward_model(str(tmp_path / "identity_reward"), str(base_dir), dtype="float32")
+    own = {k: list(v.shape) for k, v in model.state_dict().items()}
+    covered = set()
+    for name, shape in golden["model_keys_451"].items():
+        if name == "lm_head.weight":
+            continue
+        wrapped = "base_model.model." + name
+        linear = name.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj") and name.startswith("model.layers.")
+        if linear:  # PEFT's LoRA layer keeps the original weight as base_layer
+            wrapped = wrapped.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        ours = official_key_to_ours(wrapped)
+        assert ours in own, (name, ours)
+        assert own[ours] == list(shape), (name, own[ours], shape)  # both vocabularies include <|SA_reward|>
+        covered.add(ours)
+    assert {k for k in own if "lora_" not in k and not k.startswith("rm_head")} == covered
+
+
+def test_batch_equals_the_official_processor(root):
+    """Two samples in one padded batch: a downscaled 480x832 video (476x812, the official eval size) with a
+    downscaled 800x600 reference, and an upscaled video with two references; against transformers 4.51.3."""
+    import hashlib
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from reward.official_inputs import OfficialInputBuilder
+    from tests.data.make_official_inputs_golden import VIDEO_FPS, golden_batch
+
+    golden = json.loads((root / "tests" / "data" / "official_inputs_golden.json").read_text())["batch"]
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [SA_TOKEN]})
+    proc = Qwen2VLImageProcessorPil()
+    videos, refs = golden_batch()
+    batch = OfficialInputBuilder(tokenizer, proc.image_mean, proc.image_std, 4, 399360, VIDEO_FPS)(
+        videos, refs, ["unused"] * 2)
+    assert batch["input_ids"].tolist() == golden["input_ids"]
+    assert batch["attention_mask"].tolist() == golden["attention_mask"]
+    for key in ("pixel_values", "pixel_values_videos"):
+        assert list(batch[key].shape) == golden[key]["shape"], key
+        assert hashlib.sha256(batch[key].numpy().tobytes()).hexdigest() == golden[key]["sha256"], key
+    assert batch["image_grid_thw"].tolist() == golden["image_grid_thw"]
+    assert batch["video_grid_thw"].tolist() == golden["video_grid_thw"] == [[2, 34, 58], [2, 18, 30]]
+    assert batch["second_per_grid_ts"].tolist() == pytest.approx(golden["second_per_grid_ts"])
+    ids = batch["input_ids"]
+    assert all(int(ids[i, batch["reward_index"][i]]) == tokenizer.convert_tokens_to_ids(SA_TOKEN) for i in range(2))

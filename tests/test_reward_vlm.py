@@ -174,7 +174,7 @@ def test_official_checkpoint_layout_is_named_not_misread(tmp_path):
 
     (tmp_path / "identity_reward" / "model_config.json").write_text(json.dumps(OFFICIAL_MODEL_CONFIG))
     with pytest.raises(ValueError, match=r"set reward\.vlm\.base_path"):
-        load_reward_model(str(tmp_path / "identity_reward"), allow_untrained_head=True)
+        load_reward_model(str(tmp_path / "identity_reward"), num_frames=4, allow_untrained_head=True)
 
 
 @pytest.mark.parametrize("vision_layers, full_attention", [(None, [7, 15, 23, 31]), (8, [7]), (2, [1]), (1, [0])])
