@@ -32,7 +32,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +44,9 @@ OFFICIAL_CONFIG_FILE = "model_config.json"
 ADAPTER_FILE, NON_LORA_FILE, FULL_FILE = "adapter_model.safetensors", "non_lora_state_dict.pth", "model.pth"
 PEFT_PREFIX = "base_model.model."
 LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_EXCLUDE = ("lm_head", "rm_head", "embed_tokens", "visual")  # model_config.json lora_namespan_exclude
+OFFICIAL_LORA = {"rank": 64, "alpha": 128.0, "dropout": 0.05}  # model_config.json peft_lora_config
+MAX_FRAME_PIXELS = 399360  # model_config.json data_config.max_frame_pixels
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -111,25 +114,193 @@ def official_key_to_ours(key: str) -> Optional[str]:
     return None  # lm_head.weight: tied to the embedding, unused by a scalar reward
 
 
+def ours_to_official_key(key: str) -> str:
+    """This model's key -> the official checkpoint's (the inverse of `official_key_to_ours`; LoRA names as the
+    adapter file stores them, without the adapter name)."""
+    key = re.sub(r"\.lora_(A|B)\.default\.weight$", r".lora_\1.weight", key)
+    if key.startswith("vlm.language_model."):
+        return PEFT_PREFIX + "model." + key[len("vlm.language_model."):]
+    if key.startswith("vlm.visual."):
+        return PEFT_PREFIX + key[len("vlm."):]
+    if key == "rm_head.weight":
+        return PEFT_PREFIX + key
+    raise KeyError(f"{key!r} has no place in an official reward checkpoint")
+
+
 class OfficialRewardModel(nn.Module):
     """score(videos, references, prompts) -> (B,) float32, as the official `VideoVLMRewardInference` scores."""
 
-    def __init__(self, vlm: nn.Module, inputs: OfficialInputBuilder, lora_rank: int, lora_alpha: float):
+    def __init__(self, vlm: nn.Module, inputs: OfficialInputBuilder, lora_rank: int, lora_alpha: float,
+                 lora_dropout: float = 0.0, base_path: Optional[str] = None):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
-        self.vlm, self.inputs = vlm, inputs
+        self.vlm, self.inputs, self.base_path = vlm, inputs, base_path
+        self.lora = {"rank": int(lora_rank), "alpha": float(lora_alpha), "dropout": float(lora_dropout)}
+        self.trainable = {"vision": False, "merger": False}
         hidden = vlm.config.text_config.hidden_size
         self.rm_head = nn.Linear(hidden, 1, bias=False).to(next(vlm.parameters()).dtype)
         pattern = r".*language_model\.layers\.\d+\..*\.(" + "|".join(LLM_LINEARS) + r")$"
-        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=pattern), self.vlm)
+        inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                           target_modules=pattern), self.vlm)
         # The official PeftModel keeps adapters in float32 (get_peft_model's autocast_adapter_dtype): peft then runs
         # the LoRA branch in float32 and adds it to the bf16 base output before one rounding. Do the same.
         for name, p in self.vlm.named_parameters():
             if "lora_" in name:
                 p.data = p.data.float()
+        self._embedding_hook = None
         self.requires_grad_(False)
         self.eval()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_base(cls, base_path: str, dtype: str = "bfloat16", lora: Optional[Dict] = None, num_frames: int = 4,
+                  max_frame_pixels: int = MAX_FRAME_PIXELS, video_fps: float = 10.0,
+                  config_key: str = "model.path") -> "OfficialRewardModel":
+        """The official model on a local Qwen2.5-VL directory, as `create_model_and_processor` builds it: the
+        <|SA_reward|> token added, the vocabulary resized to the tokenizer, LoRA on the language model, a new
+        `rm_head` (untrained)."""
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        if not (Path(base_path) / "config.json").is_file():
+            raise FileNotFoundError(f"{config_key}: {base_path!r} has no config.json (a local Qwen2.5-VL directory "
+                                    f"in the Hugging Face layout)")
+        lora = {**OFFICIAL_LORA, **(lora or {})}
+        tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
+        tokenizer.add_special_tokens({"additional_special_tokens": [SA_TOKEN]})
+        processor = Qwen2VLImageProcessorPil.from_pretrained(base_path, local_files_only=True)
+        vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_path, local_files_only=True,
+                                                                 dtype=DTYPES[dtype]).model
+        vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        inputs = OfficialInputBuilder(tokenizer, processor.image_mean, processor.image_std, num_frames,
+                                      max_frame_pixels, video_fps, patch_size=int(processor.patch_size),
+                                      merge_size=int(processor.merge_size),
+                                      temporal_patch_size=int(processor.temporal_patch_size))
+        return cls(vlm, inputs, lora["rank"], lora["alpha"], lora["dropout"], base_path=str(Path(base_path).resolve()))
+
+    @classmethod
+    def build_random(cls, arch: str, dtype: str = "float32", lora: Optional[Dict] = None, num_frames: int = 4,
+                     max_frame_pixels: int = MAX_FRAME_PIXELS, video_fps: float = 10.0, seed: int = 0,
+                     text_layers: Optional[int] = None, vision_layers: Optional[int] = None,
+                     vocab: Optional[int] = None) -> "OfficialRewardModel":
+        """Random weights (seeded) for CPU tests and rehearsals: the tiny Qwen2.5-VL or a published architecture,
+        with the offline tokenizer and <|SA_reward|>; `save_pretrained` writes the base beside the checkpoint."""
+        from transformers import Qwen2_5_VLModel
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        from reward.vlm import published_vlm_config, tiny_vlm_config
+        from reward.vlm_inputs import build_tiny_tokenizer
+
+        lora = {**OFFICIAL_LORA, **(lora or {})}
+        tokenizer = build_tiny_tokenizer()
+        tokenizer.add_special_tokens({"additional_special_tokens": [SA_TOKEN]})
+        config = tiny_vlm_config(tokenizer) if arch == "tiny" else published_vlm_config(
+            arch, tokenizer, text_layers, vision_layers, vocab)
+        processor = Qwen2VLImageProcessorPil()
+        previous = torch.get_default_dtype()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            torch.set_default_dtype(DTYPES[dtype])
+            try:
+                vlm = Qwen2_5_VLModel(config)
+                inputs = OfficialInputBuilder(tokenizer, processor.image_mean, processor.image_std, num_frames,
+                                              max_frame_pixels, video_fps)
+                return cls(vlm, inputs, lora["rank"], lora["alpha"], lora["dropout"])
+            finally:
+                torch.set_default_dtype(previous)
+
+    # ------------------------------------------------------------------ training
+
+    def configure_training(self, vision: bool = True, merger: bool = True) -> None:
+        """What the official reward training trains (model_config.json freeze_vision_tower / tune_merger): the LoRA
+        of the language model, the vision tower and the merger by flag, `rm_head`, and the <|SA_reward|> row of the
+        embedding (VideoAlign trains the whole matrix and restores every other row after each step; here the
+        other rows get no gradient, which leaves them as unchanged under AdamW without weight decay on it)."""
+        self.requires_grad_(False)
+        for name, p in self.vlm.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(True)
+        for name, module in self.vlm.visual.named_children():
+            module.requires_grad_(merger if name == "merger" else vision)
+        self.rm_head.requires_grad_(True)
+        embedding = self.vlm.get_input_embeddings().weight
+        embedding.requires_grad_(True)
+        if self._embedding_hook is None:
+            row = self.inputs.reward_token_id
+            self._embedding_hook = embedding.register_hook(
+                lambda grad: torch.zeros_like(grad).index_copy_(0, torch.tensor([row], device=grad.device),
+                                                                grad[row:row + 1]))
+        self.trainable = {"vision": vision, "merger": merger}
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def optimizer_groups(self, weight_decay: float) -> List[Dict]:
+        """AdamW groups: the embedding without weight decay (VideoAlign's special-token group), the rest with it."""
+        embedding = self.vlm.get_input_embeddings().weight
+        rest = [p for p in self.trainable_parameters() if p is not embedding]
+        return [{"params": rest, "weight_decay": weight_decay}] + (
+            [{"params": [embedding], "weight_decay": 0.0}] if embedding.requires_grad else [])
+
+    def device_inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        p = self.rm_head.weight
+        return {k: (v.to(p.device, p.dtype) if k.startswith("pixel_values") else v.to(p.device))
+                for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ persistence
+
+    def save_pretrained(self, directory: str, step: int = 0) -> Path:
+        """The official layout: `model_config.json` + `checkpoint-<step>/` with `adapter_model.safetensors` (the
+        LoRA, PEFT's names) and `non_lora_state_dict.pth` (the trained non-LoRA weights), keys under transformers
+        4.51's names. A random-init model also writes its base (`base/`, the frozen weights in the Hugging Face
+        layout), which model_config.json then names."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        ckpt = d / f"checkpoint-{int(step)}"
+        ckpt.mkdir(parents=True, exist_ok=True)
+        trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file({ours_to_official_key(k): v for k, v in state.items() if "lora_" in k},
+                  str(ckpt / ADAPTER_FILE))
+        torch.save({ours_to_official_key(k): v for k, v in state.items() if k in trained and "lora_" not in k},
+                   ckpt / NON_LORA_FILE)
+        base = self.base_path
+        if base is None:
+            self._save_base(d / "base")
+            base = "base"
+        dtype = next(k for k, v in DTYPES.items() if v == self.rm_head.weight.dtype)
+        (d / OFFICIAL_CONFIG_FILE).write_text(json.dumps({
+            "data_config": {"max_frame_pixels": self.inputs.max_frame_pixels,
+                            "num_frames": float(self.inputs.num_frames), "fps": None, "eval_dim": ["SA"],
+                            "prompt_template_type": "subject_alignment_special", "sample_type": "uniform",
+                            "use_tied_data": True},
+            "model_config": {"model_name_or_path": base, "output_dim": 1, "use_special_tokens": True,
+                             "reward_token": "special", "torch_dtype": dtype, "loss_type": "btt",
+                             "freeze_vision_tower": not self.trainable["vision"], "freeze_llm": False,
+                             "tune_merger": self.trainable["merger"]},
+            "peft_lora_config": {"lora_enable": True, "vision_lora": False, "lora_r": self.lora["rank"],
+                                 "lora_alpha": self.lora["alpha"], "lora_dropout": self.lora["dropout"],
+                                 "lora_target_modules": None, "lora_namespan_exclude": list(LORA_EXCLUDE),
+                                 "lora_task_type": "CAUSAL_LM", "use_rslora": False, "num_lora_modules": -1},
+            "written_by": "identity-grpo reward.train (reward/official.py)"}, indent=2))
+        return d
+
+    def _save_base(self, directory: Path) -> None:
+        """The frozen weights as a Qwen2.5-VL directory (tokenizer and image processor included)."""
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        base = {re.sub(r"\.base_layer\.", ".", k): v for k, v in self.vlm.state_dict().items() if "lora_" not in k}
+        full = Qwen2_5_VLForConditionalGeneration(self.vlm.config)
+        full.model.load_state_dict(base)
+        full.to(self.rm_head.weight.dtype).save_pretrained(directory)
+        self.inputs.tokenizer.save_pretrained(directory)
+        Qwen2VLImageProcessorPil(image_mean=self.inputs.mean.tolist(), image_std=self.inputs.std.tolist(),
+                                 patch_size=self.inputs.patch, merge_size=self.inputs.merge,
+                                 temporal_patch_size=self.inputs.temporal).save_pretrained(directory)
 
     def forward(self, input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw,
                 pixel_values_videos, video_grid_thw, second_per_grid_ts, reward_index) -> torch.Tensor:
@@ -145,14 +316,16 @@ class OfficialRewardModel(nn.Module):
     def score(self, videos: Sequence, references: Sequence[Sequence], prompts: Sequence[str],
               batch_size: int = 8) -> torch.Tensor:
         """Scores of uint8 (F, H, W, 3) videos given each one's uint8 (H, W, 3) references (CPU float32, (B,))."""
-        p = next(self.parameters())
-        chunks = []
-        for i in range(0, len(videos), batch_size):
-            batch = self.inputs(videos[i:i + batch_size], references[i:i + batch_size], prompts[i:i + batch_size])
-            batch = {k: (v.to(p.device, p.dtype) if k.startswith("pixel_values") else v.to(p.device))
-                     for k, v in batch.items()}
-            chunks.append(self(**batch).cpu())
-        return torch.cat(chunks) if chunks else torch.zeros(0)
+        was_training = self.training
+        self.eval()
+        try:
+            chunks = []
+            for i in range(0, len(videos), batch_size):
+                batch = self.inputs(videos[i:i + batch_size], references[i:i + batch_size], prompts[i:i + batch_size])
+                chunks.append(self(**self.device_inputs(batch)).cpu())
+            return torch.cat(chunks) if chunks else torch.zeros(0)
+        finally:
+            self.train(was_training)
 
     def load_official_state(self, files: Sequence[Path], states: Sequence[Dict[str, torch.Tensor]]) -> None:
         """Apply the checkpoint's state dicts in order (later files win, as `sd.update` in the official loader)."""
@@ -182,10 +355,10 @@ class OfficialRewardModel(nn.Module):
 def load_official_reward_model(directory: str, base_path: Optional[str], dtype: str = "bfloat16",
                                step: Optional[int] = None, video_fps: float = 10.0,
                                config_key: str = "reward.vlm.path") -> OfficialRewardModel:
-    """Build the official reward model on a local Qwen2.5-VL base and load `directory`'s checkpoint into it."""
+    """Build the official reward model on a local Qwen2.5-VL base and load `directory`'s checkpoint into it. The base:
+    `base_path`, else model_config.json's `model_name_or_path` when that is a local directory (absolute, or relative
+    to `directory`: what `save_pretrained` of a random-init model writes)."""
     from safetensors.torch import load_file
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     cfg = read_official_config(directory, config_key)
     hub_name = cfg["model_config"].get("model_name_or_path")
@@ -193,26 +366,19 @@ def load_official_reward_model(directory: str, base_path: Optional[str], dtype: 
     if trained_dtype and trained_dtype != dtype:
         logger.warning("%s: the official scorer runs this checkpoint in %s (model_config.json torch_dtype); "
                        "reward.vlm.dtype is %s", config_key, trained_dtype, dtype)
+    if not base_path and hub_name and (Path(directory) / hub_name / "config.json").is_file():
+        base_path = str(Path(directory) / hub_name)
     if not base_path:
         raise ValueError(f"{config_key}: {directory} is an official reward checkpoint built on {hub_name!r} (a hub "
                          f"id); set reward.vlm.base_path to a local copy of that model (no hub downloads)")
-    if not (Path(base_path) / "config.json").is_file():
-        raise FileNotFoundError(f"reward.vlm.base_path: {base_path!r} has no config.json (a local {hub_name} "
-                                f"directory in the Hugging Face layout)")
     ckpt = checkpoint_dir(directory, step, config_key)
-    tokenizer = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
-    tokenizer.add_special_tokens({"additional_special_tokens": [SA_TOKEN]})
-    processor = Qwen2VLImageProcessorPil.from_pretrained(base_path, local_files_only=True)
-    vlm = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_path, local_files_only=True,
-                                                             dtype=DTYPES[dtype]).model
-    vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    data = cfg["data_config"]
-    inputs = OfficialInputBuilder(tokenizer, processor.image_mean, processor.image_std,
-                                  frame_count(float(data["num_frames"])), int(data["max_frame_pixels"]), video_fps,
-                                  patch_size=int(processor.patch_size), merge_size=int(processor.merge_size),
-                                  temporal_patch_size=int(processor.temporal_patch_size))
-    lora = cfg["peft_lora_config"]
-    model = OfficialRewardModel(vlm, inputs, int(lora["lora_r"]), float(lora["lora_alpha"]))
+    data, lora = cfg["data_config"], cfg["peft_lora_config"]
+    model = OfficialRewardModel.from_base(
+        base_path, dtype, {"rank": int(lora["lora_r"]), "alpha": float(lora["lora_alpha"]),
+                           "dropout": float(lora.get("lora_dropout", 0.0))},
+        frame_count(float(data["num_frames"])), int(data["max_frame_pixels"]), video_fps,
+        config_key="reward.vlm.base_path")
+    inputs = model.inputs
     if (ckpt / FULL_FILE).is_file():
         files = [ckpt / FULL_FILE]
         states = [torch.load(files[0], map_location="cpu", weights_only=True)]

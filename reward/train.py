@@ -10,14 +10,15 @@ Algorithm, top to bottom (`train`):
    here first into <output_dir>/teacher) scores the auto pairs and keeps those with
    P_teacher(label) >= threshold (reward/vlm_eval.py); the decision is stored and reused on resume;
 4. model: tiny random-init VLM, a local Qwen2.5-VL (`model.path`) or a trained reward model
-   (`model.init_from`), trainable parts by config; DeepSpeed engine (ZeRO stage by config, client
-   AdamW, linear warmup);
+   (`model.init_from`), in our format or the official one (`model.format`, reward/official.py), trainable
+   parts by config; DeepSpeed engine (ZeRO stage by config, client AdamW, linear warmup);
 5. resume from the latest (or a given) checkpoint: engine state + step + reader positions + RNG;
 6. each step: auto-pool weight w_t of the curriculum, pool drawn per micro-batch (seeded by step),
    A and B of every pair scored in one forward, Rao-Kupper (or Bradley-Terry) NLL, DeepSpeed step;
 7. log to stdout and TensorBoard (<output_dir>/tb), checkpoint every N steps (keep the last K),
    evaluate on the held-out split every N steps and at the end (<output_dir>/eval.json);
-8. export the final model with `save_pretrained` to <output_dir>/model.
+8. export the final model with `save_pretrained` to <output_dir>/model (format official: model_config.json +
+   checkpoint-<step>/, the layout the GRPO presets' reward.vlm.path loads).
 A resumed run yields the same losses and weights as an uninterrupted one (tests/test_reward_train.py).
 """
 
@@ -34,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from omegaconf import OmegaConf
 
 from config import ConfigError
@@ -41,7 +43,8 @@ from config.cli import exit_expected, require_shards, require_writable
 from reward.cpu_bf16 import fast_bf16_linear_backward
 from reward.losses import label_indices, pairwise_accuracy, preference_loss
 from reward.train_config import parse_args, with_updates
-from reward.vlm import DTYPES, IdentityRewardModel
+from reward.official import OFFICIAL_CONFIG_FILE, OfficialRewardModel, load_official_reward_model
+from reward.vlm import DTYPES, SETTINGS_FILE, IdentityRewardModel, load_trained_reward_model
 from reward.vlm_data import (
     DataPlan,
     auto_weight,
@@ -78,8 +81,10 @@ def setup_distributed(device: str):
     return dist.get_rank(), dist.get_world_size()
 
 
-def build_model(cfg) -> IdentityRewardModel:
+def build_model(cfg) -> nn.Module:
     m = cfg.model
+    if m.format == "official":
+        return build_official_model(cfg)
     if m.init_from:
         model = IdentityRewardModel.from_pretrained(m.init_from, config_key="model.init_from")
     elif m.init == "pretrained":
@@ -100,7 +105,24 @@ def build_model(cfg) -> IdentityRewardModel:
     return model
 
 
-def build_engine(cfg, model: IdentityRewardModel, world: int):
+def build_official_model(cfg) -> OfficialRewardModel:
+    """model.format=official: the official reward model (reward/official.py) from a base, a random architecture or
+    an official checkpoint (`model.init_from`), trainable parts as the official training's."""
+    m = cfg.model
+    lora = {"rank": m.lora.rank, "alpha": m.lora.alpha, "dropout": m.lora.dropout}
+    if m.init_from:
+        model = load_official_reward_model(m.init_from, m.path, m.dtype, video_fps=m.video_fps,
+                                           config_key="model.init_from")
+    elif m.init == "pretrained":
+        model = OfficialRewardModel.from_base(m.path, m.dtype, lora, m.num_frames, m.max_frame_pixels, m.video_fps)
+    else:
+        model = OfficialRewardModel.build_random(m.arch, m.dtype, lora, m.num_frames, m.max_frame_pixels,
+                                                 m.video_fps, m.tiny_seed, m.text_layers, m.vision_layers, m.vocab)
+    model.configure_training(vision=m.train_vision, merger=m.train_merger)
+    return model
+
+
+def build_engine(cfg, model: nn.Module, world: int):
     import deepspeed
 
     t, o = cfg.trainer, cfg.optim
@@ -114,7 +136,8 @@ def build_engine(cfg, model: IdentityRewardModel, world: int):
         "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9,
     }
     params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(model.optimizer_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas),
+                                  weight_decay=o.weight_decay)
     warmup = int(o.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
@@ -177,7 +200,7 @@ def load_checkpoint(engine, target, pools, rank: int) -> int:
     return int(client["step"])
 
 
-def export_model(engine, directory: Path, zero_stage: int, rank: int) -> None:
+def export_model(engine, directory: Path, zero_stage: int, rank: int, step: int) -> None:
     """save_pretrained of the trained model (ZeRO-3 parameters gathered first), atomically renamed."""
     import deepspeed
 
@@ -186,7 +209,7 @@ def export_model(engine, directory: Path, zero_stage: int, rank: int) -> None:
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero_stage == 3):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            engine.module.save_pretrained(str(tmp))
+            engine.module.save_pretrained(str(tmp), step=step)
             shutil.rmtree(directory, ignore_errors=True)
             tmp.rename(directory)
     dist.barrier()
@@ -223,13 +246,13 @@ def run_teacher(cfg, plan: DataPlan, out: Path, rank: int, world: int) -> Option
     if checkpoint is None:
         teacher_out = out / "teacher"
         checkpoint = str(teacher_out / MODEL_DIR)
-        if not (Path(checkpoint) / "reward_model.json").is_file():
+        if not any((Path(checkpoint) / marker).is_file() for marker in (SETTINGS_FILE, OFFICIAL_CONFIG_FILE)):
             teacher_cfg = with_updates(cfg, {"trainer.output_dir": str(teacher_out), "trainer.steps": t.train_steps,
                                              "teacher.enabled": False, "trainer.eval_every": 0},
                                        "teacher run (derived from the main config)")
             train(teacher_cfg, human_only=True)
             release_memory()  # the teacher's engine (cyclic references) before the filter and the main model
-    teacher = IdentityRewardModel.from_pretrained(checkpoint, config_key="teacher.checkpoint")
+    teacher = load_trained_reward_model(checkpoint, cfg.model.path, cfg.model.dtype, config_key="teacher.checkpoint")
     samples = candidate_samples(cfg.data, plan, list(t.sources), rank, world)
     result = teacher_filter(teacher, samples, t.threshold, cfg.trainer.tie_theta, t.batch_size)
     result["teacher"] = checkpoint
@@ -391,7 +414,7 @@ def _loop(cfg, engine, plan: DataPlan, pools, extra: Dict[str, Any], out: Path, 
         return {"losses": losses, "eval": None, "step": step, "model_dir": None}
     if not history or history[-1]["step"] != step:  # resumed at the last step: evaluate what was trained
         record_eval(out, {"step": step, **run_eval(cfg, engine, plan, rank, world)}, history, extra, writer, rank)
-    export_model(engine, out / MODEL_DIR, t.zero_stage, rank)
+    export_model(engine, out / MODEL_DIR, t.zero_stage, rank, step)
     return {"losses": losses, "eval": history[-1], "step": step, "model_dir": str(out / MODEL_DIR)}
 
 

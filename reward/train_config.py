@@ -39,6 +39,11 @@ class RewardModelConfig:
     # pretrained: the local Qwen2.5-VL directory `path` (or a trained reward model, `init_from`); random: `arch`
     # with random weights (tiny: the CPU model; qwen2.5-vl-3b: the real architecture, for rehearsals).
     init: str = "pretrained"
+    # ours: reward/vlm.py (<|reward|>, each frame an image at image_size, the prompt in `instruction`, our save
+    # layout); official: the official Identity-GRPO reward model, input and checkpoint layout (reward/official.py:
+    # <|SA_reward|>, the fixed subject-alignment instruction, Qwen's video path; model_config.json + checkpoint-N/),
+    # which the GRPO presets' `reward.vlm.path` also loads.
+    format: str = "ours"
     arch: Optional[str] = None
     path: Optional[str] = None  # local Qwen2.5-VL directory (no hub downloads)
     init_from: Optional[str] = None  # a trained reward-model directory to start from (fine-tuning)
@@ -50,6 +55,8 @@ class RewardModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 (trainer.precision=bf16 trains in bf16)
     image_size: int = 56  # multiple of 28
     num_frames: int = 5
+    max_frame_pixels: int = 399360  # format official: the video's and references' pixel limit (official value)
+    video_fps: float = 10.0  # format official: the frame rate M-RoPE time assumes (official: 10)
     instruction: str = DEFAULT_INSTRUCTION  # must contain {prompt}
     lora: RewardLoraConfig = field(default_factory=RewardLoraConfig)
     train_language_model: bool = True  # full fine-tuning of the LLM (only without LoRA)
@@ -147,6 +154,7 @@ class RewardTrainConfig:
 
 CHOICES = {
     "model.init": {"pretrained", "random"},
+    "model.format": {"ours", "official"},
     "model.dtype": {"float32", "bfloat16"},
     "data.on_error": {"raise", "skip"},
     "curriculum.schedule": {"cosine", "linear", "constant"},
@@ -178,6 +186,16 @@ def _check(cfg: DictConfig, source: str) -> None:
         fail("model.instruction", "must contain '{prompt}'")
     if cfg.model.lora.enabled and cfg.model.train_language_model:
         fail("model.train_language_model", "must be false when model.lora.enabled (LoRA trains the LLM)")
+    if cfg.model.format == "official":
+        if not cfg.model.lora.enabled:
+            fail("model.lora.enabled", "must be true with model.format=official (its checkpoint layout is LoRA + "
+                 "trained non-LoRA weights)")
+        if cfg.model.num_frames % 2:
+            fail("model.num_frames", f"must be even with model.format=official (Qwen's smart_nframes rounds the "
+                 f"checkpoint's count to even), got {cfg.model.num_frames}")
+        if cfg.model.max_frame_pixels < 128 * 28 * 28 or cfg.model.video_fps <= 0:
+            fail("model.max_frame_pixels", f"must be >= 100352 (Qwen's video minimum), and model.video_fps > 0; got "
+                 f"{cfg.model.max_frame_pixels}, {cfg.model.video_fps}")
     if not 0.0 <= cfg.data.held_out_fraction < 1.0:
         fail("data.held_out_fraction", f"must be in [0, 1), got {cfg.data.held_out_fraction}")
     for key in ("data.eval_sources", "teacher.sources"):

@@ -267,6 +267,9 @@ class IdentityRewardModel(nn.Module):
     def trainable_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def optimizer_groups(self, weight_decay: float) -> List[Dict]:
+        return [{"params": self.trainable_parameters(), "weight_decay": weight_decay}]
+
     # ------------------------------------------------------------------ forward / score
 
     def forward(self, input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw,
@@ -303,8 +306,9 @@ class IdentityRewardModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence
 
-    def save_pretrained(self, directory: str, full: Optional[bool] = None) -> Path:
-        """Write the directory described in the module docstring; returns its path."""
+    def save_pretrained(self, directory: str, full: Optional[bool] = None, step: Optional[int] = None) -> Path:
+        """Write the directory described in the module docstring (`step`: the training step, recorded); returns
+        its path."""
         from safetensors.torch import save_file
 
         d = Path(directory)
@@ -325,7 +329,7 @@ class IdentityRewardModel(nn.Module):
         dtype = next(k for k, v in DTYPES.items() if v == next(self.vlm.parameters()).dtype)
         settings = {"format": FORMAT, "version": VERSION, "base_path": None if full else self.base_path,
                     "tie_theta": self.tie_theta, "dtype": dtype, "lora": self.lora, "trainable": self.trainable,
-                    "reward_token": REWARD_TOKEN}
+                    "reward_token": REWARD_TOKEN, "trained_steps": step}
         (d / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
         return d
 
@@ -367,6 +371,15 @@ def reward_model_from_config(v, config_key: str = "reward.vlm.path") -> nn.Modul
     return load_reward_model(v.path, image_size=v.image_size, num_frames=v.num_frames, tie_theta=v.tie_theta,
                              dtype=v.dtype, config_key=config_key, allow_untrained_head=v.allow_untrained_head,
                              base_path=v.base_path, checkpoint_step=v.checkpoint_step, video_fps=v.video_fps)
+
+
+def load_trained_reward_model(path: str, base_path: Optional[str] = None, dtype: str = "bfloat16",
+                              config_key: str = "reward.vlm.path") -> nn.Module:
+    """A trained reward model in either layout: ours (reward_model.json) or the official one (model_config.json,
+    on `base_path` or the base its model_config.json names)."""
+    if os.path.isfile(os.path.join(path, OFFICIAL_CONFIG_FILE)):
+        return load_official_reward_model(path, base_path, dtype, config_key=config_key)
+    return IdentityRewardModel.from_pretrained(path, config_key=config_key)
 
 
 def load_reward_model(path: Optional[str], image_size: int = 56, num_frames: int = 5, tie_theta: float = 5.0,

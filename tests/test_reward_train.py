@@ -198,3 +198,46 @@ def test_tiny_model_learns_synthetic_distortions(tmp_path):
     ev = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert ev["num_pairs"] >= 30
     assert ev["accuracy_without_ties"] >= 0.75, ev
+
+
+# ----------------------------------------------------------------------------- official format
+
+
+OFFICIAL = ("model.format=official", "model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=8",
+            "model.lora.dropout=0.05", "model.train_language_model=false", "optim.weight_decay=0.01")
+
+
+def test_official_format_trains_exports_and_loads_as_the_grpo_reward(mixed_shards, tmp_path):
+    """model.format=official: the official reward model on its own input, with the teacher filter, exported in the
+    official layout (model_config.json + checkpoint-<step>/ + its random-init base); `reward.vlm.path` loads it
+    (reward/vlm.py load_reward_model, what a reward worker runs) and scores the held-out pairs exactly as the
+    trainer's final evaluation did. Only the <|SA_reward|> row of the embedding moved."""
+    from reward.official_inputs import SA_TOKEN
+    from reward.vlm import load_reward_model
+    from reward.vlm_data import eval_samples
+    from reward.vlm_eval import evaluate
+
+    cfg = tiny_cfg(mixed_shards, tmp_path, "trainer.steps=4", *OFFICIAL, "teacher.enabled=true",
+                   "teacher.train_steps=2", "teacher.sources=[auto]", f"teacher.threshold={1 / 6}")
+    result = in_fresh_process(train, cfg)
+    out = tmp_path / "model"
+    assert (out / "model_config.json").is_file() and (out / "base" / "config.json").is_file()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    adapter = load_file(str(out / "checkpoint-4" / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in adapter
+    assert (tmp_path / "teacher" / "model" / "model_config.json").is_file()  # the teacher in the same format
+
+    model = load_reward_model(str(out), num_frames=2, dtype="float32")
+    t = cfg.trainer
+    samples = eval_samples(cfg.data, plan_data(cfg.data), 0, 1)
+    again = evaluate(model, samples, t.tie_theta, t.loss, t.eval_batch_size, t.bt_ties)
+    keys = ("loss", "accuracy_with_ties", "accuracy_without_ties", "num_pairs")
+    assert {k: again[k] for k in keys} == {k: result["eval"][k] for k in keys}
+
+    from reward.official import OfficialRewardModel
+
+    base = OfficialRewardModel.build_random("tiny", seed=cfg.model.tiny_seed).vlm.get_input_embeddings().weight
+    trained = model.vlm.get_input_embeddings().weight
+    row = model.inputs.tokenizer.convert_tokens_to_ids(SA_TOKEN)
+    moved = (trained != base).any(dim=1).nonzero().flatten().tolist()
+    assert moved == [row], moved
