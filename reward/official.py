@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from reward.official_inputs import SA_TOKEN, OfficialInputBuilder, frame_count
+from reward.vlm_inputs import score_in_chunks
 
 logger = logging.getLogger(__name__)
 OFFICIAL_CONFIG_FILE = "model_config.json"
@@ -312,20 +313,10 @@ class OfficialRewardModel(nn.Module):
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         return self.rm_head(out.last_hidden_state[rows, reward_index.to(input_ids.device)]).squeeze(-1).float()
 
-    @torch.no_grad()
     def score(self, videos: Sequence, references: Sequence[Sequence], prompts: Sequence[str],
               batch_size: int = 8) -> torch.Tensor:
         """Scores of uint8 (F, H, W, 3) videos given each one's uint8 (H, W, 3) references (CPU float32, (B,))."""
-        was_training = self.training
-        self.eval()
-        try:
-            chunks = []
-            for i in range(0, len(videos), batch_size):
-                batch = self.inputs(videos[i:i + batch_size], references[i:i + batch_size], prompts[i:i + batch_size])
-                chunks.append(self(**self.device_inputs(batch)).cpu())
-            return torch.cat(chunks) if chunks else torch.zeros(0)
-        finally:
-            self.train(was_training)
+        return score_in_chunks(self, videos, references, prompts, batch_size)
 
     def load_official_state(self, files: Sequence[Path], states: Sequence[Dict[str, torch.Tensor]]) -> None:
         """Apply the checkpoint's state dicts in order (later files win, as `sd.update` in the official loader)."""

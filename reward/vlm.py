@@ -39,7 +39,7 @@ from torch import nn
 from reward.official import OFFICIAL_CONFIG_FILE, load_official_reward_model, read_official_config
 from reward.official_inputs import frame_count
 from reward.vlm_inputs import (DEFAULT_INSTRUCTION, REWARD_TOKEN, RewardInputBuilder, build_image_processor,
-                               build_tiny_tokenizer)
+                               build_tiny_tokenizer, score_in_chunks)
 
 logger = logging.getLogger(__name__)
 FORMAT = "identity-reward-model"
@@ -293,16 +293,7 @@ class IdentityRewardModel(nn.Module):
 
         Runs in eval mode (restored afterwards), in chunks of `batch_size`; returns a CPU float32 (B,).
         """
-        was_training = self.training
-        self.eval()
-        try:
-            chunks = []
-            for i in range(0, len(videos), batch_size):
-                batch = self.inputs(videos[i:i + batch_size], references[i:i + batch_size], prompts[i:i + batch_size])
-                chunks.append(self(**self.device_inputs(batch)).cpu())
-            return torch.cat(chunks) if chunks else torch.zeros(0)
-        finally:
-            self.train(was_training)
+        return score_in_chunks(self, videos, references, prompts, batch_size)
 
     # ------------------------------------------------------------------ persistence
 

@@ -102,6 +102,23 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor,
     return input_ids, attention
 
 
+@torch.no_grad()
+def score_in_chunks(model, videos: Sequence, references: Sequence[Sequence], prompts: Sequence[str],
+                    batch_size: int) -> torch.Tensor:
+    """`model(**model.device_inputs(model.inputs(chunk)))` over chunks of `batch_size`, in eval mode (restored
+    afterwards): a CPU float32 (B,). The `score` of both reward-model formats."""
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = []
+        for i in range(0, len(videos), batch_size):
+            batch = model.inputs(videos[i:i + batch_size], references[i:i + batch_size], prompts[i:i + batch_size])
+            chunks.append(model(**model.device_inputs(batch)).cpu())
+        return torch.cat(chunks) if chunks else torch.zeros(0)
+    finally:
+        model.train(was_training)
+
+
 class RewardInputBuilder:
     """Turns (videos, references, prompts) into the reward VLM's input tensors (the 'processor')."""
 
