@@ -166,6 +166,8 @@ def rehearse_reward(preset_path: str, overrides: Sequence[str] = ()) -> Dict[str
         write_mixed_pairs(shards, 24, ("human", "auto", "synthetic"), flip_auto=0.3)
     forced = ["model.init=random", *(f"model.{k}={v}" for k, v in VLM_LAYERS.items()), f"model.vocab={VOCAB}",
               "model.image_size=56", "model.num_frames=2", "trainer.device=cpu", "trainer.steps=2",
+              *(["model.video_min_pixels=3136", "model.max_frame_pixels=3136"] if preset.model.format == "official"
+                else []),
               "trainer.checkpoint_every=1", "trainer.keep_last=1", "trainer.eval_every=0", "trainer.log_every=1",
               "trainer.num_threads=1",
               "trainer.batch_size=2", "trainer.grad_accum=1", "trainer.eval_batch_size=4", "teacher.train_steps=2",

@@ -37,7 +37,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from reward.official_inputs import SA_TOKEN, OfficialInputBuilder, frame_count
+from reward.official_inputs import (SA_TOKEN, SUBJECT_ALIGNMENT_PROMPT, VIDEO_MIN_PIXELS, OfficialInputBuilder,
+                                    frame_count)
 from reward.vlm_inputs import score_in_chunks
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 LORA_EXCLUDE = ("lm_head", "rm_head", "embed_tokens", "visual")  # model_config.json lora_namespan_exclude
 OFFICIAL_LORA = {"rank": 64, "alpha": 128.0, "dropout": 0.05}  # model_config.json peft_lora_config
 MAX_FRAME_PIXELS = 399360  # model_config.json data_config.max_frame_pixels
+OFFLINE_VOCAB = 448  # the random-init models' offline tokenizer (below the rehearsals' 512-row vocabulary)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -185,9 +187,10 @@ class OfficialRewardModel(nn.Module):
     def build_random(cls, arch: str, dtype: str = "float32", lora: Optional[Dict] = None, num_frames: int = 4,
                      max_frame_pixels: int = MAX_FRAME_PIXELS, video_fps: float = 10.0, seed: int = 0,
                      text_layers: Optional[int] = None, vision_layers: Optional[int] = None,
-                     vocab: Optional[int] = None) -> "OfficialRewardModel":
+                     vocab: Optional[int] = None, video_min_pixels: Optional[int] = None) -> "OfficialRewardModel":
         """Random weights (seeded) for CPU tests and rehearsals: the tiny Qwen2.5-VL or a published architecture,
-        with the offline tokenizer and <|SA_reward|>; `save_pretrained` writes the base beside the checkpoint."""
+        with the offline tokenizer and <|SA_reward|>; `save_pretrained` writes the base beside the checkpoint.
+        `video_min_pixels` (rehearsals) lowers Qwen's 100352-pixel floor for video frames."""
         from transformers import Qwen2_5_VLModel
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -195,7 +198,9 @@ class OfficialRewardModel(nn.Module):
         from reward.vlm_inputs import build_tiny_tokenizer
 
         lora = {**OFFICIAL_LORA, **(lora or {})}
-        tokenizer = build_tiny_tokenizer()
+        # the offline tokenizer with merges learnt on the official instruction too: 450 tokens instead of 760 (a
+        # real Qwen tokenizer: about 250), which keeps a rehearsal's language model affordable on a CPU
+        tokenizer = build_tiny_tokenizer(OFFLINE_VOCAB, extra_corpus=[SUBJECT_ALIGNMENT_PROMPT])
         tokenizer.add_special_tokens({"additional_special_tokens": [SA_TOKEN]})
         config = tiny_vlm_config(tokenizer) if arch == "tiny" else published_vlm_config(
             arch, tokenizer, text_layers, vision_layers, vocab)
@@ -207,7 +212,8 @@ class OfficialRewardModel(nn.Module):
             try:
                 vlm = Qwen2_5_VLModel(config)
                 inputs = OfficialInputBuilder(tokenizer, processor.image_mean, processor.image_std, num_frames,
-                                              max_frame_pixels, video_fps)
+                                              max_frame_pixels, video_fps,
+                                              video_min_pixels=video_min_pixels or VIDEO_MIN_PIXELS)
                 return cls(vlm, inputs, lora["rank"], lora["alpha"], lora["dropout"])
             finally:
                 torch.set_default_dtype(previous)

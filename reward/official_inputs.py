@@ -135,7 +135,7 @@ class OfficialInputBuilder:
 
     def __init__(self, tokenizer, image_mean: Sequence[float], image_std: Sequence[float], num_frames: int,
                  max_frame_pixels: int, video_fps: float, patch_size: int = 14, merge_size: int = 2,
-                 temporal_patch_size: int = 2):
+                 temporal_patch_size: int = 2, video_min_pixels: int = VIDEO_MIN_PIXELS):
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
                ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", SA_TOKEN)}
         missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
@@ -152,6 +152,7 @@ class OfficialInputBuilder:
         self.mean = np.asarray(image_mean, dtype=np.float32)
         self.std = np.asarray(image_std, dtype=np.float32)
         self.num_frames, self.max_frame_pixels, self.video_fps = int(num_frames), int(max_frame_pixels), video_fps
+        self.video_min_pixels = int(video_min_pixels)  # Qwen's 100352; smaller only in CPU rehearsals
         self.patch, self.merge, self.temporal = patch_size, merge_size, temporal_patch_size
 
     # ------------------------------------------------------------------ text
@@ -196,7 +197,7 @@ class OfficialInputBuilder:
         video = _as_uint8(video, "video", 4)
         total = video.shape[0]
         frames = video[sample_frame_indices(total, self.num_frames)]
-        h, w = smart_resize(video.shape[1], video.shape[2], VIDEO_MIN_PIXELS,
+        h, w = smart_resize(video.shape[1], video.shape[2], self.video_min_pixels,
                             video_max_pixels(self.max_frame_pixels, self.num_frames))
         patches, grid = self._patches(resize_frames(frames, h, w).numpy())
         sample_fps = self.num_frames / max(total, 1e-6) * self.video_fps

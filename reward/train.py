@@ -117,7 +117,8 @@ def build_official_model(cfg) -> OfficialRewardModel:
         model = OfficialRewardModel.from_base(m.path, m.dtype, lora, m.num_frames, m.max_frame_pixels, m.video_fps)
     else:
         model = OfficialRewardModel.build_random(m.arch, m.dtype, lora, m.num_frames, m.max_frame_pixels,
-                                                 m.video_fps, m.tiny_seed, m.text_layers, m.vision_layers, m.vocab)
+                                                 m.video_fps, m.tiny_seed, m.text_layers, m.vision_layers, m.vocab,
+                                                 m.video_min_pixels)
     model.configure_training(vision=m.train_vision, merger=m.train_merger)
     return model
 

@@ -48,10 +48,12 @@ class RewardModelConfig:
     path: Optional[str] = None  # local Qwen2.5-VL directory (no hub downloads)
     init_from: Optional[str] = None  # a trained reward-model directory to start from (fine-tuning)
     tiny_seed: int = 0  # seed of random init
-    # Rehearsal only (init=random): fewer language / vision layers and a smaller vocabulary.
+    # Rehearsal only (init=random): fewer language / vision layers, a smaller vocabulary and (format official)
+    # video frames below Qwen's 100352-pixel floor.
     text_layers: Optional[int] = None
     vision_layers: Optional[int] = None
     vocab: Optional[int] = None
+    video_min_pixels: Optional[int] = None
     dtype: str = "float32"  # float32 | bfloat16 (trainer.precision=bf16 trains in bf16)
     image_size: int = 56  # multiple of 28
     num_frames: int = 5
@@ -193,9 +195,10 @@ def _check(cfg: DictConfig, source: str) -> None:
         if cfg.model.num_frames % 2:
             fail("model.num_frames", f"must be even with model.format=official (Qwen's smart_nframes rounds the "
                  f"checkpoint's count to even), got {cfg.model.num_frames}")
-        if cfg.model.max_frame_pixels < 128 * 28 * 28 or cfg.model.video_fps <= 0:
-            fail("model.max_frame_pixels", f"must be >= 100352 (Qwen's video minimum), and model.video_fps > 0; got "
-                 f"{cfg.model.max_frame_pixels}, {cfg.model.video_fps}")
+        floor = cfg.model.video_min_pixels or 128 * 28 * 28
+        if cfg.model.max_frame_pixels < floor or cfg.model.video_fps <= 0:
+            fail("model.max_frame_pixels", f"must be >= {floor} (the video's pixel floor), and model.video_fps > 0; "
+                 f"got {cfg.model.max_frame_pixels}, {cfg.model.video_fps}")
     if not 0.0 <= cfg.data.held_out_fraction < 1.0:
         fail("data.held_out_fraction", f"must be in [0, 1), got {cfg.data.held_out_fraction}")
     for key in ("data.eval_sources", "teacher.sources"):
@@ -226,7 +229,7 @@ def _check(cfg: DictConfig, source: str) -> None:
              "reward model as model.init_from, or model.init=random with model.arch")
     if m.init == "random" and m.arch not in VLM_ARCHITECTURES:
         fail("model.arch", f"must be one of {sorted(VLM_ARCHITECTURES)} with model.init=random, got {m.arch!r}")
-    for key in ("text_layers", "vision_layers", "vocab"):
+    for key in ("text_layers", "vision_layers", "vocab", "video_min_pixels"):
         if m[key] is not None and (m.init != "random" or m[key] <= 0):
             fail(f"model.{key}", f"reduces a random-init architecture (rehearsals): needs model.init=random and "
                  f"a value > 0, got {m[key]} with model.init={m.init}")

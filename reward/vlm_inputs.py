@@ -55,8 +55,9 @@ _TINY_CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 384, with_reward_token: bool = True):
-    """A byte-level BPE trained offline on a few sentences, with Qwen's special tokens (+ <|reward|>).
+def build_tiny_tokenizer(vocab_size: int = 384, with_reward_token: bool = True, extra_corpus: Sequence[str] = ()):
+    """A byte-level BPE trained offline on a few sentences (+ `extra_corpus`), with Qwen's special tokens
+    (+ <|reward|>).
 
     Byte-level BPE encodes any text (unknown words fall back to bytes), so prompts never fail;
     training is deterministic, so the same call gives the same vocabulary.
@@ -70,7 +71,7 @@ def build_tiny_tokenizer(vocab_size: int = 384, with_reward_token: bool = True):
     special = QWEN_SPECIAL_TOKENS + [REWARD_TOKEN] * with_reward_token
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_TINY_CORPUS, trainer=trainer)
+    tok.train_from_iterator(list(_TINY_CORPUS) + list(extra_corpus), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN, eos_token="<|im_end|>")
 
 

@@ -86,6 +86,18 @@ def test_config_errors_name_the_key(tmp_path):
                                   "model.path=/models/qwen", "model.text_layers=2"])
     with pytest.raises(ConfigError, match="data.preference_shards"):
         load_reward_config(None, [f"trainer.output_dir={tmp_path}"])
+    official = ["data.preference_shards=x", f"trainer.output_dir={tmp_path}", "model.init=random", "model.arch=tiny",
+                "model.format=official", "model.train_language_model=false"]
+    with pytest.raises(ConfigError, match="'model.lora.enabled' must be true with model.format=official"):
+        load_reward_config(None, official)
+    with pytest.raises(ConfigError, match="'model.num_frames' must be even with model.format=official"):
+        load_reward_config(None, official + ["model.lora.enabled=true", "model.num_frames=5"])
+    with pytest.raises(ConfigError, match="'model.max_frame_pixels' must be >= 100352"):
+        load_reward_config(None, official + ["model.lora.enabled=true", "model.num_frames=4",
+                                             "model.max_frame_pixels=3136"])
+    with pytest.raises(ConfigError, match="'model.video_min_pixels' reduces"):
+        load_reward_config(None, ["data.preference_shards=x", f"trainer.output_dir={tmp_path}",
+                                  "model.path=/models/qwen", "model.video_min_pixels=3136"])
     cli = subprocess.run([sys.executable, "-m", "reward.train", "--config", "cluster_configs/reward_local_cpu.yaml",
                           "curriculum.shape=cosine"], capture_output=True, text=True)
     assert cli.returncode == 2 and "curriculum.shape" in cli.stderr
