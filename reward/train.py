@@ -111,8 +111,8 @@ def build_official_model(cfg) -> OfficialRewardModel:
     m = cfg.model
     lora = {"rank": m.lora.rank, "alpha": m.lora.alpha, "dropout": m.lora.dropout}
     if m.init_from:
-        model = load_official_reward_model(m.init_from, m.path, m.dtype, video_fps=m.video_fps,
-                                           config_key="model.init_from")
+        model = load_official_reward_model(m.init_from, m.path if m.init == "pretrained" else None, m.dtype,
+                                           video_fps=m.video_fps, config_key="model.init_from")
     elif m.init == "pretrained":
         model = OfficialRewardModel.from_base(m.path, m.dtype, lora, m.num_frames, m.max_frame_pixels, m.video_fps)
     else:
@@ -253,7 +253,8 @@ def run_teacher(cfg, plan: DataPlan, out: Path, rank: int, world: int) -> Option
                                        "teacher run (derived from the main config)")
             train(teacher_cfg, human_only=True)
             release_memory()  # the teacher's engine (cyclic references) before the filter and the main model
-    teacher = load_trained_reward_model(checkpoint, cfg.model.path, cfg.model.dtype, config_key="teacher.checkpoint")
+    base = cfg.model.path if cfg.model.init == "pretrained" else None  # a random-init teacher carries its base
+    teacher = load_trained_reward_model(checkpoint, base, cfg.model.dtype, config_key="teacher.checkpoint")
     samples = candidate_samples(cfg.data, plan, list(t.sources), rank, world)
     result = teacher_filter(teacher, samples, t.threshold, cfg.trainer.tie_theta, t.batch_size)
     result["teacher"] = checkpoint
