@@ -71,19 +71,10 @@ def test_pools_land_on_the_nodes_the_config_names(root, shards, tmp_path):
         cluster.stop()
 
 
-class GpuProbe:
-    """A stand-in actor that reports the GPU Ray gave it (fake GPUs: Ray schedules them on a CPU machine)."""
-
-    def __init__(self, rank, world):
-        self.rank = rank
-
-    def gpu(self):
-        return self.rank, [int(g) for g in ray.get_gpu_ids()]
-
-
 def test_colocated_preset_puts_one_of_each_role_on_every_gpu(root):
     """cluster_configs/vace_1.3b_8gpu_colocated.yaml on a (fake) 8-GPU node: rollout i, reward i and learner rank i
     share GPU i, each with 0.3 of it, and the 24 actors fit the node's 8 bundles."""
+    from tests.gpu_probe import GpuProbe  # a light module: 24 worker processes import it
     from workers.group import POOLS, WorkerGroup, plan_placements, release
 
     cfg = load_config(root / "cluster_configs" / "vace_1.3b_8gpu_colocated.yaml")
