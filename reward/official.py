@@ -39,7 +39,7 @@ from torch import nn
 
 from reward.official_inputs import (SA_TOKEN, SUBJECT_ALIGNMENT_PROMPT, VIDEO_MIN_PIXELS, OfficialInputBuilder,
                                     frame_count)
-from reward.vlm_inputs import score_in_chunks
+from reward.vlm_inputs import batch_like, score_in_chunks
 
 logger = logging.getLogger(__name__)
 OFFICIAL_CONFIG_FILE = "model_config.json"
@@ -51,6 +51,12 @@ OFFICIAL_LORA = {"rank": 64, "alpha": 128.0, "dropout": 0.05}  # model_config.js
 MAX_FRAME_PIXELS = 399360  # model_config.json data_config.max_frame_pixels
 OFFLINE_VOCAB = 448  # the random-init models' offline tokenizer (below the rehearsals' 512-row vocabulary)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def language_model_lora_pattern(targets: Sequence[str]) -> str:
+    """peft's target_modules regex for `targets` in every language-model layer of a `Qwen2_5_VLModel` (never the
+    vision tower's linears of the same names). Both reward-model formats put their LoRA there."""
+    return r".*language_model\.layers\.\d+\..*\.(" + "|".join(targets) + r")$"
 
 
 def read_official_config(directory: str | Path, config_key: str = "reward.vlm.path") -> Dict:
@@ -143,9 +149,8 @@ class OfficialRewardModel(nn.Module):
         self.trainable = {"vision": False, "merger": False}
         hidden = vlm.config.text_config.hidden_size
         self.rm_head = nn.Linear(hidden, 1, bias=False).to(next(vlm.parameters()).dtype)
-        pattern = r".*language_model\.layers\.\d+\..*\.(" + "|".join(LLM_LINEARS) + r")$"
         inject_adapter_in_model(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                           target_modules=pattern), self.vlm)
+                                           target_modules=language_model_lora_pattern(LLM_LINEARS)), self.vlm)
         # The official PeftModel keeps adapters in float32 (get_peft_model's autocast_adapter_dtype): peft then runs
         # the LoRA branch in float32 and adds it to the bf16 base output before one rounding. Do the same.
         for name, p in self.vlm.named_parameters():
@@ -252,9 +257,7 @@ class OfficialRewardModel(nn.Module):
             [{"params": [embedding], "weight_decay": 0.0}] if embedding.requires_grad else [])
 
     def device_inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        p = self.rm_head.weight
-        return {k: (v.to(p.device, p.dtype) if k.startswith("pixel_values") else v.to(p.device))
-                for k, v in batch.items()}
+        return batch_like(batch, self.rm_head.weight)  # not a LoRA weight: those stay float32
 
     # ------------------------------------------------------------------ persistence
 
@@ -351,13 +354,22 @@ class OfficialRewardModel(nn.Module):
 
 def load_official_reward_model(directory: str, base_path: Optional[str], dtype: str = "bfloat16",
                                step: Optional[int] = None, video_fps: float = 10.0,
-                               config_key: str = "reward.vlm.path") -> OfficialRewardModel:
+                               config_key: str = "reward.vlm.path",
+                               expect_frames: Optional[int] = None) -> OfficialRewardModel:
     """Build the official reward model on a local Qwen2.5-VL base and load `directory`'s checkpoint into it. The base:
     `base_path`, else model_config.json's `model_name_or_path` when that is a local directory (absolute, or relative
-    to `directory`: what `save_pretrained` of a random-init model writes)."""
+    to `directory`: what `save_pretrained` of a random-init model writes). `expect_frames` (the configured
+    reward.vlm.num_frames, which the face reward shares) must equal the checkpoint's count: checked before the base
+    is read."""
     from safetensors.torch import load_file
 
     cfg = read_official_config(directory, config_key)
+    frames = frame_count(float(cfg["data_config"]["num_frames"]))
+    if expect_frames is not None and frames != expect_frames:
+        raise ValueError(f"reward.vlm.num_frames={expect_frames}, but the official checkpoint {directory} scores "
+                         f"{frames} frames (its model_config.json data_config.num_frames, rounded to an even count "
+                         f"as Qwen's smart_nframes does); set reward.vlm.num_frames (and reward.face.num_frames) to "
+                         f"{frames}")
     hub_name = cfg["model_config"].get("model_name_or_path")
     trained_dtype = cfg["model_config"].get("torch_dtype")
     if trained_dtype and trained_dtype != dtype:
@@ -373,7 +385,7 @@ def load_official_reward_model(directory: str, base_path: Optional[str], dtype: 
     model = OfficialRewardModel.from_base(
         base_path, dtype, {"rank": int(lora["lora_r"]), "alpha": float(lora["lora_alpha"]),
                            "dropout": float(lora.get("lora_dropout", 0.0))},
-        frame_count(float(data["num_frames"])), int(data["max_frame_pixels"]), video_fps,
+        frames, int(data["max_frame_pixels"]), video_fps,
         config_key="reward.vlm.base_path")
     inputs = model.inputs
     if (ckpt / FULL_FILE).is_file():

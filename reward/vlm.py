@@ -36,17 +36,16 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from reward.official import OFFICIAL_CONFIG_FILE, load_official_reward_model, read_official_config
-from reward.official_inputs import frame_count
+from reward.official import (DTYPES, LLM_LINEARS, OFFICIAL_CONFIG_FILE, language_model_lora_pattern,
+                             load_official_reward_model)
 from reward.vlm_inputs import (DEFAULT_INSTRUCTION, REWARD_TOKEN, RewardInputBuilder, build_image_processor,
-                               build_tiny_tokenizer, score_in_chunks)
+                               batch_like, build_tiny_tokenizer, score_in_chunks)
 
 logger = logging.getLogger(__name__)
 FORMAT = "identity-reward-model"
 VERSION = 1
 SETTINGS_FILE = "reward_model.json"
-LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LLM_LORA_TARGETS = list(LLM_LINEARS)
 
 
 ARCH_DIR = Path(__file__).resolve().parent / "architectures"
@@ -257,8 +256,8 @@ class IdentityRewardModel(nn.Module):
         from peft import LoraConfig, inject_adapter_in_model
 
         targets = lora["target_modules"]
-        pattern = r".*language_model\.layers\.\d+\..*\.(" + "|".join(targets) + r")$"
-        cfg = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=pattern)
+        cfg = LoraConfig(r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                         target_modules=language_model_lora_pattern(targets))
         inject_adapter_in_model(cfg, self.vlm)
         if not any("lora_" in n for n, _ in self.vlm.named_parameters()):
             raise ValueError(f"LoRA target_modules {targets} matched nothing in the language model")
@@ -283,8 +282,7 @@ class IdentityRewardModel(nn.Module):
         return self.head(hidden).squeeze(-1).float()
 
     def device_inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        p = next(self.parameters())
-        return {k: (v.to(p.device, p.dtype) if k == "pixel_values" else v.to(p.device)) for k, v in batch.items()}
+        return batch_like(batch, next(self.parameters()))
 
     @torch.no_grad()
     def score(self, videos: Sequence, references: Sequence[Sequence], prompts: Sequence[str],
@@ -385,14 +383,8 @@ def load_reward_model(path: Optional[str], image_size: int = 56, num_frames: int
     if path is None:
         return IdentityRewardModel.build_tiny(image_size, num_frames, tie_theta, seed)
     if os.path.isfile(os.path.join(path, OFFICIAL_CONFIG_FILE)):
-        # checked before the 3B base is read: the face reward scores the same frames as the VLM
-        frames = frame_count(float(read_official_config(path, config_key)["data_config"]["num_frames"]))
-        if frames != num_frames:
-            raise ValueError(f"reward.vlm.num_frames={num_frames}, but the official checkpoint {path} scores "
-                             f"{frames} frames (its model_config.json data_config.num_frames, rounded to an even "
-                             f"count as Qwen's smart_nframes does); set reward.vlm.num_frames (and "
-                             f"reward.face.num_frames) to {frames}")
-        return load_official_reward_model(path, base_path, dtype, checkpoint_step, video_fps, config_key)
+        return load_official_reward_model(path, base_path, dtype, checkpoint_step, video_fps, config_key,
+                                          expect_frames=num_frames)
     if os.path.isfile(os.path.join(path, SETTINGS_FILE)):
         model = IdentityRewardModel.from_pretrained(path, config_key=config_key)
         saved = (model.inputs.image_size, model.inputs.num_frames, model.tie_theta)

@@ -103,6 +103,12 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor,
     return input_ids, attention
 
 
+def batch_like(batch: Dict[str, torch.Tensor], weight: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """A model batch on `weight`'s device, its pixel values (images and videos) in `weight`'s dtype."""
+    return {k: (v.to(weight.device, weight.dtype) if k.startswith("pixel_values") else v.to(weight.device))
+            for k, v in batch.items()}
+
+
 @torch.no_grad()
 def score_in_chunks(model, videos: Sequence, references: Sequence[Sequence], prompts: Sequence[str],
                     batch_size: int) -> torch.Tensor:
