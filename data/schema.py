@@ -25,7 +25,7 @@ from data.video import (
 )
 
 SCHEMA_VERSION = 1
-KINDS = ("prompt", "preference")
+KINDS = ("prompt", "preference", "candidate")
 PREFERENCES = ("a", "b", "tie")
 LABEL_SOURCES = ("human", "auto", "synthetic")
 DISTORTION_KINDS = ("swap", "drift", "exchange", "degrade")
@@ -35,6 +35,9 @@ META = "meta.json"
 LABEL = "label.json"
 VIDEO_A = "a.mp4"
 VIDEO_B = "b.mp4"
+VIDEO = "video.mp4"
+CANDIDATE = "candidate.json"
+SAMPLERS = ("ode", "sde")
 REF_RE = re.compile(r"^ref_(\d+)\.(png|jpg|jpeg)$")
 # A key becomes the member-name prefix `<key>.<ext>`; WebDataset splits at the first dot of the
 # basename, so a key must not contain dots (or slashes, which would create folders).
@@ -42,6 +45,9 @@ KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}$")
 
 _LABEL_FIELDS = {"preference", "source", "distortion", "extra"}
 _META_FIELDS = {"schema_version", "num_people", "identity_ids", "source", "videos", "extra"}
+_CANDIDATE_FIELDS = {"prompt_key", "generator", "checkpoint", "seed", "sampler", "extra"}
+# Which videos a sample of each kind carries, by name in meta.videos (member `<name>.mp4`).
+VIDEO_SLOTS = {"prompt": (), "preference": ("a", "b"), "candidate": ("video",)}
 
 
 class SampleError(ValueError):
@@ -101,13 +107,15 @@ def check_label(label: Any) -> dict[str, Any]:
 
 def make_meta(num_people: int, identity_ids: Sequence[str] | None, source: str,
               videos: Mapping[str, VideoInfo] | None = None, extra: Mapping | None = None) -> dict[str, Any]:
-    """Build a valid meta dict; identity ids default to 'unknown-<i>' (identity not known to be shared)."""
+    """Build a valid meta dict; identity ids default to 'unknown-<i>' (identity not known to be shared).
+    The kind follows from `videos`: none (prompt), a and b (preference), video (candidate)."""
     ids = list(identity_ids) if identity_ids is not None else [f"unknown-{i}" for i in range(num_people)]
     meta = {"schema_version": SCHEMA_VERSION, "num_people": int(num_people), "identity_ids": ids,
             "source": source, "extra": dict(extra or {})}
     if videos is not None:
         meta["videos"] = {name: info.to_dict() for name, info in videos.items()}
-    return check_meta(meta, "preference" if videos is not None else "prompt")
+    kind = next((k for k, slots in VIDEO_SLOTS.items() if set(slots) == set(videos or ())), "preference")
+    return check_meta(meta, kind)
 
 
 def check_meta(meta: Any, kind: str) -> dict[str, Any]:
@@ -129,14 +137,36 @@ def check_meta(meta: Any, kind: str) -> dict[str, Any]:
         raise SampleError("meta.source", "must be a string")
     if not isinstance(meta.get("extra", {}), Mapping):
         raise SampleError("meta.extra", "must be a JSON object")
-    if kind == "preference":
-        videos = meta.get("videos")
-        if not isinstance(videos, Mapping) or set(videos) != {"a", "b"}:
-            raise SampleError("meta.videos", "must hold the VideoInfo of 'a' and 'b'")
+    if VIDEO_SLOTS[kind]:
+        videos, slots = meta.get("videos"), VIDEO_SLOTS[kind]
+        if not isinstance(videos, Mapping) or set(videos) != set(slots):
+            raise SampleError("meta.videos", f"must hold the VideoInfo of {' and '.join(map(repr, slots))}")
         for name, info in videos.items():
             if not isinstance(info, Mapping) or not isinstance(info.get("num_frames"), int) or info["num_frames"] < 1:
                 raise SampleError(f"meta.videos.{name}.num_frames", "must be an integer >= 1")
     return dict(meta)
+
+
+def check_candidate(info: Any) -> dict[str, Any]:
+    """Validate a candidate's provenance (candidate.json): which prompt, generator, checkpoint, seed and sampler
+    made the video; returned normalised (extra {})."""
+    if not isinstance(info, Mapping):
+        raise SampleError("candidate", f"must be a JSON object, got {type(info).__name__}")
+    unknown = set(info) - _CANDIDATE_FIELDS
+    if unknown:
+        raise SampleError(f"candidate.{min(unknown)}", f"unknown field (allowed: {sorted(_CANDIDATE_FIELDS)})")
+    for name in ("prompt_key", "generator", "checkpoint"):
+        if not isinstance(info.get(name), str) or not info[name]:
+            raise SampleError(f"candidate.{name}", f"must be a non-empty string, got {info.get(name)!r}")
+    seed = info.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise SampleError("candidate.seed", f"must be an integer >= 0, got {seed!r}")
+    if info.get("sampler") not in SAMPLERS:
+        raise SampleError("candidate.sampler", f"must be one of {list(SAMPLERS)}, got {info.get('sampler')!r}")
+    extra = info.get("extra", {})
+    if not isinstance(extra, Mapping):
+        raise SampleError("candidate.extra", "must be a JSON object")
+    return {**{k: info[k] for k in _CANDIDATE_FIELDS - {"extra"}}, "extra": dict(extra)}
 
 
 def _json(obj: Any) -> bytes:
@@ -181,6 +211,17 @@ def preference_members(prompt: str, refs: Sequence[Any], video_a: bytes, video_b
     return members
 
 
+def candidate_members(prompt: str, refs: Sequence[Any], video: bytes, candidate: Mapping,
+                      meta: Mapping) -> dict[str, bytes]:
+    """Members of one candidate sample (one generated video, data/candidates.py): video.mp4, refs, prompt.txt,
+    candidate.json, meta.json."""
+    members = prompt_members(prompt, refs, {k: v for k, v in meta.items() if k != "videos"})
+    members[META] = _json(check_meta(meta, "candidate"))
+    members[CANDIDATE] = _json(check_candidate(candidate))
+    members[VIDEO] = bytes(video)
+    return members
+
+
 # ----------------------------------------------------------------------------- decoding
 
 
@@ -219,7 +260,8 @@ def _decode_refs(members: Mapping[str, bytes], num_people: int) -> list[np.ndarr
 def decode_members(kind: str, members: Mapping[str, bytes]) -> dict[str, Any]:
     """Decode one sample's members (name -> bytes) into python values, validating the schema.
 
-    prompt -> {prompt, refs, meta}; preference -> also {video_a, video_b, label}. Raises
+    prompt -> {prompt, refs, meta}; preference -> also {video_a, video_b, label}; candidate -> also {video,
+    candidate}. Raises
     SampleError naming the member or field at fault.
     """
     if kind not in KINDS:
@@ -234,11 +276,15 @@ def decode_members(kind: str, members: Mapping[str, bytes]) -> dict[str, Any]:
     out: dict[str, Any] = {"prompt": prompt, "refs": _decode_refs(members, meta["num_people"]), "meta": meta}
     if kind == "preference":
         out["label"] = check_label(_load_json(members, LABEL))
-        for name, slot in ((VIDEO_A, "a"), (VIDEO_B, "b")):
-            if name not in members:
-                raise SampleError(name, "missing")
-            try:
-                out[f"video_{slot}"] = decode_video(members[name], meta["videos"][slot]["num_frames"])
-            except MediaError as err:
-                raise SampleError(name, str(err)) from None
+    if kind == "candidate":
+        out["candidate"] = check_candidate(_load_json(members, CANDIDATE))
+    for slot in VIDEO_SLOTS[kind]:
+        name = f"{slot}.mp4"
+        if name not in members:
+            raise SampleError(name, "missing")
+        try:
+            out[f"video_{slot}" if slot != "video" else "video"] = decode_video(
+                members[name], meta["videos"][slot]["num_frames"])
+        except MediaError as err:
+            raise SampleError(name, str(err)) from None
     return out

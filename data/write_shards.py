@@ -52,7 +52,7 @@ class ShardWriter:
     temporary shard is deleted and completed shards stay (each is whole).
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str, max_samples_per_shard: int = 1000):
+    def __init__(self, out_dir: str | Path, prefix: str, max_samples_per_shard: int = 1000, first_index: int = 0):
         if max_samples_per_shard < 1:
             raise ValueError(f"max_samples_per_shard must be >= 1, got {max_samples_per_shard}")
         if not prefix or "/" in prefix or "{" in prefix:
@@ -61,6 +61,7 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.max_samples = max_samples_per_shard
+        self.first_index = first_index  # number of the first shard written (>0: adding to an existing set)
         self.paths: list[str] = []  # completed shards
         self._keys = set()
         self._tar: TarWriter | None = None
@@ -74,10 +75,10 @@ class ShardWriter:
 
     @property
     def pattern(self) -> str:
-        return brace_pattern(self.out_dir, self.prefix, len(self.paths))
+        return brace_pattern(self.out_dir, self.prefix, self.first_index + len(self.paths))
 
     def _open(self) -> None:
-        final = self.out_dir / shard_name(self.prefix, len(self.paths))
+        final = self.out_dir / shard_name(self.prefix, self.first_index + len(self.paths))
         self._tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         self._file = open(self._tmp, "wb")  # noqa: SIM115 - spans many write() calls; closed by _finish/abort
         self._tar = TarWriter(self._file, encoder=False, mtime=FIXED_MTIME)
@@ -88,7 +89,7 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        final = self.out_dir / shard_name(self.prefix, len(self.paths))
+        final = self.out_dir / shard_name(self.prefix, self.first_index + len(self.paths))
         os.replace(self._tmp, final)
         self.paths.append(str(final))
         self._tar = self._file = self._tmp = None

@@ -64,13 +64,18 @@ def plan_placements(workers_cfg, device_is_gpu: bool, timeout_s: float = 120) ->
                                          slot.get("GPU", 0.0) * share, {})
         return placements
     for pool in POOLS:
-        pool_cfg = workers_cfg[pool]
-        bundle = _bundle(pool_cfg, device_is_gpu)
-        group = _reserve([dict(bundle) for _ in range(pool_cfg.num_workers)], pool, timeout_s)
-        extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
-        placements[pool] = Placement(group, list(range(pool_cfg.num_workers)), bundle["CPU"],
-                                     bundle.get("GPU", 0.0), extra)
+        placements[pool] = plan_pool(workers_cfg, pool, device_is_gpu, timeout_s)
     return placements
+
+
+def plan_pool(workers_cfg, pool: str, device_is_gpu: bool, timeout_s: float = 120) -> Placement:
+    """Reserve one pool's bundles on their own (also what a tool that needs only that role uses, e.g.
+    data/candidates.py's rollout workers)."""
+    pool_cfg = workers_cfg[pool]
+    bundle = _bundle(pool_cfg, device_is_gpu)
+    group = _reserve([dict(bundle) for _ in range(pool_cfg.num_workers)], pool, timeout_s)
+    extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+    return Placement(group, list(range(pool_cfg.num_workers)), bundle["CPU"], bundle.get("GPU", 0.0), extra)
 
 
 def _reserve(bundles: List[Dict[str, float]], name: str, timeout_s: float) -> PlacementGroup:

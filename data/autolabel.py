@@ -1,0 +1,279 @@
+"""Automatic preference labels: pairs of one prompt's candidate videos, labelled by a vote of scorers.
+
+    python -m data.autolabel --config cluster_configs/reward_data_demo.yaml [autolabel.key=value ...] [--overwrite]
+
+Identity-GRPO (Sec. 3.2) labels most of its reward-model pairs automatically, by model voting, and then
+keeps those a teacher trained on human pairs agrees with. Here:
+1. candidates (data/candidates.py shards) are grouped by prompt; pairs are every two candidates of a prompt
+   (or `pairs_per_prompt` of them, drawn at random; `cross_generator_only` keeps pairs from two different
+   generators); which of the two is `a` is drawn at random (seeded), so position says nothing;
+2. every scorer (`scorers`: face, vlm, any reward of reward/composite.py) scores every video once; on a pair
+   it votes `a` or `b` when the scores differ by more than its `margin`, else `tie`; it abstains when its
+   score failed, and the face scorer also abstains when neither video shows a face (it has no evidence);
+3. the label is the choice with the most votes (a tie between `a` and `b` counts as `tie`); its agreement
+   is the fraction of cast votes that chose it; pairs below `min_agreement`, or with no vote, are dropped
+   and counted;
+4. kept pairs are written as preference shards (`source: auto`) with the candidates' mp4 bytes as they
+   are and the provenance in `label.extra`: every scorer's scores and vote, the counts, the agreement, the
+   candidate keys, generators and seeds. A summary (`<out>/<prefix>.autolabel.json`) holds the counts,
+   the label mix, each scorer's tie rate and agreement with the final label, and generator win rates.
+The teacher filter is the reward trainer's (`reward.train`, `teacher.enabled`: trained on the human pairs,
+applied to `auto` ones), so it runs where the human labels are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import math
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from config import ConfigError
+from config.cli import build_parser, exit_expected, parse_config
+from data.prefdata_config import load_prefdata_config, require
+
+log = logging.getLogger("identity_grpo.autolabel")
+CHOICES = ("a", "b", "tie")
+
+
+# ----------------------------------------------------------------------------- the vote (pure)
+
+
+def scorer_vote(score_a: float, score_b: float, margin: float) -> Optional[str]:
+    """One scorer's vote: `a` / `b` when the scores differ by more than `margin`, `tie` within it, None (abstain)
+    when either score is missing (NaN)."""
+    if not (math.isfinite(score_a) and math.isfinite(score_b)):
+        return None
+    diff = score_a - score_b
+    return "tie" if abs(diff) <= margin else ("a" if diff > 0 else "b")
+
+
+def tally(votes: Mapping[str, Optional[str]]) -> Tuple[Optional[str], float, Dict[str, int]]:
+    """(label, agreement, counts) of the cast votes: the choice with most votes, `tie` when `a` and `b` (or either
+    and `tie`) share the most; agreement = votes for the label / votes cast. (None, 0, counts) if none was cast."""
+    cast = [v for v in votes.values() if v is not None]
+    counts = {c: cast.count(c) for c in CHOICES}
+    if not cast:
+        return None, 0.0, counts
+    top = max(counts.values())
+    leaders = [c for c in CHOICES if counts[c] == top]
+    label = leaders[0] if len(leaders) == 1 else "tie"
+    return label, counts[label] / len(cast), counts
+
+
+# ----------------------------------------------------------------------------- scorers
+
+
+class Scorers:
+    """The voting scorers, built by reward name from the autolabel section. `score` gives every scorer's (B,)
+    scores, NaN where it failed; the face scorer also says which videos showed any face (`self.seen`), since two
+    faceless videos both score `missing_penalty`, which is no evidence either way."""
+
+    def __init__(self, section):
+        from reward.composite import REWARD_BUILDERS
+
+        self.margins = {name: float(s.margin) for name, s in section.scorers.items()}
+        self.failures: Counter = Counter()
+        self.seen: List[bool] = []  # face scorer: per video of the last `score` call, whether any face was found
+        self.fns = {}
+        for name in self.margins:
+            if name == "face":
+                from reward.face import FaceIdentityReward
+
+                self.face = FaceIdentityReward.from_config(section.reward.face)
+                self.fns[name] = self._face
+            else:
+                self.fns[name] = REWARD_BUILDERS[name](section.reward)
+
+    def _face(self, videos, references, prompts) -> torch.Tensor:
+        scores = self.face.score_batch(videos, references)
+        self.seen.extend(bool(s.num_faces.sum() > 0) for s in scores)
+        return torch.tensor([s.score for s in scores], dtype=torch.float64)
+
+    def _one(self, name: str, videos, references, prompts) -> np.ndarray:
+        fn = self.fns[name]
+        try:
+            out = torch.as_tensor(fn(videos, references, prompts)).detach().cpu().double().numpy()
+            if out.shape != (len(videos),):
+                raise ValueError(f"scorer {name!r} returned shape {out.shape} for {len(videos)} videos")
+            return out
+        except Exception as err:  # noqa: BLE001 - a scorer that fails abstains (counted); the others still vote
+            if len(videos) > 1:
+                return np.concatenate([self._one(name, videos[i:i + 1], references[i:i + 1], prompts[i:i + 1])
+                                       for i in range(len(videos))])
+            self.failures[name] += 1
+            self.seen.extend([False] * (name == "face"))
+            log.warning("scorer %s failed on a video (%s: %s); it abstains on its pairs", name, type(err).__name__, err)
+            return np.full(1, math.nan)
+
+    def score(self, videos: Sequence, references: Sequence, prompts: Sequence[str],
+              batch_size: int = 8) -> Dict[str, np.ndarray]:
+        out, self.seen = {}, []
+        for name in self.fns:
+            parts = [self._one(name, videos[i:i + batch_size], references[i:i + batch_size], prompts[i:i + batch_size])
+                     for i in range(0, len(videos), batch_size)]
+            out[name] = np.concatenate(parts) if parts else np.zeros(0)
+        return out
+
+    def vote(self, scores: Mapping[str, np.ndarray], i: int, j: int) -> Tuple[Optional[str], float, dict]:
+        """Label of the pair (video i as a, video j as b) and its provenance (label.extra)."""
+        votes = {name: scorer_vote(float(s[i]), float(s[j]), self.margins[name]) for name, s in scores.items()}
+        if "face" in votes and not (self.seen[i] or self.seen[j]):
+            votes["face"] = None  # no face in either video: no evidence
+        label, agreement, counts = tally(votes)
+        detail = {name: {"a": _finite(scores[name][i]), "b": _finite(scores[name][j]), "margin": self.margins[name],
+                         "vote": votes[name]} for name in scores}
+        return label, agreement, {"votes": detail, "counts": counts, "agreement": agreement}
+
+
+def _finite(x: float) -> Optional[float]:
+    return float(x) if math.isfinite(float(x)) else None
+
+
+# ----------------------------------------------------------------------------- pairs of candidates
+
+
+def group_candidates(pattern: str) -> Dict[str, list]:
+    """{prompt key: [(SampleRef, candidate.json)]} of the candidate shards, in file order (headers and the small
+    JSON members only; a damaged sample is an error naming shard and key)."""
+    from data.reader import DataError
+    from data.schema import CANDIDATE, SampleError, check_candidate
+    from data.tarindex import expand_pattern, index_shard, read_members
+
+    groups: Dict[str, list] = defaultdict(list)
+    for path in expand_pattern(pattern):
+        index = index_shard(path)
+        if index.error:
+            raise DataError(path, None, index.error)
+        for ref in index.samples:
+            if ref.error:
+                raise DataError(path, ref.key, ref.error)
+            try:
+                members = read_members(ref)
+                if CANDIDATE not in members:
+                    raise SampleError(CANDIDATE, "missing (is this a candidate shard? see data/SCHEMA.md)")
+                info = check_candidate(json.loads(members[CANDIDATE]))
+            except SampleError as err:
+                raise DataError(path, ref.key, err.reason, err.field) from None
+            except json.JSONDecodeError as err:
+                raise DataError(path, ref.key, f"invalid JSON ({err})", CANDIDATE) from None
+            groups[info["prompt_key"]].append((ref, info))
+    return groups
+
+
+def choose_pairs(infos: Sequence[dict], prompt_key: str, section) -> List[Tuple[int, int]]:
+    """Index pairs (a, b) of one prompt's candidates: every pair or `pairs_per_prompt` drawn at random, each in
+    random order; seeded by (seed, prompt key), so a rerun makes the same pairs."""
+    pairs = [(i, j) for i, j in itertools.combinations(range(len(infos)), 2)
+             if not section.cross_generator_only or infos[i]["generator"] != infos[j]["generator"]]
+    digest = int.from_bytes(hashlib.sha256(prompt_key.encode("utf-8")).digest()[:8], "little")
+    rng = np.random.default_rng([int(section.seed), digest])
+    if section.pairs_per_prompt is not None and len(pairs) > section.pairs_per_prompt:
+        pairs = [pairs[k] for k in sorted(rng.choice(len(pairs), section.pairs_per_prompt, replace=False))]
+    return [(j, i) if rng.random() < 0.5 else (i, j) for i, j in pairs]
+
+
+def pair_key(prompt_key: str, n: int) -> str:
+    key = f"{prompt_key}-pair{n}"
+    return key if len(key) <= 80 else f"p{hashlib.sha256(prompt_key.encode('utf-8')).hexdigest()[:16]}-pair{n}"
+
+
+def run(cfg, overwrite: bool = False) -> Dict[str, object]:
+    """Label the candidates' pairs and write the kept ones; returns the summary (also written as JSON)."""
+    from data.schema import VIDEO, decode_members, make_meta, preference_members
+    from data.tarindex import read_members
+    from data.video import VideoInfo
+    from data.write_shards import ShardWriter, existing_shards
+
+    section = cfg.autolabel
+    require(section, "autolabel")
+    out = Path(section.out)
+    before = existing_shards(out, section.prefix)
+    if before and not overwrite:
+        raise FileExistsError(f"autolabel.out: {len(before)} shard(s) named {section.prefix}-NNNNNN.tar already exist "
+                              f"in {out} (pass --overwrite to replace them)")
+    groups = group_candidates(section.candidate_shards)
+    scorers = Scorers(section)
+    stats: Counter = Counter()
+    labels: Counter = Counter()
+    scorer_stats = {name: Counter() for name in scorers.margins}
+    wins: Dict[str, Counter] = defaultdict(Counter)
+    with ShardWriter(out, section.prefix, section.samples_per_shard) as writer:
+        for prompt_key, members in groups.items():
+            raw = [read_members(ref) for ref, _ in members]
+            decoded = [decode_members("candidate", m) for m in raw]
+            infos = [info for _, info in members]
+            scores = scorers.score([d["video"] for d in decoded], [d["refs"] for d in decoded],
+                                   [d["prompt"] for d in decoded], section.batch_size)
+            for n, (i, j) in enumerate(choose_pairs(infos, prompt_key, section)):
+                stats["pairs"] += 1
+                label, agreement, extra = scorers.vote(scores, i, j)
+                if label is None:
+                    stats["dropped_no_vote"] += 1
+                    continue
+                if agreement < section.min_agreement:
+                    stats["dropped_low_agreement"] += 1
+                    continue
+                for name, detail in extra["votes"].items():
+                    if detail["vote"] is not None:
+                        scorer_stats[name]["votes"] += 1
+                        scorer_stats[name]["ties"] += detail["vote"] == "tie"
+                        scorer_stats[name]["with_label"] += detail["vote"] == label
+                gen_a, gen_b = infos[i]["generator"], infos[j]["generator"]
+                if gen_a != gen_b and label != "tie":
+                    winner, loser = (gen_a, gen_b) if label == "a" else (gen_b, gen_a)
+                    wins[winner][loser] += 1
+                labels[label] += 1
+                extra.update(candidates={"a": members[i][0].key, "b": members[j][0].key},
+                             generators={"a": gen_a, "b": gen_b}, seeds={"a": infos[i]["seed"], "b": infos[j]["seed"]})
+                src = decoded[i]
+                meta = make_meta(src["meta"]["num_people"], src["meta"]["identity_ids"], "autolabel",
+                                 {"a": VideoInfo(**src["meta"]["videos"]["video"]),
+                                  "b": VideoInfo(**decoded[j]["meta"]["videos"]["video"])},
+                                 {**src["meta"]["extra"], "prompt_key": prompt_key})
+                label_json = {"preference": label, "source": "auto", "distortion": None, "extra": extra}
+                writer.write(pair_key(prompt_key, n), preference_members(src["prompt"], src["refs"], raw[i][VIDEO],
+                                                                         raw[j][VIDEO], label_json, meta))
+    for stale in set(before) - set(writer.paths):
+        Path(stale).unlink()
+    summary = {"candidate_shards": section.candidate_shards, "prompts": len(groups), **stats,
+               "kept": sum(labels.values()), "labels": dict(labels), "scorer_failures": dict(scorers.failures),
+               "scorers": {name: {"margin": scorers.margins[name], "votes": s["votes"],
+                                  "tie_rate": s["ties"] / s["votes"] if s["votes"] else None,
+                                  "agreement_with_label": s["with_label"] / s["votes"] if s["votes"] else None}
+                           for name, s in scorer_stats.items()},
+               "generator_wins": {w: dict(c) for w, c in wins.items()}, "pattern": writer.pattern if writer.paths else None}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{section.prefix}.autolabel.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    print(f"autolabel: {summary['pairs']} pairs of {len(groups)} prompts, kept {summary['kept']} {dict(labels)}, "
+          f"dropped {stats['dropped_low_agreement']} below agreement {section.min_agreement} and "
+          f"{stats['dropped_no_vote']} without a vote: {summary['pattern']}")
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    parser = build_parser(__doc__.split("\n")[0], default_config="cluster_configs/reward_data_demo.yaml")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--overwrite", action="store_true", help="replace existing pair shards in autolabel.out")
+    cfg, args = parse_config(__doc__, argv, parser, loader=load_prefdata_config, command="autolabel")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from data.reader import DataError
+
+    try:
+        return run(cfg, args.overwrite)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, DataError) as err:
+        exit_expected("autolabel", str(err))
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

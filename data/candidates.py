@@ -1,0 +1,210 @@
+"""Candidate videos for preference data: N videos per prompt from each of several generators.
+
+    python -m data.candidates --config cluster_configs/reward_data_demo.yaml [candidates.key=value ...] [--overwrite]
+
+A generator is a training config (its model, sampler and `workers.rollout`) with the base weights or a
+checkpoint's LoRA (`checkpoint: base | latest | PATH`, resolved as `launcher.evaluate` does, the stored
+config checked). For each generator in turn, the trainer's own rollout workers (workers/rollout.py, Ray
+actors on that config's placement) sample `videos_per_generator` videos per prompt, with the ODE sampler
+(`sampler: ode`, what the model gives at inference) or the training SDE (`sde`). Seeds derive from
+(`seed`, prompt key, index), the same for every generator, so two generators' k-th videos of a prompt
+start from the same noise and differ by their weights only.
+
+Output: candidate shards `<out>/<prefix>-NNNNNN.tar` (data/SCHEMA.md, "Candidate shards"): one sample per
+video with the prompt, the references and `candidate.json` recording prompt key, generator, checkpoint,
+seed and sampler. `python -m data.autolabel` pairs and labels them.
+
+Resume: shards are written whole (data/write_shards.py); a rerun after a crash reads the keys of the
+shards already there (headers only) and samples only what is missing, into new shards after them. The
+`candidates` section is stored as `<out>/<prefix>.config.yaml` and a rerun with other settings (other than
+`num_prompts`, which may grow) is refused unless `--overwrite` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from config import ConfigError
+from config.cli import build_parser, exit_expected, parse_config
+from data.prefdata_config import load_prefdata_config, require
+
+log = logging.getLogger("identity_grpo.candidates")
+SEED_DOMAIN = 0xCA4D_1DA7  # keeps candidate seeds apart from training's and evaluation's seed streams
+IN_FLIGHT_PER_WORKER = 2  # prompts queued per rollout worker: keeps workers busy, bounds held videos
+
+
+def candidate_seeds(seed: int, prompt_key: str, n: int) -> List[int]:
+    """n 63-bit seeds for one prompt: a pure function of (seed, prompt key), shared by every generator."""
+    digest = int.from_bytes(hashlib.sha256(prompt_key.encode("utf-8")).digest()[:8], "little")
+    state = np.random.SeedSequence([SEED_DOMAIN, int(seed), digest]).generate_state(n, np.uint64)
+    return [int(s >> np.uint64(1)) for s in state]
+
+
+def candidate_key(prompt_key: str, generator: str, index: int) -> str:
+    """`<prompt key>-<generator>-<k>`; a hash of the prompt key where that would pass the 80-character limit."""
+    key = f"{prompt_key}-{generator}-{index}"
+    if len(key) > 80:
+        key = f"p{hashlib.sha256(prompt_key.encode('utf-8')).hexdigest()[:16]}-{generator}-{index}"
+    return key
+
+
+def read_prompts(pattern: str, limit: Optional[int]) -> List[dict]:
+    """The first `limit` (None: all) prompt samples in file order; a bad sample is an error naming it."""
+    from data.reader import ShardReader
+
+    prompts = []
+    for sample in ShardReader(pattern, kind="prompt", shuffle=False, epochs=1, on_error="raise"):
+        prompts.append(sample)
+        if limit is not None and len(prompts) == limit:
+            break
+    if not prompts:
+        raise ValueError(f"candidates.prompt_shards {pattern}: no prompt sample")
+    return prompts
+
+
+def existing_keys(out: Path, prefix: str) -> tuple[List[str], set]:
+    """(shard paths, sample keys) of the candidate shards already written (tar headers only)."""
+    from data.tarindex import index_shard
+    from data.write_shards import existing_shards
+
+    paths = existing_shards(out, prefix)
+    keys = set()
+    for path in paths:
+        index = index_shard(path)
+        bad = index.error or next((ref.error for ref in index.samples if ref.error), None)
+        if bad:
+            raise ValueError(f"{path}: damaged candidate shard ({bad}); remove it or pass --overwrite")
+        keys.update(ref.key for ref in index.samples)
+    return paths, keys
+
+
+def check_resumable(section, out: Path, prefix: str, overwrite: bool) -> tuple[int, set]:
+    """(first new shard number, keys already written); with `overwrite`, the old shards are removed first."""
+    stored = out / f"{prefix}.config.yaml"
+    paths, keys = existing_keys(out, prefix)
+    if overwrite:
+        for path in paths:
+            Path(path).unlink()
+        paths, keys = [], set()
+    mine = OmegaConf.to_container(section)
+    if paths and stored.is_file():
+        theirs = OmegaConf.to_container(OmegaConf.create(stored.read_text()))
+        differ = sorted(k for k in set(mine) | set(theirs) if k != "num_prompts" and mine.get(k) != theirs.get(k))
+        if differ:
+            raise ConfigError(f"candidates.{differ[0]}: {out} holds candidates made with {differ[0]}="
+                              f"{theirs.get(differ[0])!r} ({stored}), this run has {mine.get(differ[0])!r}; "
+                              "pass --overwrite to start over, or another candidates.out")
+    out.mkdir(parents=True, exist_ok=True)
+    stored.write_text(OmegaConf.to_yaml(section))
+    return len(paths), keys
+
+
+def generate(section, prompts: Sequence[dict], done: set) -> Iterator[tuple[str, dict, dict, bytes, dict]]:
+    """(key, prompt sample, candidate.json, mp4 bytes, video info) of every missing candidate, generator by
+    generator, each on its own rollout workers (created, used, released)."""
+    import ray
+
+    from config import load_config, to_yaml
+    from evaluation.policies import check_compatible, read_lora, resolve_policy
+    from launcher.cluster import RESTARTABLE
+    from workers.group import WorkerGroup, plan_pool, release
+    from workers.rollout import RolloutWorker
+
+    n = section.videos_per_generator
+    for gen in section.generators:
+        todo = [p for p in prompts if any(candidate_key(p["key"], gen.name, k) not in done for k in range(n))]
+        if not todo:
+            log.info("generator %s: all %d prompts done", gen.name, len(prompts))
+            continue
+        cfg = load_config(gen.config, list(gen.overrides))
+        spec = resolve_policy(gen.checkpoint, cfg.trainer.output_dir, gen.weights)
+        check_compatible(spec, cfg)
+        placement = plan_pool(cfg.workers, "rollout", device_is_gpu=cfg.trainer.device.startswith("cuda"))
+        group = WorkerGroup(f"candidates-{gen.name}", RolloutWorker, placement, (to_yaml(cfg),), **RESTARTABLE)
+        try:
+            if spec.lora_file is not None:
+                ray.get(group.run("set_weights", 0, read_lora(spec.lora_file)))
+            log.info("generator %s (%s, %s): %d prompts x %d videos on %d rollout worker(s)", gen.name, gen.config,
+                     spec.source, len(todo), n, len(group))
+            checkpoint = "base" if spec.lora_file is None else str(spec.lora_file)
+            pending: List[tuple] = []
+            for i, prompt in enumerate([*todo, *[None] * (IN_FLIGHT_PER_WORKER * len(group))]):
+                if prompt is not None:
+                    seeds = candidate_seeds(section.seed, prompt["key"], n)
+                    ref = group.actors[i % len(group)].candidate_videos.remote(
+                        {"prompt": prompt["prompt"], "refs": prompt["refs"]}, seeds, section.sampler == "ode",
+                        section.fps, adapters=spec.lora_file is not None)
+                    pending.append((prompt, seeds, ref))
+                if len(pending) > IN_FLIGHT_PER_WORKER * len(group) or (prompt is None and pending):
+                    first, seeds, ref = pending.pop(0)
+                    for k, (video, info) in enumerate(ray.get(ref)):
+                        candidate = {"prompt_key": first["key"], "generator": gen.name, "checkpoint": checkpoint,
+                                     "seed": seeds[k], "sampler": section.sampler,
+                                     "extra": {"config": gen.config, "overrides": list(gen.overrides), "index": k}}
+                        key = candidate_key(first["key"], gen.name, k)
+                        if key not in done:
+                            yield key, first, candidate, video, info
+        finally:
+            group.kill()
+            release({"rollout": placement})
+
+
+def run(cfg, overwrite: bool = False) -> Dict[str, object]:
+    """Write the missing candidates; returns {pattern, written, skipped_existing, shards}."""
+    import ray
+
+    from config import load_config
+    from data.schema import candidate_members, make_meta
+    from data.video import VideoInfo
+    from data.write_shards import ShardWriter
+    from launcher.cluster import connect_ray
+
+    section = cfg.candidates
+    require(section, "candidates")
+    if not section.generators:
+        raise ConfigError("candidates.generators: needs at least one generator {name, config, checkpoint}")
+    out = Path(section.out)
+    first_shard, done = check_resumable(section, out, section.prefix, overwrite)
+    prompts = read_prompts(section.prompt_shards, section.num_prompts)
+    started = connect_ray(load_config(section.generators[0].config, list(section.generators[0].overrides)))
+    written = 0
+    try:
+        with ShardWriter(out, section.prefix, section.samples_per_shard, first_index=first_shard) as writer:
+            for key, prompt, candidate, video, info in generate(section, prompts, done):
+                meta = make_meta(prompt["meta"]["num_people"], prompt["meta"]["identity_ids"],
+                                 prompt["meta"]["source"], {"video": VideoInfo(**info)}, prompt["meta"]["extra"])
+                writer.write(key, candidate_members(prompt["prompt"], prompt["refs"], video, candidate, meta))
+                written += 1
+    finally:
+        if started:
+            ray.shutdown()
+    total = len(section.generators) * section.videos_per_generator * len(prompts)
+    pattern = writer.pattern if first_shard + len(writer.paths) else None
+    print(f"candidates: wrote {written} videos ({total - written} already there) in {len(writer.paths)} new "
+          f"shard(s): {pattern}")
+    return {"pattern": pattern, "written": written, "skipped_existing": total - written, "shards": writer.paths}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    parser = build_parser(__doc__.split("\n")[0], default_config="cluster_configs/reward_data_demo.yaml")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--overwrite", action="store_true", help="remove the candidate shards there and start over")
+    cfg, args = parse_config(__doc__, argv, parser, loader=load_prefdata_config, command="candidates")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        return run(cfg, args.overwrite)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        exit_expected("candidates", str(err))
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

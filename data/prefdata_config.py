@@ -1,0 +1,129 @@
+"""Config tree of the preference-data tools: `python -m data.candidates` and `python -m data.autolabel`.
+
+One YAML file holds both sections (cluster_configs/reward_data_demo.yaml), loaded like every config of
+the project (config/load.py): defaults <- file <- `key=value` overrides, an unknown key or a bad value is a
+ConfigError naming the key. Each tool reads its own section.
+
+    cfg = load_prefdata_config("cluster_configs/reward_data_demo.yaml", ["candidates.videos_per_generator=3"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig
+
+from config import ConfigError, load_structured
+from config.schema import RewardConfig
+from data.schema import KEY_RE, SAMPLERS
+
+
+@dataclass
+class GeneratorConfig:
+    """One generator: a training config's model + sampler, with the base weights or a checkpoint's LoRA."""
+
+    name: str = MISSING  # recorded in every candidate; letters, digits, '_' and '-'
+    config: str = MISSING  # a training config (cluster_configs/*.yaml): model, sampler, workers.rollout
+    overrides: List[str] = field(default_factory=list)  # key=value on that config, e.g. sampler.guidance_scale=6
+    checkpoint: str = "base"  # base | latest | PATH, as `launcher.evaluate --checkpoint`
+    weights: str = "ema"  # of a checkpoint directory: ema (when it has them) | live
+
+
+@dataclass
+class CandidatesConfig:
+    prompt_shards: str = MISSING
+    num_prompts: Optional[int] = None  # the first N prompt samples in file order; None: all
+    videos_per_generator: int = 2  # videos per prompt from each generator
+    # ode: the deterministic sampler (what the model gives at inference); sde: the training sampler's noise.
+    sampler: str = "ode"
+    seed: int = 0  # candidate seeds derive from (seed, prompt key, index); generators share them per prompt
+    fps: float = 16.0  # of the written mp4 (Wan2.1 generates at 16 fps)
+    out: str = MISSING
+    prefix: str = "candidates"
+    samples_per_shard: int = 256
+    generators: List[GeneratorConfig] = field(default_factory=list)
+
+
+@dataclass
+class ScorerConfig:
+    # |score_a - score_b| <= margin: this scorer votes tie. In the scorer's own units (face: cosine similarity).
+    margin: float = 0.0
+
+
+@dataclass
+class AutoLabelConfig:
+    candidate_shards: str = MISSING
+    out: str = MISSING
+    prefix: str = "pairs"
+    samples_per_shard: int = 256
+    # Pairs of one prompt's candidates: every pair (null), or this many drawn at random (seeded) per prompt.
+    pairs_per_prompt: Optional[int] = None
+    cross_generator_only: bool = False  # only pairs whose two videos come from different generators
+    # Scorers that vote, by reward name (reward/composite.py REWARD_BUILDERS: face, vlm, demo_*), each with its
+    # tie margin; settings of face and vlm come from `reward` below.
+    scorers: Dict[str, ScorerConfig] = field(default_factory=lambda: {"face": ScorerConfig(margin=0.02)})
+    # A pair is kept when at least this fraction of the scorers that voted (a failed score abstains) voted for
+    # the winning label; others are dropped and counted.
+    min_agreement: float = 0.5
+    seed: int = 0  # pair sampling and the a/b order (which candidate is shown as a)
+    batch_size: int = 8  # videos per scorer call
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+@dataclass
+class PrefDataConfig:
+    candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
+    autolabel: AutoLabelConfig = field(default_factory=AutoLabelConfig)
+
+
+def _check(cfg: DictConfig, source: str) -> None:
+    def fail(key: str, why: str):
+        raise ConfigError(f"{source}: {key} {why}")
+
+    c, a = cfg.candidates, cfg.autolabel
+    if c.sampler not in SAMPLERS:
+        fail("candidates.sampler", f"must be one of {list(SAMPLERS)}, got {c.sampler!r}")
+    for key, value in (("candidates.videos_per_generator", c.videos_per_generator),
+                       ("candidates.samples_per_shard", c.samples_per_shard), ("candidates.fps", c.fps),
+                       ("autolabel.samples_per_shard", a.samples_per_shard), ("autolabel.batch_size", a.batch_size)):
+        if value <= 0:
+            fail(key, f"must be > 0, got {value}")
+    for key, value in (("candidates.num_prompts", c.num_prompts), ("autolabel.pairs_per_prompt", a.pairs_per_prompt)):
+        if value is not None and value <= 0:
+            fail(key, f"must be > 0 (or null), got {value}")
+    names = [g.name for g in c.generators]
+    for i, g in enumerate(c.generators):
+        if g.name is not MISSING and not KEY_RE.match(str(g.name)):
+            fail(f"candidates.generators[{i}].name", f"{g.name!r}: letters, digits, '_' and '-' only")
+        if g.weights not in ("ema", "live"):
+            fail(f"candidates.generators[{i}].weights", f"must be ema or live, got {g.weights!r}")
+    if len(set(names)) != len(names):
+        fail("candidates.generators", f"names must be unique, got {names}")
+    if not 0.0 < a.min_agreement <= 1.0:
+        fail("autolabel.min_agreement", f"must be in (0, 1], got {a.min_agreement}")
+    if not a.scorers:
+        fail("autolabel.scorers", "needs at least one scorer")
+    from reward.composite import REWARD_BUILDERS
+
+    for name, scorer in a.scorers.items():
+        if name not in REWARD_BUILDERS:
+            fail(f"autolabel.scorers.{name}", f"unknown reward (known: {sorted(REWARD_BUILDERS)})")
+        if not scorer.margin >= 0:
+            fail(f"autolabel.scorers.{name}.margin", f"must be >= 0, got {scorer.margin}")
+
+
+def load_prefdata_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults <- YAML file <- `key=value` overrides, type-checked and validated; read-only. Missing required
+    values are reported by the tool that needs them (`require`), so one file can hold a half-filled section."""
+    return load_structured(PrefDataConfig, _check, path, overrides)
+
+
+def require(section: DictConfig, name: str) -> None:
+    """ConfigError naming every unset required key of one section (e.g. `candidates.out`)."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(section))
+    if missing:
+        raise ConfigError(f"missing required value(s): {', '.join(f'{name}.{k}' for k in missing)}")
