@@ -1,0 +1,242 @@
+"""Human preference labels through a web page: serve, report, export.
+
+    python -m data.annotate serve  --pairs PATTERN --dir DIR [--host 127.0.0.1] [--port 8600] [--token T]
+    python -m data.annotate report --dir DIR
+    python -m data.annotate export --dir DIR --out OUT [--min-annotators 1] [--on-conflict drop|tie]
+
+`serve` shows each annotator, one pair at a time, the reference photos, the prompt and the two videos side by
+side (played in sync, looped), with buttons and keys for left / right / tie / skip (1 or <-, 2 or ->, 3 or t,
+s; space plays or pauses). Which video is on the left is a fixed coin per pair and annotator. An annotator
+types their name once; the page remembers it, and whoever reopens the page continues where they stopped
+(a restarted server too): progress lives in the label log (data/annotate_store.py), where every label is
+fsync'ed before the page is told it is saved. `report` prints inter-annotator agreement and agreement with
+the pairs' auto labels; `export` writes the labelled pairs as preference shards with `source: human`.
+
+Access: the server binds to 127.0.0.1 unless told otherwise. Any other address needs a token (`--token`, or
+one is generated and printed): the page URL carries it once (`/?token=...`), then a cookie. Malformed requests
+get a 4xx with a JSON `error` naming the field. Built on aiohttp (https://docs.aiohttp.org), which Ray
+already installs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import json
+import logging
+import re
+import secrets
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from aiohttp import web
+
+from config.cli import report_expected
+from data.annotate_store import LabelLog, PairSet, StoreError, export, left_slot, open_task, progress, report
+
+log = logging.getLogger("identity_grpo.annotate")
+PAGE = Path(__file__).with_name("annotate_page.html")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
+MEMBER_RE = re.compile(r"^(a\.mp4|b\.mp4|ref_\d+\.png)$")
+COOKIE = "annotate_token"
+CHOICE_TO_SLOT = {"left": None, "right": None, "tie": "tie", "skip": "skip"}  # left/right depend on the layout
+PAIRS_KEY, LOG_KEY, TOKEN_KEY, MEDIA_KEY = (web.AppKey(n, object) for n in ("pairs", "log", "token", "media"))
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _guard(request: web.Request, handler):
+    """Token check (when the server has one) and one JSON shape for every refusal."""
+    token = request.app[TOKEN_KEY]
+    if token is not None:
+        given = request.query.get("token") or request.headers.get("X-Annotate-Token") or request.cookies.get(COOKIE, "")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return _error(401, "missing or wrong token: open the URL the server printed (it ends in ?token=...)")
+    try:
+        response = await handler(request)
+    except web.HTTPException as err:
+        if err.status >= 400:
+            return _error(err.status, err.text or err.reason)
+        raise
+    if token is not None and request.query.get("token"):
+        response.set_cookie(COOKIE, token, httponly=True, samesite="Strict")
+    return response
+
+
+def _annotator(value: object, field: str = "annotator") -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise web.HTTPBadRequest(text=f"{field}: must be 1-40 letters, digits, '_', '.' or '-' (starting with a "
+                                      f"letter or digit), got {value!r}")
+    return value
+
+
+def _pair_view(request: web.Request, annotator: str) -> dict:
+    pairs: PairSet = request.app[PAIRS_KEY]
+    nxt, done = progress(pairs, request.app[LOG_KEY], annotator)
+    view = {"annotator": annotator, "labelled": done, "total": len(pairs.order), "pair": nxt}
+    if nxt is not None:
+        members = request.app[MEDIA_KEY](nxt)
+        left = left_slot(nxt, annotator)
+        right = "b" if left == "a" else "a"
+        refs = sorted((m for m in members if m.startswith("ref_")), key=lambda m: int(m[4:].split(".")[0]))
+        view.update(prompt=members["prompt.txt"].decode("utf-8"), refs=[f"/media/{nxt}/{m}" for m in refs],
+                    left=f"/media/{nxt}/{left}.mp4", right=f"/media/{nxt}/{right}.mp4")
+    return view
+
+
+async def page(request: web.Request) -> web.Response:
+    return web.Response(text=PAGE.read_text(), content_type="text/html", headers={"Cache-Control": "no-store"})
+
+
+async def next_pair(request: web.Request) -> web.Response:
+    return web.json_response(_pair_view(request, _annotator(request.query.get("annotator"))))
+
+
+async def post_label(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise web.HTTPBadRequest(text=f"body: not JSON ({err})") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="body: must be a JSON object {annotator, session, pair, choice}")
+    unknown = sorted(set(body) - {"annotator", "session", "pair", "choice"})
+    if unknown:
+        raise web.HTTPBadRequest(text=f"{unknown[0]}: unknown field (allowed: annotator, session, pair, choice)")
+    annotator = _annotator(body.get("annotator"))
+    session = body.get("session")
+    if not isinstance(session, str) or not 1 <= len(session) <= 64:
+        raise web.HTTPBadRequest(text=f"session: must be a string of 1-64 characters, got {session!r}")
+    pair, choice = body.get("pair"), body.get("choice")
+    pairs: PairSet = request.app[PAIRS_KEY]
+    if not isinstance(pair, str) or pair not in pairs.refs:
+        raise web.HTTPNotFound(text=f"pair: no pair {pair!r} in {pairs.pattern}")
+    if choice not in CHOICE_TO_SLOT:
+        raise web.HTTPBadRequest(text=f"choice: must be one of {list(CHOICE_TO_SLOT)}, got {choice!r}")
+    left = left_slot(pair, annotator)
+    slot = CHOICE_TO_SLOT[choice] or (left if choice == "left" else ("b" if left == "a" else "a"))
+    record = request.app[LOG_KEY].append(annotator, session, pair, slot, left)  # durable before the answer
+    return web.json_response({"saved": record["seq"], "label": slot, **_pair_view(request, annotator)})
+
+
+async def media(request: web.Request) -> web.StreamResponse:
+    pair, member = request.match_info["pair"], request.match_info["member"]
+    if pair not in request.app[PAIRS_KEY].refs or not MEMBER_RE.match(member):
+        raise web.HTTPNotFound(text=f"media: no {member!r} of pair {pair!r}")
+    members = request.app[MEDIA_KEY](pair)
+    if member not in members:
+        raise web.HTTPNotFound(text=f"media: pair {pair!r} has no member {member!r}")
+    kind = "video/mp4" if member.endswith(".mp4") else "image/png"
+    return web.Response(body=members[member], content_type=kind, headers={"Cache-Control": "private, max-age=3600"})
+
+
+async def get_report(request: web.Request) -> web.Response:
+    return web.json_response(report(request.app[PAIRS_KEY], request.app[LOG_KEY]))
+
+
+def make_app(pairs: PairSet, label_log: LabelLog, token: Optional[str] = None, cache_pairs: int = 16) -> web.Application:
+    """The aiohttp application (tests drive it through a real server, see tests/test_data_annotate.py)."""
+    from functools import lru_cache
+
+    app = web.Application(middlewares=[_guard], client_max_size=64 * 1024)
+    app[PAIRS_KEY], app[LOG_KEY], app[TOKEN_KEY] = pairs, label_log, token
+    app[MEDIA_KEY] = lru_cache(maxsize=cache_pairs)(pairs.members)  # a pair's members: read once, served many times
+    app.router.add_get("/", page)
+    app.router.add_get("/api/next", next_pair)
+    app.router.add_post("/api/label", post_label)
+    app.router.add_get("/api/report", get_report)
+    app.router.add_get("/media/{pair}/{member}", media)
+    return app
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(args) -> int:
+    pairs, label_log = open_task(args.dir, args.pairs)
+    token = args.token
+    if token is None and not _is_loopback(args.host):
+        token = secrets.token_urlsafe(16)
+    app = make_app(pairs, label_log, token)
+    runner = web.AppRunner(app, access_log=None)
+
+    async def start():
+        await runner.setup()
+        await web.TCPSite(runner, args.host, args.port).start()
+        port = runner.addresses[0][1]  # the real port when --port 0
+        url = f"http://{args.host}:{port}/" + (f"?token={token}" if token else "")
+        print(f"annotate: {len(pairs.order)} pairs from {pairs.pattern}, labels in {label_log.path}", flush=True)
+        print(f"annotate: serving on {url}", flush=True)
+
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(start())
+        loop.run_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        loop.run_until_complete(runner.cleanup())
+        label_log.close()
+        loop.close()
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data.annotate", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve the annotation page")
+    s.add_argument("--pairs", help="preference shards to label (brace pattern); needed the first time only")
+    s.add_argument("--dir", required=True, help="annotation directory: task.json and the label log")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8600, help="0: any free port (printed)")
+    s.add_argument("--token", help="required from every client (default: none on 127.0.0.1, else generated)")
+    r = sub.add_parser("report", help="print the agreement report (JSON)")
+    r.add_argument("--dir", required=True)
+    e = sub.add_parser("export", help="write the labelled pairs as preference shards with source=human")
+    e.add_argument("--dir", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--prefix", default="human")
+    e.add_argument("--min-annotators", type=int, default=1)
+    e.add_argument("--on-conflict", choices=["drop", "tie"], default="drop",
+                   help="a pair whose annotators have no majority label: left out, or labelled tie")
+    e.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from data.reader import DataError
+
+    try:
+        if args.command == "serve":
+            return serve(args)
+        pairs, label_log = open_task(args.dir, None)
+        try:
+            if args.command == "report":
+                print(json.dumps(report(pairs, label_log), indent=2, sort_keys=True))
+            else:
+                if args.min_annotators < 1:
+                    raise ValueError(f"--min-annotators must be >= 1, got {args.min_annotators}")
+                result = export(pairs, label_log, args.out, args.prefix, args.min_annotators, args.on_conflict,
+                                overwrite=args.overwrite)
+                print(f"annotate: exported {result.get('exported', 0)} human-labelled pairs: {result['pattern']} "
+                      f"({json.dumps({k: v for k, v in result.items() if k not in ('exported', 'pattern')})})")
+        finally:
+            label_log.close()
+    except (StoreError, DataError, FileNotFoundError, FileExistsError, ValueError, OSError) as err:
+        return report_expected("annotate", str(err))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
