@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 # A crash in native code (a segfault at exit, issue #14) prints every thread's Python stack, in tests and in CI.
 export PYTHONFAULTHANDLER := 1
 
-.PHONY: install test test-slow test-slurm test-rehearsal test-faults rehearse demo shards train-reward train eval bench lint tensorboard submit clean
+.PHONY: install test test-slow test-slurm test-rehearsal test-faults rehearse demo shards train-reward reward-data train eval bench lint tensorboard submit clean
 
 install: $(STAMP)
 
@@ -62,6 +62,10 @@ REWARD_CONFIG ?= cluster_configs/reward_local_cpu.yaml
 train-reward: install
 	test -e $(OUT)/demo_data/pairs-000000.tar || $(PY) -m data.demo --out $(OUT)/demo_data
 	$(PY) -m reward.train --config $(REWARD_CONFIG) $(ARGS)
+
+# Preference data on the demo: candidates, auto labels, labels through the annotation page, reward model, accuracy.
+reward-data: install
+	$(PY) -m launcher.reward_data_demo $(ARGS)
 
 train: install
 	$(PY) -m launcher.train --config $(CONFIG) $(ARGS)

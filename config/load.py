@@ -39,6 +39,9 @@ def load_structured(schema, check: Callable[[DictConfig, str], None], path: Opti
             cfg = OmegaConf.merge(_cleared(cfg, [k for k in mappings if k == key]), OmegaConf.from_dotlist([item]))
     except OmegaConfBaseException as err:
         raise ConfigError(describe_error(err, source, key)) from None
+    except yaml.YAMLError as err:  # an override's value is parsed as YAML: `k={a,b}` is an unclosed flow mapping
+        raise ConfigError(f"{source}: the value is not valid YAML ({getattr(err, 'problem', None) or err}); quote a "
+                          f"value that starts with '{{' or '[': {key}='...'") from None
     origin = " + ".join([str(path)] * (path is not None) + [f"overrides {list(overrides)}"] * bool(overrides))
     check(cfg, origin or "defaults")
     OmegaConf.set_readonly(cfg, True)

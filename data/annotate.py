@@ -138,7 +138,8 @@ async def get_report(request: web.Request) -> web.Response:
     return web.json_response(report(request.app[PAIRS_KEY], request.app[LOG_KEY]))
 
 
-def make_app(pairs: PairSet, label_log: LabelLog, token: Optional[str] = None, cache_pairs: int = 16) -> web.Application:
+def make_app(pairs: PairSet, label_log: LabelLog, token: Optional[str] = None,
+             cache_pairs: int = 16) -> web.Application:
     """The aiohttp application (tests drive it through a real server, see tests/test_data_annotate.py)."""
     from functools import lru_cache
 

@@ -218,7 +218,8 @@ def report(pairs: PairSet, label_log: LabelLog) -> dict:
     for who in annotators:
         mine = [r for (w, _), r in latest.items() if w == who]
         sessions = Counter(r["session"] for r in label_log.records if r["annotator"] == who)
-        per[who] = {"labelled": sum(r["choice"] != "skip" for r in mine), "skipped": sum(r["choice"] == "skip" for r in mine),
+        skipped = sum(r["choice"] == "skip" for r in mine)
+        per[who] = {"labelled": len(mine) - skipped, "skipped": skipped,
                     "sessions": len(sessions), "labels_written": sum(sessions.values())}
     between = {}
     for x, y in combinations(annotators, 2):

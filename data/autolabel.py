@@ -187,77 +187,116 @@ def pair_key(prompt_key: str, n: int) -> str:
     return key if len(key) <= 80 else f"p{hashlib.sha256(prompt_key.encode('utf-8')).hexdigest()[:16]}-pair{n}"
 
 
-def run(cfg, overwrite: bool = False) -> Dict[str, object]:
-    """Label the candidates' pairs and write the kept ones; returns the summary (also written as JSON)."""
-    from data.schema import VIDEO, decode_members, make_meta, preference_members
-    from data.tarindex import read_members
+def for_people(prompt_key: str, section) -> bool:
+    """Whether this prompt's pairs go to people (`people_fraction` of the prompts, drawn by key and seed)."""
+    digest = hashlib.sha256(f"{int(section.seed)}/{prompt_key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") / 2.0**64 < section.people_fraction
+
+
+class Summary:
+    """What `run` counts: pairs, drops, labels, each scorer's ties and agreement, generator wins."""
+
+    def __init__(self, scorers: Scorers):
+        self.stats, self.labels, self.wins = Counter(), Counter(), defaultdict(Counter)
+        self.scorers = {name: Counter() for name in scorers.margins}
+
+    def add(self, label: str, extra: dict, gen_a: str, gen_b: str) -> None:
+        self.labels[label] += 1
+        for name, detail in extra["votes"].items():
+            if detail["vote"] is not None:
+                self.scorers[name]["votes"] += 1
+                self.scorers[name]["ties"] += detail["vote"] == "tie"
+                self.scorers[name]["with_label"] += detail["vote"] == label
+        if gen_a != gen_b and label != "tie":
+            self.wins[gen_a if label == "a" else gen_b][gen_b if label == "a" else gen_a] += 1
+
+    def to_dict(self, scorers: Scorers) -> dict:
+        return {**self.stats, "kept": sum(self.labels.values()), "labels": dict(self.labels),
+                "scorer_failures": dict(scorers.failures),
+                "scorers": {name: {"margin": scorers.margins[name], "votes": s["votes"],
+                                   "tie_rate": s["ties"] / s["votes"] if s["votes"] else None,
+                                   "agreement_with_label": s["with_label"] / s["votes"] if s["votes"] else None}
+                            for name, s in self.scorers.items()},
+                "generator_wins": {w: dict(c) for w, c in self.wins.items()}}
+
+
+def pair_members(prompt_key: str, raw: Sequence[dict], decoded: Sequence[dict], infos: Sequence[dict],
+                 keys: Sequence[str], i: int, j: int, label: str, extra: dict) -> Dict[str, bytes]:
+    """The preference sample of candidates i (as a) and j (as b): their mp4 bytes as they are, label and provenance."""
+    from data.schema import VIDEO, make_meta, preference_members
     from data.video import VideoInfo
+
+    extra = {**extra, "candidates": {"a": keys[i], "b": keys[j]},
+             "generators": {"a": infos[i]["generator"], "b": infos[j]["generator"]},
+             "seeds": {"a": infos[i]["seed"], "b": infos[j]["seed"]}}
+    src = decoded[i]
+    meta = make_meta(src["meta"]["num_people"], src["meta"]["identity_ids"], "autolabel",
+                     {"a": VideoInfo(**src["meta"]["videos"]["video"]),
+                      "b": VideoInfo(**decoded[j]["meta"]["videos"]["video"])},
+                     {**src["meta"]["extra"], "prompt_key": prompt_key})
+    label_json = {"preference": label, "source": "auto", "distortion": None, "extra": extra}
+    return preference_members(src["prompt"], src["refs"], raw[i][VIDEO], raw[j][VIDEO], label_json, meta)
+
+
+def run(cfg, overwrite: bool = False) -> Dict[str, object]:
+    """Label the candidates' pairs and write the kept ones (and the people's share apart); returns the summary
+    (also written as `<out>/<prefix>.autolabel.json`)."""
+    from contextlib import ExitStack
+
+    from data.schema import decode_members
+    from data.tarindex import read_members
     from data.write_shards import ShardWriter, existing_shards
 
     section = cfg.autolabel
     require(section, "autolabel")
     out = Path(section.out)
-    before = existing_shards(out, section.prefix)
-    if before and not overwrite:
-        raise FileExistsError(f"autolabel.out: {len(before)} shard(s) named {section.prefix}-NNNNNN.tar already exist "
+    before = {prefix: existing_shards(out, prefix) for prefix in (section.prefix, section.people_prefix)}
+    if any(before.values()) and not overwrite:
+        prefix = next(p for p, paths in before.items() if paths)
+        raise FileExistsError(f"autolabel.out: {len(before[prefix])} shard(s) named {prefix}-NNNNNN.tar already exist "
                               f"in {out} (pass --overwrite to replace them)")
     groups = group_candidates(section.candidate_shards)
     scorers = Scorers(section)
-    stats: Counter = Counter()
-    labels: Counter = Counter()
-    scorer_stats = {name: Counter() for name in scorers.margins}
-    wins: Dict[str, Counter] = defaultdict(Counter)
-    with ShardWriter(out, section.prefix, section.samples_per_shard) as writer:
+    auto, people = Summary(scorers), Summary(scorers)
+    with ExitStack() as stack:
+        writers = {False: stack.enter_context(ShardWriter(out, section.prefix, section.samples_per_shard)),
+                   True: stack.enter_context(ShardWriter(out, section.people_prefix, section.samples_per_shard))}
         for prompt_key, members in groups.items():
+            to_people = for_people(prompt_key, section)
+            summary = people if to_people else auto
+            summary.stats["prompts"] += 1
             raw = [read_members(ref) for ref, _ in members]
             decoded = [decode_members("candidate", m) for m in raw]
-            infos = [info for _, info in members]
+            infos, keys = [info for _, info in members], [ref.key for ref, _ in members]
             scores = scorers.score([d["video"] for d in decoded], [d["refs"] for d in decoded],
                                    [d["prompt"] for d in decoded], section.batch_size)
             for n, (i, j) in enumerate(choose_pairs(infos, prompt_key, section)):
-                stats["pairs"] += 1
+                summary.stats["pairs"] += 1
                 label, agreement, extra = scorers.vote(scores, i, j)
                 if label is None:
-                    stats["dropped_no_vote"] += 1
+                    summary.stats["dropped_no_vote"] += 1
                     continue
-                if agreement < section.min_agreement:
-                    stats["dropped_low_agreement"] += 1
+                if agreement < section.min_agreement and not to_people:  # people decide their pairs themselves
+                    summary.stats["dropped_low_agreement"] += 1
                     continue
-                for name, detail in extra["votes"].items():
-                    if detail["vote"] is not None:
-                        scorer_stats[name]["votes"] += 1
-                        scorer_stats[name]["ties"] += detail["vote"] == "tie"
-                        scorer_stats[name]["with_label"] += detail["vote"] == label
-                gen_a, gen_b = infos[i]["generator"], infos[j]["generator"]
-                if gen_a != gen_b and label != "tie":
-                    winner, loser = (gen_a, gen_b) if label == "a" else (gen_b, gen_a)
-                    wins[winner][loser] += 1
-                labels[label] += 1
-                extra.update(candidates={"a": members[i][0].key, "b": members[j][0].key},
-                             generators={"a": gen_a, "b": gen_b}, seeds={"a": infos[i]["seed"], "b": infos[j]["seed"]})
-                src = decoded[i]
-                meta = make_meta(src["meta"]["num_people"], src["meta"]["identity_ids"], "autolabel",
-                                 {"a": VideoInfo(**src["meta"]["videos"]["video"]),
-                                  "b": VideoInfo(**decoded[j]["meta"]["videos"]["video"])},
-                                 {**src["meta"]["extra"], "prompt_key": prompt_key})
-                label_json = {"preference": label, "source": "auto", "distortion": None, "extra": extra}
-                writer.write(pair_key(prompt_key, n), preference_members(src["prompt"], src["refs"], raw[i][VIDEO],
-                                                                         raw[j][VIDEO], label_json, meta))
-    for stale in set(before) - set(writer.paths):
-        Path(stale).unlink()
-    summary = {"candidate_shards": section.candidate_shards, "prompts": len(groups), **stats,
-               "kept": sum(labels.values()), "labels": dict(labels), "scorer_failures": dict(scorers.failures),
-               "scorers": {name: {"margin": scorers.margins[name], "votes": s["votes"],
-                                  "tie_rate": s["ties"] / s["votes"] if s["votes"] else None,
-                                  "agreement_with_label": s["with_label"] / s["votes"] if s["votes"] else None}
-                           for name, s in scorer_stats.items()},
-               "generator_wins": {w: dict(c) for w, c in wins.items()}, "pattern": writer.pattern if writer.paths else None}
+                summary.add(label, extra, infos[i]["generator"], infos[j]["generator"])
+                writers[to_people].write(pair_key(prompt_key, n),
+                                         pair_members(prompt_key, raw, decoded, infos, keys, i, j, label, extra))
+    for prefix, writer in ((section.prefix, writers[False]), (section.people_prefix, writers[True])):
+        for stale in set(before[prefix]) - set(writer.paths):
+            Path(stale).unlink()
+    result = {"candidate_shards": section.candidate_shards, **auto.to_dict(scorers),
+              "pattern": writers[False].pattern if writers[False].paths else None,
+              "people": {**people.to_dict(scorers), "pattern": writers[True].pattern if writers[True].paths else None}}
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{section.prefix}.autolabel.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-    print(f"autolabel: {summary['pairs']} pairs of {len(groups)} prompts, kept {summary['kept']} {dict(labels)}, "
-          f"dropped {stats['dropped_low_agreement']} below agreement {section.min_agreement} and "
-          f"{stats['dropped_no_vote']} without a vote: {summary['pattern']}")
-    return summary
+    (out / f"{section.prefix}.autolabel.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    print(f"autolabel: {auto.stats['pairs']} pairs of {auto.stats['prompts']} prompts, kept {result['kept']} "
+          f"{dict(auto.labels)}, dropped {auto.stats['dropped_low_agreement']} below agreement {section.min_agreement} "
+          f"and {auto.stats['dropped_no_vote']} without a vote: {result['pattern']}")
+    if people.stats["prompts"]:
+        print(f"autolabel: for people: {result['people']['kept']} pairs of {people.stats['prompts']} prompts: "
+              f"{result['people']['pattern']}")
+    return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:

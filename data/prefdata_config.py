@@ -61,6 +61,12 @@ class AutoLabelConfig:
     # Pairs of one prompt's candidates: every pair (null), or this many drawn at random (seeded) per prompt.
     pairs_per_prompt: Optional[int] = None
     cross_generator_only: bool = False  # only pairs whose two videos come from different generators
+    # The pairs of this fraction of the prompts (drawn by prompt key, seeded) go to people instead: written apart as
+    # `<out>/<people_prefix>-NNNNNN.tar`, whatever their agreement (the vote stays in the label, for the annotation
+    # report's agreement with the auto labels), for `python -m data.annotate serve --pairs`. Human and auto pairs
+    # then never share a prompt.
+    people_fraction: float = 0.0
+    people_prefix: str = "for_people"
     # Scorers that vote, by reward name (reward/composite.py REWARD_BUILDERS: face, vlm, demo_*), each with its
     # tie margin; settings of face and vlm come from `reward` below.
     scorers: Dict[str, ScorerConfig] = field(default_factory=lambda: {"face": ScorerConfig(margin=0.02)})
@@ -101,6 +107,10 @@ def _check(cfg: DictConfig, source: str) -> None:
             fail(f"candidates.generators[{i}].weights", f"must be ema or live, got {g.weights!r}")
     if len(set(names)) != len(names):
         fail("candidates.generators", f"names must be unique, got {names}")
+    if not 0.0 <= a.people_fraction <= 1.0:
+        fail("autolabel.people_fraction", f"must be in [0, 1], got {a.people_fraction}")
+    if a.people_prefix == a.prefix:
+        fail("autolabel.people_prefix", f"must differ from autolabel.prefix ({a.prefix!r})")
     if not 0.0 < a.min_agreement <= 1.0:
         fail("autolabel.min_agreement", f"must be in (0, 1], got {a.min_agreement}")
     if not a.scorers:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from data.annotate_store import LabelLog, PairSet, cohen_kappa, export, left_slot, open_task, report
+from data.annotate_store import LabelLog, cohen_kappa, export, left_slot, open_task, report
 from data.reader import ShardReader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,9 +70,11 @@ def test_api_serves_pairs_and_rejects_malformed_requests(tmp_path, pairs):
         left = left_slot("pair00000", "alice")
         assert view["left"].endswith(f"/{left}.mp4") and view["right"].endswith(f"/{'b' if left == 'a' else 'a'}.mp4")
         video = requests.get(base + view["left"], timeout=10)
-        assert video.status_code == 200 and video.headers["Content-Type"] == "video/mp4" and video.content[4:8] == b"ftyp"
+        assert video.status_code == 200 and video.headers["Content-Type"] == "video/mp4"
+        assert video.content[4:8] == b"ftyp"
         saved = post(base, annotator="alice", session="s1", pair="pair00000", choice="right").json()
-        assert saved["label"] == ("b" if left == "a" else "a") and saved["pair"] == "pair00001" and saved["labelled"] == 1
+        assert saved["label"] == ("b" if left == "a" else "a")
+        assert saved["pair"] == "pair00001" and saved["labelled"] == 1
 
         def refused(response, status, words):
             assert response.status_code == status, response.text
@@ -103,7 +105,8 @@ def test_token_required_off_loopback_and_checked(tmp_path, pairs):
         assert requests.get(f"{base}/", params={"token": "wrong"}, timeout=10).status_code == 401
         with requests.Session() as browser:
             assert browser.get(f"{base}/", params={"token": "s3cret"}, timeout=10).status_code == 200
-            assert browser.get(f"{base}/api/next", params={"annotator": "bob"}, timeout=10).json()["pair"] == "pair00000"
+            view = browser.get(f"{base}/api/next", params={"annotator": "bob"}, timeout=10).json()
+            assert view["pair"] == "pair00000"
     finally:
         server.stop()
     # binding to all interfaces without --token: a token is generated and printed
@@ -194,7 +197,8 @@ def test_report_and_export(tmp_path, pairs):
     y = ["tie"] + [truth[k] for k in pair_set.order[2:6]] + [flip[truth[k]] for k in pair_set.order[6:]]
     assert between["kappa"] == pytest.approx(cohen_kappa(x, y))
     auto = [k for k in pair_set.order if stored[k]["source"] == "auto"]
-    assert result["with_auto_labels"]["pairs"] == len(auto) and result["with_auto_labels"]["per_annotator"]["alice"] == 1.0
+    assert result["with_auto_labels"]["pairs"] == len(auto)
+    assert result["with_auto_labels"]["per_annotator"]["alice"] == 1.0
 
     exported = export(pair_set, log, tmp_path / "out", min_annotators=2)
     shards = {s["key"]: s for s in ShardReader(exported["pattern"], kind="preference", shuffle=False, epochs=1)}
@@ -240,7 +244,8 @@ def open_browser():
     browser, driver = chromium()
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--autoplay-policy=no-user-gesture-required"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--autoplay-policy=no-user-gesture-required"):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(driver), options=options)
 
@@ -283,7 +288,8 @@ def test_page_in_a_headless_browser(tmp_path, pairs):
         assert on_screen() == "pair00000"
         # both videos load and play together
         wait_for(lambda: driver.execute_script(
-            "return document.getElementById('left').readyState >= 2 && document.getElementById('right').readyState >= 2"),
+            "return document.getElementById('left').readyState >= 2 "
+            "&& document.getElementById('right').readyState >= 2"),
             "both videos decode")
         driver.find_element(By.ID, "play").click()  # pause (autoplay started them)
         driver.find_element(By.ID, "play").click()  # play
@@ -311,11 +317,13 @@ def test_page_in_a_headless_browser(tmp_path, pairs):
         driver.quit()
         server.stop()
     out = tmp_path / "human"
-    result = subprocess.run([sys.executable, "-m", "data.annotate", "export", "--dir", str(directory), "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "data.annotate", "export", "--dir", str(directory),
+                             "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     exported = {s["key"]: s["label"] for s in ShardReader(str(out / "human-{000000..000000}.tar"), kind="preference",
                                                           shuffle=False, epochs=1)}
     assert {k: v["preference"] for k, v in exported.items()} == {k: v for k, v in given.items() if v != "skip"}
-    assert all(v["source"] == "human" and v["extra"]["annotators"] == {"alice": v["preference"]} for v in exported.values())
+    assert all(v["source"] == "human" and v["extra"]["annotators"] == {"alice": v["preference"]}
+               for v in exported.values())
     assert len(given) == 8 and list(given.values()).count("skip") == 1

@@ -105,7 +105,8 @@ def test_autolabel_command_on_candidates(tmp_path, capsys):
     pattern = _candidate_shards(tmp_path / "cand", levels)
     out = tmp_path / "auto"
     args = ["--config", "cluster_configs/reward_data_demo.yaml", f"autolabel.candidate_shards={pattern}",
-            f"autolabel.out={out}", "autolabel.scorers={demo_brightness: {margin: 0.02}}", "autolabel.min_agreement=1.0"]
+            "autolabel.people_fraction=0.0", f"autolabel.out={out}",
+            "autolabel.scorers={demo_brightness: {margin: 0.02}}", "autolabel.min_agreement=1.0"]
     summary = main(args)
     pairs = list(ShardReader(summary["pattern"], kind="preference", shuffle=False, epochs=1))
     assert summary["pairs"] == 12 and summary["kept"] == len(pairs) == 12  # 6 pairs of 4 candidates per prompt
@@ -130,15 +131,21 @@ def test_autolabel_command_on_candidates(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main(args)
     assert err.value.code == 2
-    two = main(args[:-2] + ["autolabel.scorers={demo_brightness: {margin: 0.02}, demo_reference_color: {margin: 0.0}}",
-                            "autolabel.min_agreement=1.0", "autolabel.cross_generator_only=true", "--overwrite"])
+    both = "autolabel.scorers={demo_brightness: {margin: 0.02}, demo_reference_color: {margin: 0.0}}"
+    two = main(args[:-2] + [both, "autolabel.min_agreement=1.0", "autolabel.cross_generator_only=true", "--overwrite"])
     assert two["pairs"] == 8  # 2 x 2 cross-generator pairs per prompt
     assert two["kept"] + two["dropped_low_agreement"] == 8 and two["dropped_low_agreement"] > 0
+    # every prompt to people: the same pairs, none dropped for agreement (people decide), written apart
+    people = main(args[:-2] + [both, "autolabel.min_agreement=1.0", "autolabel.cross_generator_only=true",
+                               "autolabel.people_fraction=1.0", "--overwrite"])
+    assert people["pattern"] is None and people["kept"] == 0 and not list(out.glob("pairs-*.tar"))
+    assert people["people"]["kept"] == 8 and people["people"]["pattern"].endswith("for_people-{000000..000000}.tar")
 
 
 def test_choose_pairs_is_seeded_and_bounded():
     infos = [{"generator": g} for g in ("x", "x", "y", "y", "z")]
-    section = load_prefdata_config(None, ["autolabel.pairs_per_prompt=4", "autolabel.cross_generator_only=true"]).autolabel
+    section = load_prefdata_config(None, ["autolabel.pairs_per_prompt=4",
+                                          "autolabel.cross_generator_only=true"]).autolabel
     pairs = choose_pairs(infos, "p0", section)
     assert len(pairs) == 4 and pairs == choose_pairs(infos, "p0", section)
     assert all(infos[i]["generator"] != infos[j]["generator"] for i, j in pairs)
