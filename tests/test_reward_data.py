@@ -24,30 +24,54 @@ def prompts(tmp_path_factory):
     return pattern
 
 
+def _lora_dir(tmp_path) -> Path:
+    """A LoRA for the tiny local_cpu policy (diffusers format) whose adapters visibly change it."""
+    import torch
+
+    from config import load_config
+    from evaluation.policies import build_eval_policy
+    from policy.lora import save_lora
+
+    policy = build_eval_policy(load_config("cluster_configs/local_cpu.yaml"))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    save_lora(policy.transformer, tmp_path / "lora", "vace")
+    return tmp_path / "lora"
+
+
 def test_candidates_on_rollout_workers_resume_after_a_lost_shard(tmp_path, prompts):
     """Two generators with the same weights and settings give the same videos from the shared seeds (determinism),
-    one sampling with another guidance scale gives others; a shard lost in a crash is sampled again, identically."""
+    one sampling with another guidance scale and one with a LoRA checkpoint give others; a shard lost in a crash
+    is sampled again, identically."""
+    lora = _lora_dir(tmp_path)
     config = tmp_path / "prefdata.yaml"
     config.write_text(yaml.safe_dump({"candidates": {
         "prompt_shards": prompts, "videos_per_generator": 2, "out": str(tmp_path / "cand"), "samples_per_shard": 4,
         "generators": [{"name": "tiny", "config": "cluster_configs/local_cpu.yaml", "checkpoint": "base"},
                        {"name": "same", "config": "cluster_configs/local_cpu.yaml", "checkpoint": "base"},
                        {"name": "cfg7", "config": "cluster_configs/local_cpu.yaml", "checkpoint": "base",
-                        "overrides": ["sampler.guidance_scale=7.0"]}]}}))
+                        "overrides": ["sampler.guidance_scale=7.0"]},
+                       {"name": "lora", "config": "cluster_configs/local_cpu.yaml", "checkpoint": str(lora)}]}}))
     first = candidates_main(["--config", str(config)])
-    assert first["written"] == 18 and first["skipped_existing"] == 0
+    assert first["written"] == 24 and first["skipped_existing"] == 0
     shards = existing_shards(tmp_path / "cand", "candidates")
-    assert len(shards) == 5  # 18 videos, 4 per shard
+    assert len(shards) == 6  # 24 videos, 4 per shard
     samples = {s["key"]: s for s in ShardReader(shards, kind="candidate", shuffle=False, epochs=1)}
-    assert len(samples) == 18
+    assert len(samples) == 24
     for key, s in samples.items():
         c = s["candidate"]
         assert key == f"{c['prompt_key']}-{c['generator']}-{c['extra']['index']}" and c["sampler"] == "ode"
-        assert c["seed"] == candidate_seeds(0, c["prompt_key"], 2)[c["extra"]["index"]] and c["checkpoint"] == "base"
+        assert c["seed"] == candidate_seeds(0, c["prompt_key"], 2)[c["extra"]["index"]]
+        lora_file = str(lora / "pytorch_lora_weights.safetensors")
+        assert c["checkpoint"] == (lora_file if c["generator"] == "lora" else "base")
         assert s["video"].shape == (9, 32, 32, 3) and s["meta"]["videos"]["video"]["num_frames"] == 9
     for key in [k for k in samples if "-tiny-" in k]:
         assert (samples[key]["video"] == samples[key.replace("-tiny-", "-same-")]["video"]).all()
-        assert (samples[key]["video"] != samples[key.replace("-tiny-", "-cfg7-")]["video"]).any()
+        for other in ("-cfg7-", "-lora-"):
+            assert (samples[key]["video"] != samples[key.replace("-tiny-", other)]["video"]).any()
     assert (samples["prompt00000-tiny-0"]["video"] != samples["prompt00000-tiny-1"]["video"]).any()  # seeds differ
 
     # a crash lost the last two shards: the rerun samples exactly what is missing, into shards after the others
@@ -56,7 +80,7 @@ def test_candidates_on_rollout_workers_resume_after_a_lost_shard(tmp_path, promp
         lost.update({s["key"]: s for s in ShardReader([path], kind="candidate", shuffle=False, epochs=1)})
         Path(path).unlink()
     again = candidates_main(["--config", str(config)])
-    assert again["written"] == len(lost) == 6 and again["skipped_existing"] == 12
+    assert again["written"] == len(lost) == 8 and again["skipped_existing"] == 16
     redone = {s["key"]: s for s in ShardReader(again["shards"], kind="candidate", shuffle=False, epochs=1)}
     assert set(redone) == set(lost)
     assert all((redone[k]["video"] == lost[k]["video"]).all() for k in lost)
