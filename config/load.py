@@ -38,7 +38,9 @@ def load_structured(schema, check: Callable[[DictConfig, str], None], path: Opti
             source, key = f"override '{item}'", item.split("=", 1)[0]
             cfg = OmegaConf.merge(_cleared(cfg, [k for k in mappings if k == key]), OmegaConf.from_dotlist([item]))
     except OmegaConfBaseException as err:
-        raise ConfigError(describe_error(err, source, key)) from None
+        value = item.split("=", 1)[1] if key is not None else ""
+        hint = f"; quote a value that starts with '{{' or '[': {key}='...'" if value[:1] in "{[" and value else ""
+        raise ConfigError(describe_error(err, source, key) + hint) from None
     except yaml.YAMLError as err:  # an override's value is parsed as YAML: `k={a,b}` is an unclosed flow mapping
         raise ConfigError(f"{source}: the value is not valid YAML ({getattr(err, 'problem', None) or err}); quote a "
                           f"value that starts with '{{' or '[': {key}='...'") from None

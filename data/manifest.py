@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from data.schema import (
+    KEY_RE,
     KINDS,
     SampleError,
+    candidate_members,
     check_key,
     check_label,
     check_prompt,
@@ -37,6 +39,11 @@ from data.video import (
 
 _PROMPT_FIELDS = {"key", "prompt", "refs", "identity_ids", "source", "extra"}
 _PREF_FIELDS = _PROMPT_FIELDS | {"video_a", "video_b", "label", "num_frames"}
+# External candidates (real footage, another model's videos) to pair with generated ones of the same prompt key.
+_CAND_FIELDS = _PROMPT_FIELDS | {"video", "prompt_key", "generator", "num_frames"}
+_FIELDS = {"prompt": _PROMPT_FIELDS, "preference": _PREF_FIELDS, "candidate": _CAND_FIELDS}
+_REQUIRED = {"prompt": ["prompt", "refs"], "preference": ["prompt", "refs", "video_a", "video_b", "label"],
+             "candidate": ["prompt", "refs", "video", "prompt_key", "generator"]}
 _FOLDER_REF = re.compile(r"^ref_(\d+)\.(png|jpg|jpeg)$", re.IGNORECASE)
 
 
@@ -67,6 +74,8 @@ class Record:
     video_b: Path | None = None
     label: dict[str, Any] | None = None
     num_frames: int | None = None
+    video: Path | None = None  # candidate records
+    candidate: dict[str, Any] | None = None
 
 
 def _problem(origin: str, fld: str, reason: str) -> ManifestError:
@@ -76,12 +85,11 @@ def _problem(origin: str, fld: str, reason: str) -> ManifestError:
 def _record_from_dict(obj: Any, kind: str, origin: str, base: Path, default_key: str, source: str) -> Record:
     if not isinstance(obj, dict):
         raise _problem(origin, "<record>", f"must be a JSON object, got {type(obj).__name__}")
-    allowed = _PROMPT_FIELDS if kind == "prompt" else _PREF_FIELDS
+    allowed = _FIELDS[kind]
     for name in obj:
         if name not in allowed:
             raise _problem(origin, name, f"unknown field for a {kind} record (allowed: {sorted(allowed)})")
-    required = ["prompt", "refs"] + (["video_a", "video_b", "label"] if kind == "preference" else [])
-    for name in required:
+    for name in _REQUIRED[kind]:
         if name not in obj:
             raise _problem(origin, name, "missing")
     refs = obj["refs"]
@@ -93,9 +101,12 @@ def _record_from_dict(obj: Any, kind: str, origin: str, base: Path, default_key:
     if ids is not None and (not isinstance(ids, list) or len(ids) != len(refs)
                             or not all(isinstance(i, str) and i for i in ids)):
         raise _problem(origin, "identity_ids", f"must be {len(refs)} non-empty strings (one per reference)")
-    for name in ("video_a", "video_b"):
+    for name in ("video_a", "video_b", "video"):
         if name in obj and not isinstance(obj[name], str):
             raise _problem(origin, name, "must be a video path")
+    for name in ("prompt_key", "generator"):
+        if name in obj and not (isinstance(obj[name], str) and KEY_RE.match(obj[name])):
+            raise _problem(origin, name, f"must be a key (letters, digits, '_', '-'; <= 80 chars), got {obj[name]!r}")
     num_frames = obj.get("num_frames")
     if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
         raise _problem(origin, "num_frames", f"must be an integer >= 1, got {num_frames!r}")
@@ -111,9 +122,14 @@ def _record_from_dict(obj: Any, kind: str, origin: str, base: Path, default_key:
     def path(p: str) -> Path:  # paths are relative to the manifest (or the sample folder)
         return (base / p).resolve()
 
+    candidate = None
+    if kind == "candidate":
+        candidate = {"prompt_key": obj["prompt_key"], "generator": obj["generator"], "checkpoint": obj["generator"],
+                     "seed": 0, "sampler": "external", "extra": {"file": obj["video"]}}
     return Record(origin, kind, key, prompt, [path(r) for r in refs], ids, str(obj.get("source", source)),
                   dict(obj.get("extra", {})), path(obj["video_a"]) if kind == "preference" else None,
-                  path(obj["video_b"]) if kind == "preference" else None, label, num_frames)
+                  path(obj["video_b"]) if kind == "preference" else None, label, num_frames,
+                  path(obj["video"]) if kind == "candidate" else None, candidate)
 
 
 def _collect(items, make, problems: list | None = None) -> list[Record]:
@@ -161,7 +177,8 @@ def read_manifest(path: str | Path, kind: str, problems: list | None = None) -> 
 
 
 def read_folder(path: str | Path, kind: str, problems: list | None = None) -> list[Record]:
-    """Parse a folder of sample folders: DIR/<key>/{prompt.txt, ref_<i>.png, [meta.json], a.mp4, b.mp4, label.json}."""
+    """Parse a folder of sample folders: DIR/<key>/{prompt.txt, ref_<i>.png, [meta.json], and a.mp4, b.mp4, label.json
+    (preference) or video.mp4, candidate.json (candidate)}."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     root = Path(path)
@@ -177,10 +194,11 @@ def read_folder(path: str | Path, kind: str, problems: list | None = None) -> li
             raise _problem(origin, "refs", f"ref_<i> images must be numbered 0..K-1, found {[n for _, n in refs]}")
         obj: dict[str, Any] = {"key": sample_dir.name, "refs": [n for _, n in refs],
                                "prompt": (sample_dir / "prompt.txt").read_text(encoding="utf-8")}
-        for name, wanted in (("meta.json", ("identity_ids", "source", "extra")), ("label.json", None)):
+        for name, wanted in (("meta.json", ("identity_ids", "source", "extra")), ("label.json", None),
+                             ("candidate.json", ("prompt_key", "generator"))):
             file = sample_dir / name
             if not file.is_file():
-                if name == "label.json" and kind == "preference":
+                if (name, kind) in (("label.json", "preference"), ("candidate.json", "candidate")):
                     raise _problem(origin, name, "missing")
                 continue
             try:
@@ -195,6 +213,8 @@ def read_folder(path: str | Path, kind: str, problems: list | None = None) -> li
                 obj.update(data)
         if kind == "preference":
             obj["video_a"], obj["video_b"] = "a.mp4", "b.mp4"
+        if kind == "candidate":
+            obj["video"] = "video.mp4"
         return _record_from_dict(obj, kind, origin, sample_dir, sample_dir.name, "folder")
 
     return _collect(sorted(p for p in root.iterdir() if p.is_dir()), make, problems)
@@ -251,6 +271,10 @@ def load_record(rec: Record, num_frames: int | None = None, video_size: tuple[in
             meta = make_meta(len(refs), rec.identity_ids, rec.source, extra=rec.extra)
             return prompt_members(rec.prompt, refs, meta)
         expected = rec.num_frames if rec.num_frames is not None else num_frames
+        if rec.kind == "candidate":
+            video, info = _load_video(rec, "video", rec.video, expected, video_size, fps, resample_frames)
+            meta = make_meta(len(refs), rec.identity_ids, rec.source, {"video": info}, rec.extra)
+            return candidate_members(rec.prompt, refs, video, rec.candidate, meta)
         a, info_a = _load_video(rec, "video_a", rec.video_a, expected, video_size, fps, resample_frames)
         b, info_b = _load_video(rec, "video_b", rec.video_b, expected, video_size, fps, resample_frames)
         meta = make_meta(len(refs), rec.identity_ids, rec.source, {"a": info_a, "b": info_b}, rec.extra)

@@ -37,7 +37,7 @@ VIDEO_A = "a.mp4"
 VIDEO_B = "b.mp4"
 VIDEO = "video.mp4"
 CANDIDATE = "candidate.json"
-SAMPLERS = ("ode", "sde")
+SAMPLERS = ("ode", "sde", "external")  # external: a video not sampled here (real footage, another model's output)
 REF_RE = re.compile(r"^ref_(\d+)\.(png|jpg|jpeg)$")
 # A key becomes the member-name prefix `<key>.<ext>`; WebDataset splits at the first dot of the
 # basename, so a key must not contain dots (or slashes, which would create folders).

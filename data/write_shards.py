@@ -2,6 +2,7 @@
 
     python -m data.write_shards --kind prompt --manifest prompts.jsonl --out data/shards
     python -m data.write_shards --kind preference --folder pairs/ --out data/shards --num-frames 33
+    python -m data.write_shards --kind candidate --manifest real.jsonl --out cand/ --num-frames 33 --resample-frames
 
 Every record is validated (files exist, images and videos decode, frame counts match, labels are
 well formed) before the first byte is written; see data/manifest.py. Shards are named
@@ -33,7 +34,7 @@ from data.manifest import (
 from data.schema import check_key
 
 FIXED_MTIME = 946684800  # 2000-01-01: reproducible tar bytes
-DEFAULT_PREFIX = {"prompt": "prompts", "preference": "pairs"}
+DEFAULT_PREFIX = {"prompt": "prompts", "preference": "pairs", "candidate": "candidates"}
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -171,7 +172,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data.write_shards", description=__doc__.split("\n")[0])
-    p.add_argument("--kind", choices=["prompt", "preference"], required=True)
+    p.add_argument("--kind", choices=["prompt", "preference", "candidate"], required=True,
+                   help="candidate: external videos (real footage, another model's) to pair with generated candidates")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", help="JSONL manifest, one record per line (see data/SCHEMA.md)")
     src.add_argument("--folder", help="folder with one sub-folder per sample (see data/SCHEMA.md)")

@@ -240,3 +240,44 @@ def test_existing_shards_need_overwrite_and_output_is_reproducible(inputs, tmp_p
     assert not (tmp_path / "out" / "prompts-000002.tar").exists()  # stale shard removed
     paths3, _ = write_records(records, tmp_path / "out", "prompts", 1, overwrite=True)
     assert [Path(p).read_bytes() for p in paths3] == first  # byte-identical
+
+
+def test_external_candidates_resampled_to_the_model_count(inputs, tmp_path):
+    """Real videos as candidates (`--kind candidate`): resampled to the model's frame count, recorded as external,
+    and paired by `data.autolabel` with the generated candidates of the same prompt key."""
+    from data.autolabel import main as autolabel
+
+    root, _ = inputs
+    long_clip = clip(1, frames=9)
+    (root / "vids" / "long.mp4").write_bytes(encode_video(long_clip))
+    records = [{"key": f"real{i}", "prompt": "a woman in a spacesuit", "refs": ["refs/p0.png"], "video": video,
+                "prompt_key": "prompt00000", "generator": "footage"}
+               for i, video in enumerate(["vids/long.mp4", "vids/short.mp4"])]
+    m = write_manifest(root / "c.jsonl", records)
+    bad = write_manifest(root / "bad.jsonl", [{**records[0], "generator": "no spaces"}])
+    out = tmp_path / "cand"
+    args = ["--kind", "candidate", "--out", str(out), "--num-frames", "5", "--resample-frames"]
+    assert main([*args, "--manifest", str(bad)]) == 2
+    assert main([*args, "--manifest", str(m)]) == 0
+    got = list(ShardReader(str(out / "candidates-000000.tar"), kind="candidate", epochs=1, shuffle=False))
+    assert [s["video"].shape for s in got] == [(5, 32, 48, 3)] * 2
+    for k, source in enumerate([0, 2, 4, 6, 8]):
+        assert np.abs(got[0]["video"][k].astype(int) - long_clip[source].astype(int)).mean() < 2.0
+    assert got[0]["candidate"] == {"prompt_key": "prompt00000", "generator": "footage", "checkpoint": "footage",
+                                   "seed": 0, "sampler": "external", "extra": {"file": "vids/long.mp4"}}
+    # a generated candidate of the same prompt key joins them in pairs
+    generated = tmp_path / "gen"
+    with ShardWriter(generated, "candidates") as writer:
+        from data.schema import candidate_members, make_meta
+        from data.video import VideoInfo
+
+        video = np.full((5, 32, 48, 3), 120, dtype=np.uint8)
+        meta = make_meta(1, None, "test", {"video": VideoInfo(5, 16.0, 32, 48)})
+        info = {"prompt_key": "prompt00000", "generator": "tiny", "checkpoint": "base", "seed": 3, "sampler": "ode"}
+        writer.write("prompt00000-tiny-0", candidate_members(
+            "a woman in a spacesuit", [np.full((8, 8, 3), 50, np.uint8)], encode_video(video), info, meta))
+    summary = autolabel(["--config", "cluster_configs/reward_data_demo.yaml", "autolabel.people_fraction=0",
+                         f"autolabel.candidate_shards='{{{out},{generated}}}/candidates-000000.tar'",
+                         f"autolabel.out={tmp_path / 'auto'}", "autolabel.scorers={demo_brightness: {margin: 0.0}}"])
+    assert summary["pairs"] == 3 and summary["kept"] == 3
+    assert summary["generator_wins"]  # footage vs tiny pairs were voted on
