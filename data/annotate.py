@@ -131,7 +131,26 @@ async def media(request: web.Request) -> web.StreamResponse:
     if member not in members:
         raise web.HTTPNotFound(text=f"media: pair {pair!r} has no member {member!r}")
     kind = "video/mp4" if member.endswith(".mp4") else "image/png"
-    return web.Response(body=members[member], content_type=kind, headers={"Cache-Control": "private, max-age=3600"})
+    return _ranged(request, members[member], kind)
+
+
+def _ranged(request: web.Request, body: bytes, content_type: str) -> web.Response:
+    """The bytes, or the part a `Range: bytes=...` header asks for (206): Safari plays no video served without
+    byte ranges, and browsers seek with them."""
+    headers = {"Cache-Control": "private, max-age=3600", "Accept-Ranges": "bytes"}
+    try:
+        wanted = request.http_range  # slice(start, stop), negative start for a suffix; ValueError when malformed
+    except ValueError:
+        raise web.HTTPRequestRangeNotSatisfiable(text=f"Range: cannot parse {request.headers.get('Range')!r}") from None
+    if wanted.start is None and wanted.stop is None:
+        return web.Response(body=body, content_type=content_type, headers=headers)
+    start, stop, _ = wanted.indices(len(body))
+    if start >= stop:
+        raise web.HTTPRequestRangeNotSatisfiable(
+            text=f"Range: {request.headers.get('Range')!r} is outside the {len(body)} bytes",
+            headers={"Content-Range": f"bytes */{len(body)}"})
+    headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(body)}"
+    return web.Response(status=206, body=body[start:stop], content_type=content_type, headers=headers)
 
 
 async def get_report(request: web.Request) -> web.Response:

@@ -71,7 +71,14 @@ def test_api_serves_pairs_and_rejects_malformed_requests(tmp_path, pairs):
         assert view["left"].endswith(f"/{left}.mp4") and view["right"].endswith(f"/{'b' if left == 'a' else 'a'}.mp4")
         video = requests.get(base + view["left"], timeout=10)
         assert video.status_code == 200 and video.headers["Content-Type"] == "video/mp4"
-        assert video.content[4:8] == b"ftyp"
+        assert video.content[4:8] == b"ftyp" and video.headers["Accept-Ranges"] == "bytes"
+        part = requests.get(base + view["left"], headers={"Range": "bytes=10-109"}, timeout=10)
+        assert part.status_code == 206 and part.content == video.content[10:110]
+        assert part.headers["Content-Range"] == f"bytes 10-109/{len(video.content)}"
+        tail = requests.get(base + view["left"], headers={"Range": "bytes=-20"}, timeout=10)
+        assert tail.status_code == 206 and tail.content == video.content[-20:]
+        beyond = requests.get(base + view["left"], headers={"Range": f"bytes={len(video.content) + 5}-"}, timeout=10)
+        assert beyond.status_code == 416
         saved = post(base, annotator="alice", session="s1", pair="pair00000", choice="right").json()
         assert saved["label"] == ("b" if left == "a" else "a")
         assert saved["pair"] == "pair00001" and saved["labelled"] == 1
