@@ -23,7 +23,6 @@ applied to `auto` ones), so it runs where the human labels are.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -37,9 +36,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from config import ConfigError
-from config.cli import build_parser, exit_expected, parse_config
-from data.prefdata_config import load_prefdata_config, require
+from data.prefdata_config import require, tool_main
 
 log = logging.getLogger("identity_grpo.autolabel")
 CHOICES = ("a", "b", "tie")
@@ -300,17 +297,7 @@ def run(cfg, overwrite: bool = False) -> Dict[str, object]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    parser = build_parser(__doc__.split("\n")[0], default_config="cluster_configs/reward_data_demo.yaml")
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--overwrite", action="store_true", help="replace existing pair shards in autolabel.out")
-    cfg, args = parse_config(__doc__, argv, parser, loader=load_prefdata_config, command="autolabel")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from data.reader import DataError
-
-    try:
-        return run(cfg, args.overwrite)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, DataError) as err:
-        exit_expected("autolabel", str(err))
+    return tool_main(run, __doc__, "autolabel", "replace existing pair shards in autolabel.out", argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ shards already there (headers only) and samples only what is missing, into new s
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import sys
@@ -33,8 +32,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from config import ConfigError
-from config.cli import build_parser, exit_expected, parse_config
-from data.prefdata_config import load_prefdata_config, require
+from data.prefdata_config import require, tool_main
 
 log = logging.getLogger("identity_grpo.candidates")
 SEED_DOMAIN = 0xCA4D_1DA7  # keeps candidate seeds apart from training's and evaluation's seed streams
@@ -172,8 +170,8 @@ def run(cfg, overwrite: bool = False) -> Dict[str, object]:
     if not section.generators:
         raise ConfigError("candidates.generators: needs at least one generator {name, config, checkpoint}")
     out = Path(section.out)
-    first_shard, done = check_resumable(section, out, section.prefix, overwrite)
     prompts = read_prompts(section.prompt_shards, section.num_prompts)
+    first_shard, done = check_resumable(section, out, section.prefix, overwrite)
     started = connect_ray(load_config(section.generators[0].config, list(section.generators[0].overrides)))
     written = 0
     try:
@@ -194,15 +192,7 @@ def run(cfg, overwrite: bool = False) -> Dict[str, object]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    parser = build_parser(__doc__.split("\n")[0], default_config="cluster_configs/reward_data_demo.yaml")
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--overwrite", action="store_true", help="remove the candidate shards there and start over")
-    cfg, args = parse_config(__doc__, argv, parser, loader=load_prefdata_config, command="candidates")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        return run(cfg, args.overwrite)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        exit_expected("candidates", str(err))
+    return tool_main(run, __doc__, "candidates", "remove the candidate shards there and start over", argv)
 
 
 if __name__ == "__main__":

@@ -137,3 +137,23 @@ def require(section: DictConfig, name: str) -> None:
     missing = sorted(OmegaConf.missing_keys(section))
     if missing:
         raise ConfigError(f"missing required value(s): {', '.join(f'{name}.{k}' for k in missing)}")
+
+
+def tool_main(run, doc: str, command: str, overwrite_help: str, argv: Optional[Sequence[str]] = None):
+    """The command line both tools share: `--config FILE [--overwrite] [key=value ...]`, then `run(cfg, overwrite)`;
+    an expected error (config, data, files) is one line `<command>: ...` and status 2."""
+    import argparse
+    import logging
+
+    from config.cli import build_parser, exit_expected, parse_config
+    from data.reader import DataError
+
+    parser = build_parser(doc.split("\n")[0], default_config="cluster_configs/reward_data_demo.yaml")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    cfg, args = parse_config(doc, argv, parser, loader=load_prefdata_config, command=command)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        return run(cfg, args.overwrite)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, DataError) as err:
+        exit_expected(command, str(err))
