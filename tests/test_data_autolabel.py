@@ -150,3 +150,20 @@ def test_choose_pairs_is_seeded_and_bounded():
     assert len(pairs) == 4 and pairs == choose_pairs(infos, "p0", section)
     assert all(infos[i]["generator"] != infos[j]["generator"] for i, j in pairs)
     assert len({frozenset(p) for p in pairs}) == 4
+
+
+def test_the_vlm_reward_model_votes(tmp_path):
+    """`vlm` (the identity reward model, here the tiny random-init one) scores and votes like any scorer: its
+    provenance holds its two scores, and its vote follows them."""
+    pattern = _candidate_shards(tmp_path / "cand", {"p0": {"g": [40, 200, 120]}})
+    summary = main(["--config", "cluster_configs/reward_data_demo.yaml", f"autolabel.candidate_shards={pattern}",
+                    "autolabel.people_fraction=0.0", f"autolabel.out={tmp_path / 'auto'}",
+                    "autolabel.scorers={vlm: {margin: 0.0}}", "autolabel.reward.vlm.init=random",
+                    "autolabel.reward.vlm.arch=tiny", "autolabel.reward.vlm.image_size=56",
+                    "autolabel.reward.vlm.num_frames=2"])
+    pairs = list(ShardReader(summary["pattern"], kind="preference", shuffle=False, epochs=1))
+    assert summary["pairs"] == len(pairs) == 3 and summary["scorers"]["vlm"]["votes"] == 3
+    for s in pairs:
+        vote = s["label"]["extra"]["votes"]["vlm"]
+        assert math.isfinite(vote["a"]) and math.isfinite(vote["b"]) and vote["a"] != vote["b"]
+        assert s["label"]["preference"] == vote["vote"] == ("a" if vote["a"] > vote["b"] else "b")
