@@ -30,6 +30,7 @@ import secrets
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -51,17 +52,27 @@ def _error(status: int, message: str) -> web.Response:
 
 @web.middleware
 async def _guard(request: web.Request, handler):
-    """Token check (when the server has one) and one JSON shape for every refusal."""
+    """Token check (when the server has one), labels only from this page (a JSON POST from the same origin: another
+    site's form or script cannot post one into the log), and one JSON shape for every refusal."""
     token = request.app[TOKEN_KEY]
     if token is not None:
         given = request.query.get("token") or request.headers.get("X-Annotate-Token") or request.cookies.get(COOKIE, "")
         if not hmac.compare_digest(given.encode(), token.encode()):
             return _error(401, "missing or wrong token: open the URL the server printed (it ends in ?token=...)")
+    if request.method == "POST":
+        origin = request.headers.get("Origin")  # host compared, not scheme: a TLS proxy in front changes only that
+        if origin is not None and urlsplit(origin).netloc != request.host:
+            return _error(403, f"Origin: {origin!r} is not this server; labels are posted by its own page")
+        if request.content_type != "application/json":
+            return _error(415, f"Content-Type: must be application/json, got {request.content_type!r}")
     try:
         response = await handler(request)
     except web.HTTPException as err:
         if err.status >= 400:
-            return _error(err.status, err.text or err.reason)
+            response = _error(err.status, err.text or err.reason)
+            response.headers.update({k: v for k, v in err.headers.items()
+                                     if k not in ("Content-Type", "Content-Length")})  # e.g. 416's Content-Range
+            return response
         raise
     if token is not None and request.query.get("token"):
         response.set_cookie(COOKIE, token, httponly=True, samesite="Strict")
@@ -115,7 +126,7 @@ async def post_label(request: web.Request) -> web.Response:
     pairs: PairSet = request.app[PAIRS_KEY]
     if not isinstance(pair, str) or pair not in pairs.refs:
         raise web.HTTPNotFound(text=f"pair: no pair {pair!r} in {pairs.pattern}")
-    if choice not in CHOICE_TO_SLOT:
+    if not isinstance(choice, str) or choice not in CHOICE_TO_SLOT:
         raise web.HTTPBadRequest(text=f"choice: must be one of {list(CHOICE_TO_SLOT)}, got {choice!r}")
     left = left_slot(pair, annotator)
     slot = CHOICE_TO_SLOT[choice] or (left if choice == "left" else ("b" if left == "a" else "a"))
@@ -185,6 +196,8 @@ def _is_loopback(host: str) -> bool:
 def serve(args) -> int:
     pairs, label_log = open_task(args.dir, args.pairs)
     token = args.token
+    if token is not None and len(token) < 8:
+        raise ValueError(f"--token: at least 8 characters, got {len(token)}")
     if token is None and not _is_loopback(args.host):
         token = secrets.token_urlsafe(16)
     app = make_app(pairs, label_log, token)
@@ -240,7 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
-        pairs, label_log = open_task(args.dir, None)
+        pairs, label_log = open_task(args.dir, None, read_only=True)  # may run beside a live server
         try:
             if args.command == "report":
                 print(json.dumps(report(pairs, label_log), indent=2, sort_keys=True))

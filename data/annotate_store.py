@@ -91,20 +91,21 @@ def left_slot(pair: str, annotator: str) -> str:
 
 
 class LabelLog:
-    """Append-only, fsync'ed JSON lines in `<dir>/labels.jsonl` (see the module doc)."""
+    """Append-only, fsync'ed JSON lines in `<dir>/labels.jsonl` (see the module doc). `read_only` (report, export,
+    which may run beside a live server): an unfinished last line is ignored, not cut, and nothing can be appended."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, read_only: bool = False):
         self.path = Path(directory) / LOG_FILE
         self.records: List[dict] = []
         self._lock = threading.Lock()
         if self.path.exists():
-            self._replay()
-        self._file = open(self.path, "ab")  # noqa: SIM115 - held open for appends; closed by close()
+            self._replay(read_only)
+        self._file = None if read_only else open(self.path, "ab")  # noqa: SIM115 - held open; closed by close()
 
-    def _replay(self) -> None:
+    def _replay(self, read_only: bool) -> None:
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
-        if end < len(data):  # a crash cut the last line short: it was never acknowledged
+        if end < len(data) and not read_only:  # a crash cut the last line short: it was never acknowledged
             log.warning("%s: dropping an unfinished last line (%d bytes; a crash mid-write, never acknowledged)",
                         self.path, len(data) - end)
             with open(self.path, "r+b") as f:
@@ -126,6 +127,8 @@ class LabelLog:
         """Write one label durably (written, flushed, fsync'ed) and return it; only then may it be acknowledged."""
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {list(CHOICES)}, got {choice!r}")
+        if self._file is None:
+            raise ValueError(f"{self.path}: opened read-only")
         with self._lock:
             record = {"seq": len(self.records), "time": time.time(), "annotator": annotator, "session": session,
                       "pair": pair, "choice": choice, "left": left}
@@ -140,12 +143,13 @@ class LabelLog:
         return {(r["annotator"], r["pair"]): r for r in self.records}
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
-def open_task(directory: str | Path, pairs: Optional[str]) -> Tuple[PairSet, LabelLog]:
+def open_task(directory: str | Path, pairs: Optional[str], read_only: bool = False) -> Tuple[PairSet, LabelLog]:
     """The pairs and the log of an annotation directory. The first `serve` records the pairs in task.json; later
-    calls may omit `pairs` and must not change them (labels refer to their keys)."""
+    calls may omit `pairs` and must not change them (labels refer to their keys). `read_only`: see LabelLog."""
     directory = Path(directory)
     task_file = directory / TASK_FILE
     stored = json.loads(task_file.read_text()) if task_file.exists() else None
@@ -162,7 +166,7 @@ def open_task(directory: str | Path, pairs: Optional[str]) -> Tuple[PairSet, Lab
     directory.mkdir(parents=True, exist_ok=True)
     if stored is None:
         task_file.write_text(json.dumps(now, indent=2))
-    label_log = LabelLog(directory)
+    label_log = LabelLog(directory, read_only)
     unknown = sorted({r["pair"] for r in label_log.records} - set(pair_set.refs))
     if unknown:
         raise StoreError(f"{label_log.path}: labels of pairs not in {pairs}: {unknown[:3]}")
@@ -270,7 +274,7 @@ def export(pairs: PairSet, label_log: LabelLog, out: str | Path, prefix: str = "
                 counts["conflict_" + on_conflict] += 1
                 if on_conflict == "drop":
                     continue
-                label = "tie"
+                label, share = "tie", list(votes.values()).count("tie") / len(votes)  # the share that said tie
             members = pairs.members(pair)
             before_label = json.loads(members[LABEL])
             members[LABEL] = json.dumps(check_label({

@@ -140,8 +140,8 @@ def _finite(x: float) -> Optional[float]:
 
 
 def group_candidates(pattern: str) -> Dict[str, list]:
-    """{prompt key: [(SampleRef, candidate.json)]} of the candidate shards, in file order (headers and the small
-    JSON members only; a damaged sample is an error naming shard and key)."""
+    """{prompt key: [(SampleRef, candidate.json)]} of the candidate shards, in file order (tar headers and the
+    candidate.json members only; a damaged sample is an error naming shard and key)."""
     from data.reader import DataError
     from data.schema import CANDIDATE, SampleError, check_candidate
     from data.tarindex import expand_pattern, index_shard, read_members
@@ -155,7 +155,7 @@ def group_candidates(pattern: str) -> Dict[str, list]:
             if ref.error:
                 raise DataError(path, ref.key, ref.error)
             try:
-                members = read_members(ref)
+                members = read_members(ref, [CANDIDATE])
                 if CANDIDATE not in members:
                     raise SampleError(CANDIDATE, "missing (is this a candidate shard? see data/SCHEMA.md)")
                 info = check_candidate(json.loads(members[CANDIDATE]))
@@ -165,6 +165,32 @@ def group_candidates(pattern: str) -> Dict[str, list]:
                 raise DataError(path, ref.key, f"invalid JSON ({err})", CANDIDATE) from None
             groups[info["prompt_key"]].append((ref, info))
     return groups
+
+
+def decode_candidate(ref, members: Dict[str, bytes]) -> dict:
+    """One candidate's decoded sample; a schema problem is a DataError naming shard, key and field."""
+    from data.reader import DataError
+    from data.schema import SampleError, decode_members
+
+    try:
+        return decode_members("candidate", members)
+    except SampleError as err:
+        raise DataError(ref.shard, ref.key, err.reason, field=err.field) from None
+
+
+def check_same_prompt(prompt_key: str, decoded: Sequence[dict], refs: Sequence) -> None:
+    """Candidates paired under one prompt key must share its text and reference photos (a pair is written with one
+    copy of them); an external candidate with other photos is an error naming both samples."""
+    from data.reader import DataError
+
+    first = decoded[0]
+    for other, ref in zip(decoded[1:], refs[1:], strict=True):
+        same_refs = len(other["refs"]) == len(first["refs"]) and all(
+            a.shape == b.shape and np.array_equal(a, b) for a, b in zip(other["refs"], first["refs"], strict=True))
+        if other["prompt"] != first["prompt"] or not same_refs:
+            what = "prompt text" if other["prompt"] != first["prompt"] else "reference photos"
+            raise DataError(ref.shard, ref.key, f"its {what} differ from those of {refs[0].key} ({refs[0].shard}), "
+                            f"though both have prompt_key {prompt_key!r}", field="candidate.prompt_key")
 
 
 def choose_pairs(infos: Sequence[dict], prompt_key: str, section) -> List[Tuple[int, int]]:
@@ -240,7 +266,6 @@ def run(cfg, overwrite: bool = False) -> Dict[str, object]:
     (also written as `<out>/<prefix>.autolabel.json`)."""
     from contextlib import ExitStack
 
-    from data.schema import decode_members
     from data.tarindex import read_members
     from data.write_shards import ShardWriter, existing_shards
 
@@ -263,8 +288,9 @@ def run(cfg, overwrite: bool = False) -> Dict[str, object]:
             summary = people if to_people else auto
             summary.stats["prompts"] += 1
             raw = [read_members(ref) for ref, _ in members]
-            decoded = [decode_members("candidate", m) for m in raw]
+            decoded = [decode_candidate(ref, m) for (ref, _), m in zip(members, raw, strict=True)]
             infos, keys = [info for _, info in members], [ref.key for ref, _ in members]
+            check_same_prompt(prompt_key, decoded, [ref for ref, _ in members])
             scores = scorers.score([d["video"] for d in decoded], [d["refs"] for d in decoded],
                                    [d["prompt"] for d in decoded], section.batch_size)
             for n, (i, j) in enumerate(choose_pairs(infos, prompt_key, section)):

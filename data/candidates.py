@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -69,29 +70,36 @@ def read_prompts(pattern: str, limit: Optional[int]) -> List[dict]:
 
 
 def existing_keys(out: Path, prefix: str) -> tuple[List[str], set]:
-    """(shard paths, sample keys) of the candidate shards already written (tar headers only)."""
+    """(shard paths, sample keys) of the candidate shards already written (tar headers only). They must be numbered
+    000000 up without a gap: new shards continue the numbering, and the set is named by one brace pattern."""
     from data.tarindex import index_shard
-    from data.write_shards import existing_shards
+    from data.write_shards import existing_shards, shard_name
 
     paths = existing_shards(out, prefix)
+    for n, path in enumerate(paths):
+        if Path(path).name != shard_name(prefix, n):
+            raise ValueError(f"{out}: candidate shards must be numbered from 000000 without a gap, but "
+                             f"{shard_name(prefix, n)} is missing (found {Path(path).name}); pass --overwrite to "
+                             "start over")
     keys = set()
     for path in paths:
         index = index_shard(path)
         bad = index.error or next((ref.error for ref in index.samples if ref.error), None)
         if bad:
-            raise ValueError(f"{path}: damaged candidate shard ({bad}); remove it or pass --overwrite")
+            raise ValueError(f"{path}: damaged candidate shard ({bad}); pass --overwrite to start over")
         keys.update(ref.key for ref in index.samples)
     return paths, keys
 
 
 def check_resumable(section, out: Path, prefix: str, overwrite: bool) -> tuple[int, set]:
     """(first new shard number, keys already written); with `overwrite`, the old shards are removed first."""
+    from data.write_shards import existing_shards
+
     stored = out / f"{prefix}.config.yaml"
-    paths, keys = existing_keys(out, prefix)
     if overwrite:
-        for path in paths:
+        for path in existing_shards(out, prefix):  # not indexed: a damaged one goes too
             Path(path).unlink()
-        paths, keys = [], set()
+    paths, keys = existing_keys(out, prefix)
     mine = OmegaConf.to_container(section)
     if paths and stored.is_file():
         theirs = OmegaConf.to_container(OmegaConf.create(stored.read_text()))
@@ -105,48 +113,79 @@ def check_resumable(section, out: Path, prefix: str, overwrite: bool) -> tuple[i
     return len(paths), keys
 
 
-def generate(section, prompts: Sequence[dict], done: set) -> Iterator[tuple[str, dict, dict, bytes, dict]]:
+@dataclass
+class Generator:
+    """A generator resolved before any sampling: its config, and the LoRA file it samples with (None: the base)."""
+
+    name: str
+    config_file: str
+    overrides: List[str]
+    cfg: object
+    lora_file: Optional[Path]
+
+
+def resolve_generators(section) -> List[Generator]:
+    """Every generator's config and checkpoint, checked up front; an error names `candidates.generators[i]`."""
+    from config import load_config
+    from evaluation.policies import EvalError, check_compatible, resolve_policy
+
+    out = []
+    for i, gen in enumerate(section.generators):
+        where = f"candidates.generators[{i}] ({gen.name})"
+        try:
+            cfg = load_config(gen.config, list(gen.overrides))
+            spec = resolve_policy(gen.checkpoint, cfg.trainer.output_dir, gen.weights)
+            check_compatible(spec, cfg)
+        except (ConfigError, EvalError, FileNotFoundError) as err:
+            raise ConfigError(f"{where}: {err}".replace("--checkpoint", "checkpoint")) from None
+        out.append(Generator(gen.name, gen.config, list(gen.overrides), cfg, spec.lora_file))
+    return out
+
+
+def generate(section, generators: Sequence[Generator], prompts: Sequence[dict],
+             done: set) -> Iterator[tuple[str, dict, dict, bytes, dict]]:
     """(key, prompt sample, candidate.json, mp4 bytes, video info) of every missing candidate, generator by
     generator, each on its own rollout workers (created, used, released)."""
     import ray
 
-    from config import load_config, to_yaml
-    from evaluation.policies import check_compatible, read_lora, resolve_policy
+    from config import to_yaml
+    from evaluation.policies import read_lora
     from launcher.cluster import RESTARTABLE
     from workers.group import WorkerGroup, plan_pool, release
     from workers.rollout import RolloutWorker
 
     n = section.videos_per_generator
-    for gen in section.generators:
+    for gen in generators:
         todo = [p for p in prompts if any(candidate_key(p["key"], gen.name, k) not in done for k in range(n))]
         if not todo:
             log.info("generator %s: all %d prompts done", gen.name, len(prompts))
             continue
-        cfg = load_config(gen.config, list(gen.overrides))
-        spec = resolve_policy(gen.checkpoint, cfg.trainer.output_dir, gen.weights)
-        check_compatible(spec, cfg)
+        cfg = gen.cfg
         placement = plan_pool(cfg.workers, "rollout", device_is_gpu=cfg.trainer.device.startswith("cuda"))
         group = WorkerGroup(f"candidates-{gen.name}", RolloutWorker, placement, (to_yaml(cfg),), **RESTARTABLE)
         try:
-            if spec.lora_file is not None:
-                ray.get(group.run("set_weights", 0, read_lora(spec.lora_file)))
-            log.info("generator %s (%s, %s): %d prompts x %d videos on %d rollout worker(s)", gen.name, gen.config,
-                     spec.source, len(todo), n, len(group))
-            checkpoint = "base" if spec.lora_file is None else str(spec.lora_file)
+            # A LoRA generator samples with version 1; a worker Ray restarts mid-call fetches it again (weights_box),
+            # so no video is ever sampled with the initial adapters and written under this generator's name.
+            version, box = (None, None) if gen.lora_file is None else (1, [ray.put(read_lora(gen.lora_file))])
+            if box is not None:
+                ray.get(group.run("set_weights", version, ray.get(box[0])))
+            log.info("generator %s (%s, %s): %d prompts x %d videos on %d rollout worker(s)", gen.name, gen.config_file,
+                     gen.lora_file or "base", len(todo), n, len(group))
+            checkpoint = "base" if gen.lora_file is None else str(gen.lora_file)
             pending: List[tuple] = []
             for i, prompt in enumerate([*todo, *[None] * (IN_FLIGHT_PER_WORKER * len(group))]):
                 if prompt is not None:
                     seeds = candidate_seeds(section.seed, prompt["key"], n)
                     ref = group.actors[i % len(group)].candidate_videos.remote(
                         {"prompt": prompt["prompt"], "refs": prompt["refs"]}, seeds, section.sampler == "ode",
-                        section.fps, adapters=spec.lora_file is not None)
+                        section.fps, version, box)
                     pending.append((prompt, seeds, ref))
                 if len(pending) > IN_FLIGHT_PER_WORKER * len(group) or (prompt is None and pending):
                     first, seeds, ref = pending.pop(0)
                     for k, (video, info) in enumerate(ray.get(ref)):
                         candidate = {"prompt_key": first["key"], "generator": gen.name, "checkpoint": checkpoint,
                                      "seed": seeds[k], "sampler": section.sampler,
-                                     "extra": {"config": gen.config, "overrides": list(gen.overrides), "index": k}}
+                                     "extra": {"config": gen.config_file, "overrides": gen.overrides, "index": k}}
                         key = candidate_key(first["key"], gen.name, k)
                         if key not in done:
                             yield key, first, candidate, video, info
@@ -159,7 +198,6 @@ def run(cfg, overwrite: bool = False) -> Dict[str, object]:
     """Write the missing candidates; returns {pattern, written, skipped_existing, shards}."""
     import ray
 
-    from config import load_config
     from data.schema import candidate_members, make_meta
     from data.video import VideoInfo
     from data.write_shards import ShardWriter
@@ -170,13 +208,14 @@ def run(cfg, overwrite: bool = False) -> Dict[str, object]:
     if not section.generators:
         raise ConfigError("candidates.generators: needs at least one generator {name, config, checkpoint}")
     out = Path(section.out)
+    generators = resolve_generators(section)
     prompts = read_prompts(section.prompt_shards, section.num_prompts)
     first_shard, done = check_resumable(section, out, section.prefix, overwrite)
-    started = connect_ray(load_config(section.generators[0].config, list(section.generators[0].overrides)))
+    started = connect_ray(generators[0].cfg)
     written = 0
     try:
         with ShardWriter(out, section.prefix, section.samples_per_shard, first_index=first_shard) as writer:
-            for key, prompt, candidate, video, info in generate(section, prompts, done):
+            for key, prompt, candidate, video, info in generate(section, generators, prompts, done):
                 meta = make_meta(prompt["meta"]["num_people"], prompt["meta"]["identity_ids"],
                                  prompt["meta"]["source"], {"video": VideoInfo(**info)}, prompt["meta"]["extra"])
                 writer.write(key, candidate_members(prompt["prompt"], prompt["refs"], video, candidate, meta))

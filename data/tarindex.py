@@ -136,11 +136,14 @@ def index_shard(path: str) -> ShardIndex:
         return ShardIndex(path, samples)
 
 
-def read_members(ref: SampleRef) -> dict[str, bytes]:
-    """Read the bytes of every member of one sample (by seeking). Raises OSError if a read is short."""
+def read_members(ref: SampleRef, names: Sequence[str] | None = None) -> dict[str, bytes]:
+    """Read the bytes of every member of one sample, or of the named ones that it has (by seeking). Raises OSError
+    if a read is short."""
     out: dict[str, bytes] = {}
     with open(ref.shard, "rb") as f:
         for ext, (offset, size) in ref.members.items():
+            if names is not None and ext not in names:
+                continue
             f.seek(offset)
             data = f.read(size)
             if len(data) != size:

@@ -2,8 +2,8 @@
 
 1. the demo prompt shards and the demo base model, as `make demo` builds them (when missing);
 2. candidates (`python -m data.candidates`, cluster_configs/reward_data_demo.yaml): two demo generators sample
-   3 videos each for 16 demo prompts on Ray rollout workers;
-3. auto labels (`python -m data.autolabel`): 6 pairs per prompt labelled by the vote; the pairs of a quarter of
+   4 videos each for 16 demo prompts on Ray rollout workers;
+3. auto labels (`python -m data.autolabel`): 12 pairs per prompt labelled by the vote; the pairs of a quarter of
    the prompts are set apart for people (`autolabel.people_fraction`);
 4. labels through the page: the annotation server runs as users run it (`python -m data.annotate serve`, its own
    process) and two scripted annotators label every pair through the page's HTTP API (they stand in for people:

@@ -78,7 +78,7 @@ def test_api_serves_pairs_and_rejects_malformed_requests(tmp_path, pairs):
         tail = requests.get(base + view["left"], headers={"Range": "bytes=-20"}, timeout=10)
         assert tail.status_code == 206 and tail.content == video.content[-20:]
         beyond = requests.get(base + view["left"], headers={"Range": f"bytes={len(video.content) + 5}-"}, timeout=10)
-        assert beyond.status_code == 416
+        assert beyond.status_code == 416 and beyond.headers["Content-Range"] == f"bytes */{len(video.content)}"
         saved = post(base, annotator="alice", session="s1", pair="pair00000", choice="right").json()
         assert saved["label"] == ("b" if left == "a" else "a")
         assert saved["pair"] == "pair00001" and saved["labelled"] == 1
@@ -87,7 +87,9 @@ def test_api_serves_pairs_and_rejects_malformed_requests(tmp_path, pairs):
             assert response.status_code == status, response.text
             assert all(w in response.json()["error"] for w in words), response.json()
 
-        refused(requests.post(f"{base}/api/label", data=b"{not json", timeout=10), 400, ["body", "not JSON"])
+        as_json = {"Content-Type": "application/json"}
+        refused(requests.post(f"{base}/api/label", data=b"{not json", headers=as_json, timeout=10), 400,
+                ["body", "not JSON"])
         refused(requests.post(f"{base}/api/label", json=[1], timeout=10), 400, ["JSON object"])
         refused(post(base, annotator="alice", session="s1", pair="pair00000", choice="up"), 400, ["choice", "'up'"])
         refused(post(base, annotator="alice", session="s1", pair="nope", choice="tie"), 404, ["pair", "'nope'"])
@@ -95,23 +97,35 @@ def test_api_serves_pairs_and_rejects_malformed_requests(tmp_path, pairs):
         refused(post(base, annotator="alice", session="", pair="pair00000", choice="tie"), 400, ["session"])
         refused(post(base, annotator="alice", session="s", pair="pair00000", choice="tie", x=1), 400, ["x: unknown"])
         refused(requests.get(f"{base}/api/next", timeout=10), 400, ["annotator"])
-        refused(requests.get(f"{base}/media/pair00000/../../etc", timeout=10), 404, [])
+        refused(post(base, annotator="alice", session="s1", pair="pair00000", choice=["left"]), 400, ["choice"])
+        label = {"annotator": "mallory", "session": "s", "pair": "pair00000", "choice": "tie"}
+        refused(requests.post(f"{base}/api/label", data=json.dumps(label), headers={"Content-Type": "text/plain"},
+                              timeout=10), 415, ["Content-Type"])  # what another site's form can send
+        refused(requests.post(f"{base}/api/label", json=label, headers={"Origin": "http://evil.example"}, timeout=10),
+                403, ["Origin"])
+        import http.client
+
+        raw = http.client.HTTPConnection(base.split("//")[1], timeout=10)  # a path no client library normalises
+        for path in ("/media/pair00000/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/media/pair00000/..%2F..%2Ftask.json"):
+            raw.request("GET", path)
+            answer = raw.getresponse()
+            assert answer.status == 404 and "media" in json.loads(answer.read())["error"], path
         refused(requests.get(f"{base}/media/pair00000/label.json", timeout=10), 404, ["label.json"])
-        refused(requests.post(f"{base}/api/label", data=b"x" * 100_000, timeout=10), 413, [])
+        refused(requests.post(f"{base}/api/label", data=b"x" * 100_000, headers=as_json, timeout=10), 413, [])
         assert len(LabelLog(tmp_path / "ann").records) == 1  # nothing refused was written
     finally:
         server.stop()
 
 
 def test_token_required_off_loopback_and_checked(tmp_path, pairs):
-    server = Server(tmp_path / "ann", pairs, "--token", "s3cret")
+    server = Server(tmp_path / "ann", pairs, "--token", "s3cret-token")
     try:
         base = server.base
-        assert server.url.endswith("?token=s3cret")
+        assert server.url.endswith("?token=s3cret-token")
         assert requests.get(f"{base}/api/next", params={"annotator": "bob"}, timeout=10).status_code == 401
         assert requests.get(f"{base}/", params={"token": "wrong"}, timeout=10).status_code == 401
         with requests.Session() as browser:
-            assert browser.get(f"{base}/", params={"token": "s3cret"}, timeout=10).status_code == 200
+            assert browser.get(f"{base}/", params={"token": "s3cret-token"}, timeout=10).status_code == 200
             view = browser.get(f"{base}/api/next", params={"annotator": "bob"}, timeout=10).json()
             assert view["pair"] == "pair00000"
     finally:
@@ -119,10 +133,17 @@ def test_token_required_off_loopback_and_checked(tmp_path, pairs):
     # binding to all interfaces without --token: a token is generated and printed
     server = Server(tmp_path / "ann", None, "--host", "0.0.0.0")
     try:
-        assert "?token=" in server.url and len(server.url.split("?token=")[1]) >= 16
+        token = server.url.split("?token=")[1]
+        assert len(token) >= 16
         assert requests.get(f"{server.base}/api/next", params={"annotator": "bob"}, timeout=10).status_code == 401
+        view = requests.get(f"{server.base}/api/next", params={"annotator": "bob"}, headers={"X-Annotate-Token": token},
+                            timeout=10)
+        assert view.status_code == 200 and view.json()["pair"] == "pair00000"
     finally:
         server.stop()
+    too_short = subprocess.run([sys.executable, "-m", "data.annotate", "serve", "--dir", str(tmp_path / "ann"),
+                                "--token", ""], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert too_short.returncode == 2 and "--token" in too_short.stderr
 
 
 def test_kill_while_posting_loses_no_acknowledged_label(tmp_path, pairs):
@@ -170,6 +191,11 @@ def test_unfinished_last_line_is_cut_and_a_bad_line_refused(tmp_path, pairs):
     log.close()
     with open(directory / "labels.jsonl", "ab") as f:
         f.write(b'{"seq": 1, "annotator": "alice", "pai')  # a crash mid-write: never acknowledged
+    size = (directory / "labels.jsonl").stat().st_size
+    reader = LabelLog(directory, read_only=True)  # report/export beside a live server: the tail is not cut
+    assert [r["pair"] for r in reader.records] == ["pair00000"] and (directory / "labels.jsonl").stat().st_size == size
+    with pytest.raises(ValueError, match="read-only"):
+        reader.append("alice", "s", "pair00001", "a", "a")
     log = LabelLog(directory)
     assert [r["pair"] for r in log.records] == ["pair00000"]
     log.append("alice", "s", "pair00001", "b", "a")
@@ -218,6 +244,9 @@ def test_report_and_export(tmp_path, pairs):
         assert s["label"]["extra"]["previous_label"] == {"preference": truth[key], "source": stored[key]["source"]}
     ties = export(pair_set, log, tmp_path / "out2", min_annotators=1, on_conflict="tie")
     assert ties["exported"] == 8 and ties["conflict_tie"] == 3
+    split = {s["key"]: s["label"] for s in ShardReader(ties["pattern"], kind="preference", shuffle=False, epochs=1)}
+    assert split[pair_set.order[6]]["preference"] == "tie" and split[pair_set.order[6]]["extra"]["agreement"] == 0.0
+    assert split[pair_set.order[0]]["extra"]["agreement"] == 0.5  # alice a or b, bob tie: half said tie
     with pytest.raises(FileExistsError):
         export(pair_set, log, tmp_path / "out2")
 

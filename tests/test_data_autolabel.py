@@ -130,7 +130,7 @@ def test_autolabel_command_on_candidates(tmp_path, capsys):
     # again without --overwrite: refused, naming the key; a second, disagreeing scorer drops split votes
     with pytest.raises(SystemExit) as err:
         main(args)
-    assert err.value.code == 2
+    assert err.value.code == 2 and "autolabel.out" in capsys.readouterr().err
     both = "autolabel.scorers={demo_brightness: {margin: 0.02}, demo_reference_color: {margin: 0.0}}"
     two = main(args[:-2] + [both, "autolabel.min_agreement=1.0", "autolabel.cross_generator_only=true", "--overwrite"])
     assert two["pairs"] == 8  # 2 x 2 cross-generator pairs per prompt
@@ -167,3 +167,21 @@ def test_the_vlm_reward_model_votes(tmp_path):
         vote = s["label"]["extra"]["votes"]["vlm"]
         assert math.isfinite(vote["a"]) and math.isfinite(vote["b"]) and vote["a"] != vote["b"]
         assert s["label"]["preference"] == vote["vote"] == ("a" if vote["a"] > vote["b"] else "b")
+
+
+def test_candidates_of_one_prompt_key_must_share_prompt_and_references(tmp_path, capsys):
+    """A pair is written with one copy of the prompt and references: candidates grouped under one prompt key with
+    other photos are an error naming both samples."""
+    pattern = _candidate_shards(tmp_path / "cand", {"p0": {"g": [40, 200]}})
+    other = np.full((32, 32, 3), 7, dtype=np.uint8)
+    meta = make_meta(1, ["ann"], "test", {"video": VideoInfo(3, 16.0, 16, 16)})
+    cand = {"prompt_key": "p0", "generator": "x", "checkpoint": "x", "seed": 0, "sampler": "external"}
+    with ShardWriter(tmp_path / "ext", "candidates") as writer:
+        writer.write("p0-x-0", candidate_members("prompt p0", [other], encode_video(np.zeros((3, 16, 16, 3), np.uint8)),
+                                                 cand, meta))
+    with pytest.raises(SystemExit) as err:
+        main(["--config", "cluster_configs/reward_data_demo.yaml", f"autolabel.out={tmp_path / 'auto'}",
+              f"autolabel.candidate_shards='{{{pattern},{writer.pattern}}}'",
+              "autolabel.scorers={demo_brightness: {}}"])
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and "p0-x-0" in message and "p0-g-0" in message and "reference photos" in message

@@ -274,10 +274,16 @@ def test_external_candidates_resampled_to_the_model_count(inputs, tmp_path):
         video = np.full((5, 32, 48, 3), 120, dtype=np.uint8)
         meta = make_meta(1, None, "test", {"video": VideoInfo(5, 16.0, 32, 48)})
         info = {"prompt_key": "prompt00000", "generator": "tiny", "checkpoint": "base", "seed": 3, "sampler": "ode"}
-        writer.write("prompt00000-tiny-0", candidate_members(
-            "a woman in a spacesuit", [np.full((8, 8, 3), 50, np.uint8)], encode_video(video), info, meta))
+        ref = decode_image((root / "refs" / "p0.png").read_bytes())  # the external candidates' reference
+        writer.write("prompt00000-tiny-0", candidate_members("a woman in a spacesuit", [ref], encode_video(video),
+                                                             info, meta))
     summary = autolabel(["--config", "cluster_configs/reward_data_demo.yaml", "autolabel.people_fraction=0",
                          f"autolabel.candidate_shards='{{{out},{generated}}}/candidates-000000.tar'",
                          f"autolabel.out={tmp_path / 'auto'}", "autolabel.scorers={demo_brightness: {margin: 0.0}}"])
     assert summary["pairs"] == 3 and summary["kept"] == 3
-    assert summary["generator_wins"]  # footage vs tiny pairs were voted on
+    pairs = list(ShardReader(summary["pattern"], kind="preference", epochs=1, shuffle=False))
+    mixed = [p for p in pairs if set(p["label"]["extra"]["generators"].values()) == {"footage", "tiny"}]
+    assert len(mixed) == 2 and sum(sum(c.values()) for c in summary["generator_wins"].values()) == 2
+    for p in mixed:  # the brighter video wins (margin 0): the grey-120 clip against the photo clips
+        a, b = p["video_a"].mean(), p["video_b"].mean()
+        assert p["label"]["preference"] == ("a" if a > b else "b")

@@ -42,7 +42,7 @@ def _lora_dir(tmp_path) -> Path:
     return tmp_path / "lora"
 
 
-def test_candidates_on_rollout_workers_resume_after_a_lost_shard(tmp_path, prompts):
+def test_candidates_on_rollout_workers_resume_after_a_lost_shard(tmp_path, prompts, capsys):
     """Two generators with the same weights and settings give the same videos from the shared seeds (determinism),
     one sampling with another guidance scale and one with a LoRA checkpoint give others; a shard lost in a crash
     is sampled again, identically."""
@@ -85,9 +85,20 @@ def test_candidates_on_rollout_workers_resume_after_a_lost_shard(tmp_path, promp
     assert set(redone) == set(lost)
     assert all((redone[k]["video"] == lost[k]["video"]).all() for k in lost)
     assert candidates_main(["--config", str(config)])["written"] == 0
-    with pytest.raises(SystemExit) as err:  # other settings into the same folder: refused
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:  # other settings into the same folder: refused, naming the key
         candidates_main(["--config", str(config), "candidates.sampler=sde"])
-    assert err.value.code == 2
+    assert err.value.code == 2 and "candidates.sampler" in capsys.readouterr().err
+    Path(shards[1]).unlink()  # a gap in the numbering: refused (new shards would take taken numbers)
+    with pytest.raises(SystemExit) as err:
+        candidates_main(["--config", str(config)])
+    assert err.value.code == 2 and "candidates-000001.tar is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:  # a generator that does not fit: named before anything is sampled
+        candidates_main(["--config", str(config), "--overwrite",
+                         f"candidates.generators=[{{name: bad, config: cluster_configs/local_cpu.yaml, "
+                         f"checkpoint: {tmp_path / 'nowhere'}}}]"])
+    assert err.value.code == 2 and "candidates.generators[0] (bad)" in capsys.readouterr().err
+    assert len(existing_shards(tmp_path / "cand", "candidates")) == 5  # untouched: --overwrite never got that far
 
 
 def test_reward_data_pipeline(tmp_path):

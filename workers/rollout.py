@@ -102,20 +102,25 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         return trajectory
 
     def candidate_videos(self, sample: dict, seeds: List[int], deterministic: bool, fps: float,
-                         adapters: bool = True) -> List[tuple]:
+                         version: Optional[int] = None, weights_box: Optional[list] = None) -> List[tuple]:
         """One prompt's videos as (mp4 bytes, VideoInfo dict), for data/candidates.py (preference data): only the
-        encoded videos travel back, not the trajectory. `adapters=False` samples with the base model (LoRA off)."""
+        encoded videos travel back, not the trajectory. With `version` (and `weights_box` = [ref] of its weights)
+        it samples with those weights, fetched first by a worker Ray restarted; without, with the base model (LoRA
+        off)."""
         from contextlib import nullcontext
 
         from data.video import VideoInfo, encode_video
         from policy.lora import adapters_disabled, has_lora
 
+        adapters = version is not None
+        if adapters:
+            self._ensure_version(version, weights_box)
         cond = self.policy.encode_condition(sample["prompt"], sample.get("refs", []))
         base_only = not adapters and has_lora(self.policy.transformer)
         with adapters_disabled(self.policy.transformer) if base_only else nullcontext():
             trajectory = sample_group(self.policy, cond, seeds, self.rule, self.schedule, deterministic=deterministic)
-        return [(encode_video(video, fps), VideoInfo(video.shape[0], float(fps), video.shape[1], video.shape[2]).to_dict())
-                for video in trajectory.videos.numpy()]
+        return [(encode_video(v, fps), VideoInfo(v.shape[0], float(fps), v.shape[1], v.shape[2]).to_dict())
+                for v in trajectory.videos.numpy()]
 
     def held_out(self, prompts: List[dict], seeds: List[int], version: int, weights_box: list,
                  weights: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
