@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 # A crash in native code (a segfault at exit, issue #14) prints every thread's Python stack, in tests and in CI.
 export PYTHONFAULTHANDLER := 1
 
-.PHONY: install test test-slow test-slurm test-rehearsal test-faults rehearse demo shards train-reward reward-data train eval bench lint tensorboard submit clean
+.PHONY: install test test-slow test-slurm test-rehearsal test-faults test-tools rehearse demo shards train-reward reward-data train eval bench lint tensorboard submit clean
 
 install: $(STAMP)
 
@@ -29,11 +29,11 @@ $(STAMP): requirements.txt setup.cfg
 # The unit and component tests (minutes). The integration suites below start Ray clusters, DeepSpeed engines,
 # Slurm and real-width models; CI runs them all (.ci/run, two at a time: most of their phases use one core).
 test: install
-	$(PY) -m pytest -q -m "not slow and not slurm and not rehearsal and not faults" tests
+	$(PY) -m pytest -q -m "not slow and not slurm and not rehearsal and not faults and not tools" tests
 
 # The whole system on CPU: distributed loop, resume, fault recovery, demo, cluster launch, the 1.3B rehearsal.
 test-slow: install
-	$(PY) -m pytest -q -m "slow and not slurm and not rehearsal and not faults" tests
+	$(PY) -m pytest -q -m "slow and not slurm and not rehearsal and not faults and not tools" tests
 
 test-slurm: install
 	$(PY) -m pytest -q -m slurm tests
@@ -41,6 +41,10 @@ test-slurm: install
 # The GPU presets at real widths, reduced depth, on CPU (tests/test_rehearsal.py; minutes each; run in CI).
 test-rehearsal: install
 	$(PY) -m pytest -q -m rehearsal tests
+
+# The preference-data tools end to end: candidates on Ray rollout workers, `make reward-data`'s pipeline (minutes).
+test-tools: install
+	$(PY) -m pytest -q -m tools tests
 
 # Worker processes kill -9'ed from outside at chosen moments of a run (tests/process_killer.py; minutes; run in CI).
 test-faults: install

@@ -1,4 +1,4 @@
-"""Preference data end to end (slow): candidates sampled on the trainer's Ray rollout workers, resumed after a lost
+"""Preference data end to end (`tools`: minutes, Ray): candidates sampled on the trainer's Ray rollout workers, resumed after a lost
 shard; and `make reward-data`'s pipeline (candidates, auto labels, the annotation page with scripted annotators,
 export, reward.train) on a smaller setting."""
 
@@ -13,7 +13,8 @@ from data.candidates import main as candidates_main
 from data.reader import ShardReader
 from data.write_shards import existing_shards
 
-pytestmark = pytest.mark.slow
+# Its own lane (`make test-tools`): CI runs it after the rehearsals and faults, the lane that ends first.
+pytestmark = pytest.mark.tools
 
 
 @pytest.fixture(scope="module")
