@@ -1,7 +1,6 @@
 """Preference data end to end (`tools`: minutes, Ray): candidates sampled on the trainer's Ray rollout workers,
-resumed after a lost
-shard; and `make reward-data`'s pipeline (candidates, auto labels, the annotation page with scripted annotators,
-export, reward.train) on a smaller setting."""
+resumed after a lost shard; and `make reward-data`'s pipeline (candidates, auto labels, the annotation page with
+scripted annotators, export, reward.train) on a smaller setting."""
 
 import json
 from pathlib import Path
