@@ -253,17 +253,13 @@ def export(pairs: PairSet, label_log: LabelLog, out: str | Path, prefix: str = "
     the share that agreed and the label the pair had before. Pairs with fewer than `min_annotators` labels are left
     out; with no majority (`on_conflict`) a pair is dropped or labelled tie. Returns the counts and pattern."""
     from data.schema import LABEL, check_label
-    from data.write_shards import ShardWriter, existing_shards
+    from data.write_shards import replacing_writer
 
     if on_conflict not in ("drop", "tie"):
         raise ValueError(f"--on-conflict must be drop or tie, got {on_conflict!r}")
-    before = existing_shards(out, prefix)
-    if before and not overwrite:
-        raise FileExistsError(f"{len(before)} shard(s) named {prefix}-NNNNNN.tar already exist in {out} "
-                              "(pass --overwrite to replace them)")
     humans = human_labels(label_log)
     counts = Counter()
-    with ShardWriter(out, prefix, samples_per_shard) as writer:
+    with replacing_writer(out, prefix, samples_per_shard, overwrite) as writer:
         for pair in pairs.order:
             votes = humans.get(pair, {})
             if len(votes) < min_annotators or not votes:
@@ -284,6 +280,4 @@ def export(pairs: PairSet, label_log: LabelLog, out: str | Path, prefix: str = "
                                              "source": before_label.get("source")}}}), sort_keys=True).encode()
             writer.write(pair, members)
             counts["exported"] += 1
-    for stale in set(before) - set(writer.paths):
-        os.remove(stale)
     return {**counts, "pattern": writer.pattern if writer.paths else None}

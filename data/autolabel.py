@@ -206,8 +206,10 @@ def choose_pairs(infos: Sequence[dict], prompt_key: str, section) -> List[Tuple[
 
 
 def pair_key(prompt_key: str, n: int) -> str:
-    key = f"{prompt_key}-pair{n}"
-    return key if len(key) <= 80 else f"p{hashlib.sha256(prompt_key.encode('utf-8')).hexdigest()[:16]}-pair{n}"
+    """`<prompt key>-pair<n>` (data.schema.derived_key)."""
+    from data.schema import derived_key
+
+    return derived_key(prompt_key, f"pair{n}")
 
 
 def for_people(prompt_key: str, section) -> bool:
@@ -267,22 +269,18 @@ def run(cfg, overwrite: bool = False) -> Dict[str, object]:
     from contextlib import ExitStack
 
     from data.tarindex import read_members
-    from data.write_shards import ShardWriter, existing_shards
+    from data.write_shards import replacing_writer
 
     section = cfg.autolabel
     require(section, "autolabel")
     out = Path(section.out)
-    before = {prefix: existing_shards(out, prefix) for prefix in (section.prefix, section.people_prefix)}
-    if any(before.values()) and not overwrite:
-        prefix = next(p for p, paths in before.items() if paths)
-        raise FileExistsError(f"autolabel.out: {len(before[prefix])} shard(s) named {prefix}-NNNNNN.tar already exist "
-                              f"in {out} (pass --overwrite to replace them)")
-    groups = group_candidates(section.candidate_shards)
-    scorers = Scorers(section)
-    auto, people = Summary(scorers), Summary(scorers)
-    with ExitStack() as stack:
-        writers = {False: stack.enter_context(ShardWriter(out, section.prefix, section.samples_per_shard)),
-                   True: stack.enter_context(ShardWriter(out, section.people_prefix, section.samples_per_shard))}
+    with ExitStack() as stack:  # both shard sets are checked (refused unless --overwrite) before any work
+        writers = {to_people: stack.enter_context(replacing_writer(out, prefix, section.samples_per_shard, overwrite,
+                                                                   "autolabel.out: "))
+                   for to_people, prefix in ((False, section.prefix), (True, section.people_prefix))}
+        groups = group_candidates(section.candidate_shards)
+        scorers = Scorers(section)
+        auto, people = Summary(scorers), Summary(scorers)
         for prompt_key, members in groups.items():
             to_people = for_people(prompt_key, section)
             summary = people if to_people else auto
@@ -305,9 +303,6 @@ def run(cfg, overwrite: bool = False) -> Dict[str, object]:
                 summary.add(label, extra, infos[i]["generator"], infos[j]["generator"])
                 writers[to_people].write(pair_key(prompt_key, n),
                                          pair_members(prompt_key, raw, decoded, infos, keys, i, j, label, extra))
-    for prefix, writer in ((section.prefix, writers[False]), (section.people_prefix, writers[True])):
-        for stale in set(before[prefix]) - set(writer.paths):
-            Path(stale).unlink()
     result = {"candidate_shards": section.candidate_shards, **auto.to_dict(scorers),
               "pattern": writers[False].pattern if writers[False].paths else None,
               "people": {**people.to_dict(scorers), "pattern": writers[True].pattern if writers[True].paths else None}}

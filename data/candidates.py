@@ -48,11 +48,10 @@ def candidate_seeds(seed: int, prompt_key: str, n: int) -> List[int]:
 
 
 def candidate_key(prompt_key: str, generator: str, index: int) -> str:
-    """`<prompt key>-<generator>-<k>`; a hash of the prompt key where that would pass the 80-character limit."""
-    key = f"{prompt_key}-{generator}-{index}"
-    if len(key) > 80:
-        key = f"p{hashlib.sha256(prompt_key.encode('utf-8')).hexdigest()[:16]}-{generator}-{index}"
-    return key
+    """`<prompt key>-<generator>-<k>` (data.schema.derived_key)."""
+    from data.schema import derived_key
+
+    return derived_key(prompt_key, f"{generator}-{index}")
 
 
 def read_prompts(pattern: str, limit: Optional[int]) -> List[dict]:

@@ -8,6 +8,7 @@ where it came from (manifest line, or shard and key).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -67,6 +68,13 @@ def check_key(key: str) -> str:
     if not isinstance(key, str) or not KEY_RE.match(key):
         raise SampleError("key", f"{key!r} is not a valid key (letters, digits, '_' and '-', no dots, <= 80 chars)")
     return key
+
+
+def derived_key(stem: str, suffix: str) -> str:
+    """`<stem>-<suffix>`, a sample key made from another (a prompt key + generator and index, or + pair number); a
+    hash of the stem stands for it where the key would pass the 80-character limit."""
+    key = f"{stem}-{suffix}"
+    return key if len(key) <= 80 else f"p{hashlib.sha256(stem.encode('utf-8')).hexdigest()[:16]}-{suffix}"
 
 
 def check_prompt(prompt: Any) -> str:

@@ -53,7 +53,8 @@ class ShardWriter:
     temporary shard is deleted and completed shards stay (each is whole).
     """
 
-    def __init__(self, out_dir: str | Path, prefix: str, max_samples_per_shard: int = 1000, first_index: int = 0):
+    def __init__(self, out_dir: str | Path, prefix: str, max_samples_per_shard: int = 1000, first_index: int = 0,
+                 replaces: Iterable[str] = ()):
         if max_samples_per_shard < 1:
             raise ValueError(f"max_samples_per_shard must be >= 1, got {max_samples_per_shard}")
         if not prefix or "/" in prefix or "{" in prefix:
@@ -63,6 +64,7 @@ class ShardWriter:
         self.prefix = prefix
         self.max_samples = max_samples_per_shard
         self.first_index = first_index  # number of the first shard written (>0: adding to an existing set)
+        self.replaces = list(replaces)  # old shards of this name: those not rewritten are removed once all is written
         self.paths: list[str] = []  # completed shards
         self._keys = set()
         self._tar: TarWriter | None = None
@@ -110,6 +112,9 @@ class ShardWriter:
     def close(self) -> list[str]:
         if self._tar is not None:
             self._finish()
+        for stale in set(self.replaces) - set(self.paths):
+            os.remove(stale)
+        self.replaces = []
         return self.paths
 
     def abort(self) -> None:
@@ -136,6 +141,18 @@ def existing_shards(out_dir: str | Path, prefix: str) -> list[str]:
     return sorted(glob.glob(str(Path(out_dir) / f"{glob.escape(prefix)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")))
 
 
+def replacing_writer(out_dir: str | Path, prefix: str, max_samples_per_shard: int = 1000, overwrite: bool = False,
+                     what: str = "") -> ShardWriter:
+    """A ShardWriter for a new set of `<prefix>-NNNNNN.tar` shards. Shards of that name already there are refused
+    (FileExistsError, prefixed by `what`) unless `overwrite`; with it, those numbered past the new last one are
+    removed after the new ones are complete."""
+    before = existing_shards(out_dir, prefix)
+    if before and not overwrite:
+        raise FileExistsError(f"{what}{len(before)} shard(s) named {prefix}-NNNNNN.tar already exist in {out_dir} "
+                              "(pass --overwrite to replace them)")
+    return ShardWriter(out_dir, prefix, max_samples_per_shard, replaces=before)
+
+
 def write_records(records: Iterable[Record], out_dir: str | Path, prefix: str, max_samples_per_shard: int = 1000,
                   overwrite: bool = False, problems: list | None = None, **load_kwargs) -> tuple[list[str], str]:
     """Validate all records, then write them; returns (shard paths, brace pattern).
@@ -148,15 +165,9 @@ def write_records(records: Iterable[Record], out_dir: str | Path, prefix: str, m
     validate_records(records, problems, **load_kwargs)
     if not records:
         raise ValueError("no records to write")
-    before = existing_shards(out_dir, prefix)
-    if before and not overwrite:
-        raise FileExistsError(f"{len(before)} shard(s) named {prefix}-NNNNNN.tar already exist in {out_dir} "
-                              "(pass --overwrite to replace them)")
-    with ShardWriter(out_dir, prefix, max_samples_per_shard) as writer:
+    with replacing_writer(out_dir, prefix, max_samples_per_shard, overwrite) as writer:
         for rec in records:
             writer.write(rec.key, load_record(rec, **load_kwargs))
-    for stale in set(before) - set(writer.paths):
-        os.remove(stale)
     return writer.paths, writer.pattern
 
 
