@@ -30,6 +30,7 @@ import logging
 import math
 import sys
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -70,17 +71,25 @@ def tally(votes: Mapping[str, Optional[str]]) -> Tuple[Optional[str], float, Dic
 # ----------------------------------------------------------------------------- scorers
 
 
+@dataclass
+class Scored:
+    """Every scorer's (B,) scores, NaN where it failed, and per video whether it gave that scorer any evidence.
+    Only the face scorer can lack it while scoring: a faceless video scores `missing_penalty`, so two faceless
+    videos are no evidence either way."""
+
+    scores: Dict[str, np.ndarray]
+    evidence: Dict[str, np.ndarray]
+
+
 class Scorers:
-    """The voting scorers, built by reward name from the autolabel section. `score` gives every scorer's (B,)
-    scores, NaN where it failed; the face scorer also says which videos showed any face (`self.seen`), since two
-    faceless videos both score `missing_penalty`, which is no evidence either way."""
+    """The voting scorers, built by reward name from the autolabel section. Each scorer function returns
+    (scores, evidence or None for "every video")."""
 
     def __init__(self, section):
         from reward.composite import REWARD_BUILDERS
 
         self.margins = {name: float(s.margin) for name, s in section.scorers.items()}
         self.failures: Counter = Counter()
-        self.seen: List[bool] = []  # face scorer: per video of the last `score` call, whether any face was found
         self.fns = {}
         for name in self.margins:
             if name == "face":
@@ -89,43 +98,46 @@ class Scorers:
                 self.face = FaceIdentityReward.from_config(section.reward.face)
                 self.fns[name] = self._face
             else:
-                self.fns[name] = REWARD_BUILDERS[name](section.reward)
+                reward = REWARD_BUILDERS[name](section.reward)
+                self.fns[name] = lambda videos, references, prompts, reward=reward: (
+                    reward(videos, references, prompts), None)
 
-    def _face(self, videos, references, prompts) -> torch.Tensor:
+    def _face(self, videos, references, prompts):
         scores = self.face.score_batch(videos, references)
-        self.seen.extend(bool(s.num_faces.sum() > 0) for s in scores)
-        return torch.tensor([s.score for s in scores], dtype=torch.float64)
+        return (np.array([s.score for s in scores], dtype=np.float64), [bool(s.num_faces.sum() > 0) for s in scores])
 
-    def _one(self, name: str, videos, references, prompts) -> np.ndarray:
+    def _one(self, name: str, videos, references, prompts) -> Tuple[np.ndarray, np.ndarray]:
         fn = self.fns[name]
         try:
-            out = torch.as_tensor(fn(videos, references, prompts)).detach().cpu().double().numpy()
+            scores, evidence = fn(videos, references, prompts)
+            out = torch.as_tensor(scores).detach().cpu().double().numpy()
             if out.shape != (len(videos),):
                 raise ValueError(f"scorer {name!r} returned shape {out.shape} for {len(videos)} videos")
-            return out
+            return out, np.ones(len(videos), dtype=bool) if evidence is None else np.asarray(evidence, dtype=bool)
         except Exception as err:  # noqa: BLE001 - a scorer that fails abstains (counted); the others still vote
             if len(videos) > 1:
-                return np.concatenate([self._one(name, videos[i:i + 1], references[i:i + 1], prompts[i:i + 1])
-                                       for i in range(len(videos))])
+                parts = [self._one(name, videos[i:i + 1], references[i:i + 1], prompts[i:i + 1])
+                         for i in range(len(videos))]
+                return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
             self.failures[name] += 1
-            self.seen.extend([False] * (name == "face"))
             log.warning("scorer %s failed on a video (%s: %s); it abstains on its pairs", name, type(err).__name__, err)
-            return np.full(1, math.nan)
+            return np.full(1, math.nan), np.zeros(1, dtype=bool)
 
-    def score(self, videos: Sequence, references: Sequence, prompts: Sequence[str],
-              batch_size: int = 8) -> Dict[str, np.ndarray]:
-        out, self.seen = {}, []
+    def score(self, videos: Sequence, references: Sequence, prompts: Sequence[str], batch_size: int = 8) -> Scored:
+        scored = Scored({}, {})
         for name in self.fns:
             parts = [self._one(name, videos[i:i + batch_size], references[i:i + batch_size], prompts[i:i + batch_size])
                      for i in range(0, len(videos), batch_size)]
-            out[name] = np.concatenate(parts) if parts else np.zeros(0)
-        return out
+            scored.scores[name] = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0)
+            scored.evidence[name] = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, dtype=bool)
+        return scored
 
-    def vote(self, scores: Mapping[str, np.ndarray], i: int, j: int) -> Tuple[Optional[str], float, dict]:
-        """Label of the pair (video i as a, video j as b) and its provenance (label.extra)."""
-        votes = {name: scorer_vote(float(s[i]), float(s[j]), self.margins[name]) for name, s in scores.items()}
-        if "face" in votes and not (self.seen[i] or self.seen[j]):
-            votes["face"] = None  # no face in either video: no evidence
+    def vote(self, scored: Scored, i: int, j: int) -> Tuple[Optional[str], float, dict]:
+        """Label of the pair (video i as a, video j as b) and its provenance (label.extra). A scorer abstains where
+        neither video gave it evidence (and where its score failed: NaN)."""
+        scores = scored.scores
+        votes = {name: scorer_vote(float(s[i]), float(s[j]), self.margins[name])
+                 if scored.evidence[name][i] or scored.evidence[name][j] else None for name, s in scores.items()}
         label, agreement, counts = tally(votes)
         detail = {name: {"a": _finite(scores[name][i]), "b": _finite(scores[name][j]), "margin": self.margins[name],
                          "vote": votes[name]} for name in scores}

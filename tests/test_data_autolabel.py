@@ -58,7 +58,7 @@ def test_face_vote_labels_distortion_pairs():
     for kind, s in _distortion_pairs(12):
         scores = scorers.score([s["video_a"], s["video_b"]], [s["refs"]] * 2, ["a person"] * 2)
         label, agreement, extra = scorers.vote(scores, 0, 1)
-        a, b = scores["face"]
+        a, b = scores.scores["face"]
         if label == "tie":
             assert abs(a - b) <= margin, (kind, a, b)
         else:
