@@ -14,7 +14,6 @@ from config.checks import (
                            LORA_KEYS,
                            PRECISION_OF_DTYPE,
                            RESUME_KEYS,
-                           VLM_ARCHITECTURES,
                            ConfigError,
                            describe_error,
                            stored_config_mismatches,
@@ -23,6 +22,6 @@ from config.load import config_from_yaml_text, load_config, load_structured, to_
 from config.schema import Config, DataConfig, FaceRewardConfig, LoraConfig, ModelConfig, RewardConfig, SamplerConfig
 
 __all__ = ["Config", "ConfigError", "DataConfig", "FaceRewardConfig", "LORA_KEYS", "LoraConfig", "ModelConfig",
-           "PRECISION_OF_DTYPE", "RESUME_KEYS", "RewardConfig", "SamplerConfig", "VLM_ARCHITECTURES",
+           "PRECISION_OF_DTYPE", "RESUME_KEYS", "RewardConfig", "SamplerConfig",
            "config_from_yaml_text", "describe_error", "load_config", "load_structured", "stored_config_mismatches",
            "to_yaml"]

@@ -164,6 +164,8 @@ def _check_model_source(cfg: DictConfig, source: str) -> None:
         if v.init == "pretrained" and not v.path:
             raise ConfigError(f"{source}: reward 'vlm' is used but 'reward.vlm.path' is not set (and "
                               f"'reward.vlm.init' is pretrained); or set reward.vlm.init=random with reward.vlm.arch")
+        from reward.vlm_arch import VLM_ARCHITECTURES
+
         if v.init == "random" and v.arch not in VLM_ARCHITECTURES:
             raise ConfigError(f"{source}: 'reward.vlm.arch' must be one of {sorted(VLM_ARCHITECTURES)} with "
                               f"reward.vlm.init=random, got {v.arch!r}")
@@ -185,7 +187,6 @@ def _check_model_source(cfg: DictConfig, source: str) -> None:
 
 
 PRECISION_OF_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
-VLM_ARCHITECTURES = {"tiny", "qwen2.5-vl-3b"}
 
 
 # What a checkpoint's weights and optimizer state are shaped by: resuming or evaluating it under another value

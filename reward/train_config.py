@@ -19,9 +19,10 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from config import VLM_ARCHITECTURES, ConfigError, describe_error, load_structured
+from config import ConfigError, describe_error, load_structured
 from config.cli import build_parser, parse_config
 from reward.vlm import LLM_LORA_TARGETS
+from reward.vlm_arch import VLM_ARCHITECTURES
 from reward.vlm_inputs import DEFAULT_INSTRUCTION
 
 

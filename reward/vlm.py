@@ -38,6 +38,7 @@ from torch import nn
 
 from reward.official import (DTYPES, LLM_LINEARS, OFFICIAL_CONFIG_FILE, language_model_lora_pattern,
                              load_official_reward_model)
+from reward.vlm_arch import published_vlm_json
 from reward.vlm_inputs import (DEFAULT_INSTRUCTION, REWARD_TOKEN, RewardInputBuilder, build_image_processor,
                                batch_like, build_tiny_tokenizer, score_in_chunks)
 
@@ -47,9 +48,6 @@ VERSION = 1
 SETTINGS_FILE = "reward_model.json"
 LLM_LORA_TARGETS = list(LLM_LINEARS)
 
-
-ARCH_DIR = Path(__file__).resolve().parent / "architectures"
-VLM_ARCH_FILES = {"qwen2.5-vl-3b": "qwen2.5_vl_3b.json"}  # published configs (architectures/SOURCES.md)
 
 
 def _token_ids(tokenizer) -> Dict[str, int]:
@@ -64,9 +62,7 @@ def published_vlm_config(arch: str, tokenizer, text_layers: Optional[int] = None
     that remain keep their indexes) and a smaller vocabulary; widths, heads and patching stay published."""
     from transformers import Qwen2_5_VLConfig
 
-    if arch not in VLM_ARCH_FILES:
-        raise ValueError(f"reward.vlm.arch: unknown architecture {arch!r}; known: tiny, {sorted(VLM_ARCH_FILES)}")
-    pub = json.loads((ARCH_DIR / VLM_ARCH_FILES[arch]).read_text())
+    pub = published_vlm_json(arch)
     vocab = int(vocab or pub["vocab_size"])
     if vocab < len(tokenizer):
         raise ValueError(f"reward.vlm.vocab={vocab} is below the offline tokenizer's {len(tokenizer)} tokens")

@@ -86,6 +86,17 @@ def test_recipe_keys_are_checked(root, override, message):
         load_config(root / "cluster_configs" / "local_cpu.yaml", [override])
 
 
+def test_unknown_reward_model_architecture_names_the_key(root, tmp_path):
+    from reward.train_config import load_reward_config
+
+    with pytest.raises(ConfigError, match=r"'reward.vlm.arch' must be one of \['qwen2.5-vl-3b', 'tiny'\].*'qwen-9b'"):
+        load_config(root / "cluster_configs" / "local_cpu.yaml",
+                    ["reward.weights={vlm: 1.0}", "reward.vlm.init=random", "reward.vlm.arch=qwen-9b"])
+    with pytest.raises(ConfigError, match=r"'model.arch'.*must be one of \['qwen2.5-vl-3b', 'tiny'\]"):
+        load_reward_config(None, ["data.preference_shards=x", f"trainer.output_dir={tmp_path}", "model.init=random",
+                                  "model.arch=qwen-9b"])
+
+
 def test_ema_at_zero3_is_not_implemented(root):
     with pytest.raises(NotImplementedError, match="optim.ema.enabled"):
         load_config(root / "cluster_configs" / "local_cpu.yaml", ["optim.ema.enabled=true",
