@@ -1,6 +1,7 @@
 """Human preference labels through a web page: serve, report, export.
 
     python -m data.annotate serve  --pairs PATTERN --dir DIR [--host 127.0.0.1] [--port 8600] [--token T]
+                                   [--display browser|original]
     python -m data.annotate report --dir DIR
     python -m data.annotate export --dir DIR --out OUT [--min-annotators 1] [--on-conflict drop|tie]
 
@@ -11,6 +12,8 @@ types their name once; the page remembers it, and whoever reopens the page conti
 (a restarted server too): progress lives in the label log (data/annotate_store.py), where every label is
 fsync'ed before the page is told it is saved. `report` prints inter-annotator agreement and agreement with
 the pairs' auto labels; `export` writes the labelled pairs as preference shards with `source: human`.
+The page gets the videos re-encoded to H.264 4:2:0 (`--display browser`, the default), which every browser
+plays; the shards' own 4:4:4 encoding plays in Chromium only (`--display original` serves it as stored).
 
 Access: the server binds to 127.0.0.1 unless told otherwise. Any other address needs a token (`--token`, or
 one is generated and printed): the page URL carries it once (`/?token=...`), then a cookie. Malformed requests
@@ -21,6 +24,7 @@ already installs.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -29,7 +33,7 @@ import re
 import secrets
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -42,6 +46,7 @@ PAGE = Path(__file__).with_name("annotate_page.html")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,39}$")
 MEMBER_RE = re.compile(r"^(a\.mp4|b\.mp4|ref_\d+\.png)$")
 COOKIE = "annotate_token"
+DISPLAYS = ("browser", "original")
 CHOICE_TO_SLOT = {"left": None, "right": None, "tie": "tie", "skip": "skip"}  # left/right depend on the layout
 PAIRS_KEY, LOG_KEY, TOKEN_KEY, MEDIA_KEY = (web.AppKey(n, object) for n in ("pairs", "log", "token", "media"))
 
@@ -138,7 +143,9 @@ async def media(request: web.Request) -> web.StreamResponse:
     pair, member = request.match_info["pair"], request.match_info["member"]
     if pair not in request.app[PAIRS_KEY].refs or not MEMBER_RE.match(member):
         raise web.HTTPNotFound(text=f"media: no {member!r} of pair {pair!r}")
-    members = request.app[MEDIA_KEY](pair)
+    # reading (and transcoding) a pair's videos takes CPU time: off the event loop, so other annotators' requests
+    # and label posts are answered meanwhile
+    members = await asyncio.get_running_loop().run_in_executor(None, request.app[MEDIA_KEY], pair)
     if member not in members:
         raise web.HTTPNotFound(text=f"media: pair {pair!r} has no member {member!r}")
     kind = "video/mp4" if member.endswith(".mp4") else "image/png"
@@ -168,14 +175,35 @@ async def get_report(request: web.Request) -> web.Response:
     return web.json_response(report(request.app[PAIRS_KEY], request.app[LOG_KEY]))
 
 
-def make_app(pairs: PairSet, label_log: LabelLog, token: Optional[str] = None,
-             cache_pairs: int = 16) -> web.Application:
-    """The aiohttp application (tests drive it through a real server, see tests/test_data_annotate.py)."""
-    from functools import lru_cache
+def display_members(pairs: PairSet, pair: str, display: str) -> Dict[str, bytes]:
+    """A pair's members as the page shows them: with `display="browser"` the videos re-encoded to H.264 4:2:0
+    (data/video.py browser_mp4: our 4:4:4 mp4 plays in Chromium, not in Safari or most Firefox builds); with
+    "original" the stored bytes. Export always reads the stored bytes (data/annotate_store.py)."""
+    from data.video import MediaError, browser_mp4
 
+    members = pairs.members(pair)
+    if display == "original":
+        return members
+    shown = dict(members)
+    for name in ("a.mp4", "b.mp4"):
+        try:
+            shown[name] = browser_mp4(members[name])
+        except (KeyError, MediaError) as err:
+            log.warning("pair %s: %s served as stored (no browser transcode: %s)", pair, name, err)
+    return shown
+
+
+def make_app(pairs: PairSet, label_log: LabelLog, token: Optional[str] = None, cache_pairs: int = 16,
+             display: str = "browser") -> web.Application:
+    """The aiohttp application (tests drive it through a real server, see tests/test_data_annotate.py)."""
+    from functools import lru_cache, partial
+
+    if display not in DISPLAYS:
+        raise ValueError(f"--display: one of {DISPLAYS}, got {display!r}")
     app = web.Application(middlewares=[_guard], client_max_size=64 * 1024)
     app[PAIRS_KEY], app[LOG_KEY], app[TOKEN_KEY] = pairs, label_log, token
-    app[MEDIA_KEY] = lru_cache(maxsize=cache_pairs)(pairs.members)  # a pair's members: read once, served many times
+    # a pair's members: read (and transcoded) once, served many times
+    app[MEDIA_KEY] = lru_cache(maxsize=cache_pairs)(partial(display_members, pairs, display=display))
     app.router.add_get("/", page)
     app.router.add_get("/api/next", next_pair)
     app.router.add_post("/api/label", post_label)
@@ -200,7 +228,7 @@ def serve(args) -> int:
         raise ValueError(f"--token: at least 8 characters, got {len(token)}")
     if token is None and not _is_loopback(args.host):
         token = secrets.token_urlsafe(16)
-    app = make_app(pairs, label_log, token)
+    app = make_app(pairs, label_log, token, display=args.display)
     runner = web.AppRunner(app, access_log=None)
 
     async def start():
@@ -210,8 +238,6 @@ def serve(args) -> int:
         url = f"http://{args.host}:{port}/" + (f"?token={token}" if token else "")
         print(f"annotate: {len(pairs.order)} pairs from {pairs.pattern}, labels in {label_log.path}", flush=True)
         print(f"annotate: serving on {url}", flush=True)
-
-    import asyncio
 
     loop = asyncio.new_event_loop()
     try:
@@ -236,6 +262,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8600, help="0: any free port (printed)")
     s.add_argument("--token", help="required from every client (default: none on 127.0.0.1, else generated)")
+    s.add_argument("--display", choices=DISPLAYS, default="browser",
+                   help="videos as the page gets them: re-encoded to H.264 4:2:0, which every browser plays "
+                        "(default), or the stored bytes (4:4:4: Chromium only)")
     r = sub.add_parser("report", help="print the agreement report (JSON)")
     r.add_argument("--dir", required=True)
     e = sub.add_parser("export", help="write the labelled pairs as preference shards with source=human")
