@@ -166,8 +166,8 @@ def generate(section, generators: Sequence[Generator], prompts: Sequence[dict],
             # A LoRA generator samples with version 1; a worker Ray restarts mid-call fetches it again (weights_box),
             # so no video is ever sampled with the initial adapters and written under this generator's name.
             version, box = (None, None) if gen.lora_file is None else (1, [ray.put(read_lora(gen.lora_file))])
-            if box is not None:
-                ray.get(group.run("set_weights", version, ray.get(box[0])))
+            if box is not None:  # the ref as a top-level argument: Ray hands each worker the stored value
+                ray.get(group.run("set_weights", version, box[0]))
             log.info("generator %s (%s, %s): %d prompts x %d videos on %d rollout worker(s)", gen.name, gen.config_file,
                      gen.lora_file or "base", len(todo), n, len(group))
             checkpoint = "base" if gen.lora_file is None else str(gen.lora_file)
