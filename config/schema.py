@@ -221,8 +221,9 @@ class PoolConfig:
 class LearnerConfig:
     zero_stage: int = 2
     precision: str = "fp32"  # fp32 | bf16
-    # Samples of one group per forward/backward; 0 = the whole group (the rollout's own batch, so the
-    # first recomputed log-prob matches bit for bit). Large models split a group (e.g. 14B: 4).
+    # Samples of one group per learner forward/backward and per rollout transformer forward (the same cut, so
+    # the learner's recompute runs the rollout's shapes and the first ratio is exactly 1 under any kernel);
+    # 0 = the whole group. Large models split a group (e.g. 14B: 4).
     micro_batch_size: int = 0
 
 

@@ -3,6 +3,12 @@
 Each group member has its own seed: its initial noise and every per-step noise come from its own
 `torch.Generator(seed)`, so a sample depends only on (seed, weights, condition), never on which other
 samples share the batch. That is what makes a re-queued rollout identical to the lost one.
+
+The transformer runs on the group in row chunks (`forward_chunks`), and the trajectory records them: the
+learner recomputes each step's log-probs on exactly those chunks. Kernels are chosen by matrix shape (oneDNN on
+CPUs with AMX, cuBLAS on GPUs), and so is their rounding: a recompute on other shapes differs by ~1e-3 in
+bf16, which a clip range of 1e-3 then clips. Same rows, same shapes, same bits: the first ratio is exactly 1
+by construction, whatever kernel the hardware picks.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class Trajectory:
     key: str = ""  # the prompt sample's key in its shard
     rollout_s: float = 0.0
     sde_steps: Optional[List[int]] = None  # the stochastic (recorded, trainable) steps; None: every step
+    forward_rows: Optional[List[List[int]]] = None  # the rows of each transformer forward (forward_chunks)
 
     @property
     def num_steps(self) -> int:
@@ -54,6 +61,15 @@ class Trajectory:
         return replace(self, latents=self.latents.to(device), cond=self.cond.to(device))
 
 
+def forward_chunks(group_size: int, rows_per_forward: int = 0) -> List[List[int]]:
+    """Rows of a group per transformer forward: the whole group (0), or consecutive chunks of `rows_per_forward`
+    (the last one shorter when it does not divide). One rule for rollout and learner (see the module docstring)."""
+    if group_size < 1 or rows_per_forward < 0:
+        raise ValueError(f"forward_chunks: group of {group_size}, {rows_per_forward} rows per forward")
+    size = rows_per_forward or group_size
+    return [list(range(i, min(i + size, group_size))) for i in range(0, group_size, size)]
+
+
 def initial_noise(seeds: Sequence[int], shape: tuple, device="cpu") -> tuple[torch.Tensor, list]:
     """x_{s=1} per seed, and the generators that then draw that sample's step noise."""
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
@@ -65,19 +81,23 @@ def initial_noise(seeds: Sequence[int], shape: tuple, device="cpu") -> tuple[tor
 def sample_group(policy: WanPolicy, cond: Condition, seeds: Sequence[int], rule: NoiseRule,
                  schedule: Schedule, deterministic: bool = False, decode: bool = True,
                  policy_version: int = 0, latents: Optional[torch.Tensor] = None,
-                 sde_steps: Optional[Sequence[int]] = None) -> Trajectory:
+                 sde_steps: Optional[Sequence[int]] = None, rows_per_forward: int = 0) -> Trajectory:
     """Run the SDE (or, deterministic, the Euler ODE) from s = 1 to 0 for len(seeds) samples.
 
     `sde_steps` (an SDE window, policy/window.py): only those steps are stochastic and get a log-prob; the
-    others take the ODE step and draw no noise. None: every step (with every step listed, the same samples)."""
+    others take the ODE step and draw no noise. None: every step (with every step listed, the same samples).
+    `rows_per_forward`: the transformer's batch (`forward_chunks`; 0: the whole group), recorded in the trajectory
+    for the learner's recompute."""
     sigmas, timesteps, num_steps = schedule.sigmas, schedule.timesteps, schedule.num_steps
     rule = rule.resolve(sigmas)
     stochastic = set(range(num_steps) if sde_steps is None or deterministic else sde_steps)
+    chunks = forward_chunks(len(seeds), rows_per_forward)
     noise, generators = initial_noise(seeds, cond.latent_shape, policy.device)
     x = noise if latents is None else latents.to(policy.device, torch.float32)
     states, log_probs = [x], []
     for k in range(num_steps):
-        v = policy.velocity(x, timesteps[k].expand(len(seeds)), cond)
+        v = torch.cat([policy.velocity(x[rows[0]:rows[-1] + 1], timesteps[k].expand(len(rows)), cond)
+                       for rows in chunks])
         step_noise, ode = None, deterministic or k not in stochastic
         if not ode:
             step_noise = host_to_device(torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32)
@@ -92,7 +112,8 @@ def sample_group(policy: WanPolicy, cond: Condition, seeds: Sequence[int], rule:
     trajectory = Trajectory(
         latents=torch.stack(states, dim=1).cpu(), log_probs=torch.stack(log_probs, 1).cpu() if log_probs else None,
         sigmas=sigmas, timesteps=timesteps, seeds=[int(s) for s in seeds], cond=cond.to("cpu"), rule=rule,
-        guidance_scale=float(policy.sampler_cfg.guidance_scale), policy_version=policy_version, sde_steps=window)
+        guidance_scale=float(policy.sampler_cfg.guidance_scale), policy_version=policy_version, sde_steps=window,
+        forward_rows=chunks)
     if decode:
         trajectory.videos = policy.decode(x, cond)
     return trajectory

@@ -57,6 +57,20 @@ class Server:
             self.proc.wait(timeout=30)
 
 
+@pytest.fixture
+def serve():
+    """Starts `Server`s for one test; teardown stops every one of them, whether the test passed, failed or skipped."""
+    started = []
+
+    def start(*args):
+        started.append(Server(*args))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop(signal.SIGKILL)
+
+
 def post(base, **body):
     return requests.post(f"{base}/api/label", json=body, timeout=10)
 
@@ -81,8 +95,8 @@ def _assert_plays_in_every_browser(served: bytes, stored: bytes) -> None:
     assert np.abs(got.astype(np.int16) - want).mean() < 6.0  # measured 3.3-3.6 (chroma at half size); unrelated: ~70
 
 
-def test_display_original_serves_the_stored_bytes(tmp_path, pairs):
-    server = Server(tmp_path / "ann", pairs, "--display", "original")
+def test_display_original_serves_the_stored_bytes(tmp_path, pairs, serve):
+    server = serve(tmp_path / "ann", pairs, "--display", "original")
     try:
         view = requests.get(f"{server.base}/api/next", params={"annotator": "bob"}, timeout=10).json()
         served = requests.get(server.base + view["left"], timeout=10).content
@@ -91,8 +105,8 @@ def test_display_original_serves_the_stored_bytes(tmp_path, pairs):
         server.stop()
 
 
-def test_api_serves_pairs_and_rejects_malformed_requests(tmp_path, pairs):
-    server = Server(tmp_path / "ann", pairs)
+def test_api_serves_pairs_and_rejects_malformed_requests(tmp_path, pairs, serve):
+    server = serve(tmp_path / "ann", pairs)
     try:
         base = server.base
         view = requests.get(f"{base}/api/next", params={"annotator": "alice"}, timeout=10).json()
@@ -148,8 +162,8 @@ def test_api_serves_pairs_and_rejects_malformed_requests(tmp_path, pairs):
         server.stop()
 
 
-def test_token_required_off_loopback_and_checked(tmp_path, pairs):
-    server = Server(tmp_path / "ann", pairs, "--token", "s3cret-token")
+def test_token_required_off_loopback_and_checked(tmp_path, pairs, serve):
+    server = serve(tmp_path / "ann", pairs, "--token", "s3cret-token")
     try:
         base = server.base
         assert server.url.endswith("?token=s3cret-token")
@@ -162,7 +176,7 @@ def test_token_required_off_loopback_and_checked(tmp_path, pairs):
     finally:
         server.stop()
     # binding to all interfaces without --token: a token is generated and printed
-    server = Server(tmp_path / "ann", None, "--host", "0.0.0.0")
+    server = serve(tmp_path / "ann", None, "--host", "0.0.0.0")
     try:
         token = server.url.split("?token=")[1]
         assert len(token) >= 16
@@ -177,11 +191,11 @@ def test_token_required_off_loopback_and_checked(tmp_path, pairs):
     assert too_short.returncode == 2 and "--token" in too_short.stderr
 
 
-def test_kill_while_posting_loses_no_acknowledged_label(tmp_path, pairs):
+def test_kill_while_posting_loses_no_acknowledged_label(tmp_path, pairs, serve):
     """Labels are posted as fast as the server takes them while it is kill -9'ed; after a restart every label the
     server acknowledged is in the log and counts in the annotator's progress."""
     directory = tmp_path / "ann"
-    server = Server(directory, pairs)
+    server = serve(directory, pairs)
     acked, stop = [], threading.Event()
 
     def annotate():
@@ -203,7 +217,7 @@ def test_kill_while_posting_loses_no_acknowledged_label(tmp_path, pairs):
     server.stop(signal.SIGKILL)
     stop.set()
     worker.join(timeout=30)
-    restarted = Server(directory)
+    restarted = serve(directory)
     try:
         records = LabelLog(directory).records
         logged = {(r["annotator"], r["pair"], r["seq"]) for r in records}
@@ -317,16 +331,16 @@ def open_browser():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
-def test_page_in_a_headless_browser(tmp_path, pairs):
+def test_page_in_a_headless_browser(tmp_path, pairs, serve):
     """Label with clicks and keys, close the tab midway, reopen (the name and the place are remembered), finish;
     the exported shards hold exactly the labels given, mapped from left/right to the stored a/b."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
+    driver = open_browser()  # first: without a browser the test skips (or fails) before any server starts
     directory = tmp_path / "ann"
-    server = Server(directory, pairs)
-    driver = open_browser()
+    server = serve(directory, pairs)
     given = {}  # pair -> a | b | tie | skip
 
     def wait_for(condition, what):

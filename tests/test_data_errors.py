@@ -126,7 +126,8 @@ def test_skip_counts_and_logs_every_bad_sample(tmp_path, caplog):
 def test_skip_with_shuffle_and_resume_counts_consistently(tmp_path):
     pattern, _ = build(tmp_path)
     kw = {"kind": "preference", "on_error": "skip", "shuffle_buffer": 3, "seed": 1}
-    it = iter(ShardReader(pattern, **kw))
+    uninterrupted = ShardReader(pattern, **kw)
+    it = iter(uninterrupted)
     full = [next(it)["key"] for _ in range(15)]
     assert "p1" not in full and "p5" not in full
     a = ShardReader(pattern, **kw)
@@ -136,7 +137,8 @@ def test_skip_with_shuffle_and_resume_counts_consistently(tmp_path):
     b.load_state_dict(a.state_dict())
     it = iter(b)
     assert head + [next(it)["key"] for _ in range(10)] == full
-    assert b.num_skipped >= a.num_skipped >= 1
+    # the resumed reader's count carries the skips before the resume point and counts the rest once each
+    assert a.num_skipped >= 1 and b.num_skipped == uninterrupted.num_skipped
 
 
 def test_restore_does_not_decode_skipped_samples(tmp_path):

@@ -45,5 +45,21 @@ def test_guard_reports_a_non_daemon_thread():
     assert any("left-running" in f for f in held) and after == []
 
 
+def _with_a_child_process():
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "60"])
+    found = leftovers(grace_s=0.0)
+    child.kill()
+    child.wait()
+    return child.pid, found, leftovers()
+
+
+def test_guard_reports_a_child_process_left_running():
+    pid, held, after = in_fresh_process(_with_a_child_process)
+    assert any("child processes still running" in f and f"{pid} sleep 60" in f for f in held), held
+    assert after == []
+
+
 def test_this_process_holds_no_process_group_now():
     assert not any("process group" in f for f in leftovers())

@@ -35,16 +35,24 @@ SCRIPTS = ROOT / "cluster_configs" / "slurm"
 TINY = ["logging.progress_bar=false", "logging.tensorboard=false", "sampler.num_steps=2", "grpo.group_size=2"]
 
 
+def cannot_run(reason: str):
+    """A skip with the reason, or, where IDENTITY_GRPO_REQUIRE_SLURM=1 (CI: .ci/run sets it), a failure: CI must
+    not pass `make test-slurm` by skipping every job."""
+    if os.environ.get("IDENTITY_GRPO_REQUIRE_SLURM") == "1":
+        pytest.fail(f"IDENTITY_GRPO_REQUIRE_SLURM=1 but {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     if (os.cpu_count() or 1) < 2:
-        pytest.skip("the CPU config needs 2 CPUs for its 2 learner ranks; this machine has 1")
+        cannot_run("the CPU config needs 2 CPUs for its 2 learner ranks; this machine has 1")
     # Random first job id: job ids pick the Ray ports and temp dirs, so a concurrent run of this module
     # on the same machine (another Slurm test cluster) does not reuse ours.
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), first_job_id=random.randrange(1000, 10**6, 100) + 1)
     reason = cluster.unavailable()
     if reason:
-        pytest.skip(f"cannot run a local Slurm: {reason}")
+        cannot_run(f"cannot run a local Slurm: {reason}")
     try:
         cluster.start()
     except Exception as err:  # installed but broken: a failure, not a skip

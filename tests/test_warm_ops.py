@@ -1,9 +1,11 @@
 """The DeepSpeed CPU-op build lock: a dead builder's lock must not hang every later init_distributed."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from workers.warm_ops import OP_NAME, STALE_LOCK_S, clear_stale_build_lock
 
@@ -27,10 +29,15 @@ def test_stale_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
 
 
 def test_init_distributed_survives_a_stale_lock(tmp_path):
-    """A process that left the lock behind (killed while torch held it) would make this hang forever."""
+    """A process that left the lock behind (killed while torch held it) would make this hang forever. The op built
+    at install time is copied beside the lock (times kept, so ninja finds it up to date): the lock is what is under
+    test, not a one-minute rebuild; without a built op (no compiler) the op is built or its failure reported."""
     ext = tmp_path / "py_ext"
     lock = ext / OP_NAME / "lock"
-    lock.parent.mkdir(parents=True)
+    built = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path(sys.prefix) / "torch_extensions") / OP_NAME
+    if (built / f"{OP_NAME}.so").is_file():
+        shutil.copytree(built, lock.parent, ignore=shutil.ignore_patterns("lock"))
+    lock.parent.mkdir(parents=True, exist_ok=True)
     lock.touch()
     old = time.time() - STALE_LOCK_S - 1
     os.utime(lock, (old, old))

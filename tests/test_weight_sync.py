@@ -141,7 +141,10 @@ def test_dead_peer_makes_the_root_raise_within_the_timeout(outcomes):
         message, seconds = outcomes[0, scenario]
         assert isinstance(message, str) and message.startswith("WeightSyncError"), (scenario, message)
         assert f"epoch {epoch}" in message and "learner[0], rollout[0], rollout[1]" in message  # the group
-        assert seconds < TIMEOUT_S + 10, (scenario, seconds)
+    # a member that died after joining: its closed connection is noticed at once (measured 1.5 s, 1 s of it the
+    # scenario's own sleep); one that never joins: the store waits out the timeout, and little more (measured 6.0 s)
+    assert outcomes[0, "peer_dies"][1] < TIMEOUT_S, outcomes[0, "peer_dies"]
+    assert TIMEOUT_S <= outcomes[0, "peer_absent"][1] < 1.5 * TIMEOUT_S, outcomes[0, "peer_absent"]
 
 
 def test_weight_sync_config_is_checked(root):

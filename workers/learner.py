@@ -1,13 +1,14 @@
 """Learner worker: one rank of a DeepSpeed ZeRO engine group that applies GRPO updates.
 
 The ranks form one torch.distributed group (gloo on CPU, NCCL on GPU); rank 0 publishes the
-rendezvous address. Each rank trains on its share of the prompt groups. One micro-step is one group
-(all G samples in one batched forward, as in the rollout, so the first recomputed log-prob matches the
-rollout's bit for bit) at one sampled timestep; DeepSpeed accumulates the micro-steps of an update
-(`gradient_accumulation_steps` = groups per rank x trained timesteps / `grpo.optimizer_steps_per_update`)
-and steps the optimizer at each boundary, after all-reducing gradients across ranks and clipping them:
-once per update, or, as the official recipe, twice (the second half of the groups then trains off-policy
-by one step, which is what the clipped ratio is for).
+rendezvous address. Each rank trains on its share of the prompt groups. One micro-step is one chunk of a
+group's rows at one sampled timestep: the rows of one of the rollout's transformer forwards, which the
+trajectory records (policy/sampler.py `forward_chunks`), so the first recomputed log-prob matches the
+rollout's bit for bit whatever kernels the hardware picks for those shapes. DeepSpeed accumulates the
+micro-steps of an update (`gradient_accumulation_steps` = groups per rank x trained timesteps x chunks per
+group / `grpo.optimizer_steps_per_update`) and steps the optimizer at each boundary, after all-reducing
+gradients across ranks and clipping them: once per update, or, as the official recipe, twice (the second
+half of the groups then trains off-policy by one step, which is what the clipped ratio is for).
 
 A collective group cannot lose a member, so the driver gang-restarts this whole group from the last
 checkpoint when any rank dies (launcher/train.py).
@@ -28,7 +29,7 @@ from policy.grpo import grpo_loss, select_timesteps, trained_step_count
 from policy.lora import save_lora
 from policy.models import TRANSFORMER_ONLY, build_components
 from policy.policy import WanPolicy
-from policy.sampler import score_step
+from policy.sampler import forward_chunks, score_step
 from policy.sde import host_to_device
 from policy.window import window_size
 from reward.cpu_bf16 import fast_bf16_linear_backward
@@ -98,9 +99,20 @@ def micro_steps_per_optimizer_step(cfg, world_size: int) -> int:
 
 
 def row_chunks(cfg) -> List[List[int]]:
-    """Rows of a group per micro-step: the whole group, or chunks of `micro_batch_size`."""
-    size = cfg.workers.learner_engine.micro_batch_size or cfg.grpo.group_size
-    return [list(range(i, i + size)) for i in range(0, cfg.grpo.group_size, size)]
+    """Rows of a group per micro-step, and per rollout transformer forward: the whole group, or chunks of
+    `workers.learner_engine.micro_batch_size`."""
+    return forward_chunks(cfg.grpo.group_size, cfg.workers.learner_engine.micro_batch_size)
+
+
+def recorded_chunks(cfg, trajectory) -> List[List[int]]:
+    """The rollout's forward chunks, which the learner's micro-steps follow; an error if they are not the ones
+    the engine's accumulation count was set for (a rollout made under another config)."""
+    if trajectory.forward_rows != row_chunks(cfg):
+        raise ValueError(f"trajectory {trajectory.key!r} was sampled in transformer batches of rows "
+                         f"{trajectory.forward_rows}, the learner's 'workers.learner_engine.micro_batch_size' "
+                         f"({cfg.workers.learner_engine.micro_batch_size}) cuts {row_chunks(cfg)}: the recomputed "
+                         "log-probs would not be the rollout's")
+    return trajectory.forward_rows
 
 
 class _StateTensors(torch.nn.Module):
@@ -205,7 +217,7 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
                 trainable = traj.trainable_steps  # every step, or the SDE window's (ODE steps have no log-prob)
                 timesteps = [trainable[i] for i in select_timesteps(len(trainable), cfg.grpo.timestep_fraction,
                                                                     cfg.grpo.timestep_order, gen).tolist()]
-                for k, rows in ((k, rows) for k in timesteps for rows in row_chunks(cfg)):
+                for k, rows in ((k, rows) for k in timesteps for rows in recorded_chunks(cfg, traj)):
                     score = score_step(self.policy, traj, k, rows=rows, with_kl=cfg.grpo.kl_beta > 0)
                     rows_ = slice(rows[0], rows[-1] + 1)  # row_chunks are contiguous: a slice, no index copy
                     loss, stats = grpo_loss(score.log_prob, old_log_probs[rows_, k], adv[rows_], cfg.grpo.clip_range,

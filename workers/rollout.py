@@ -94,8 +94,10 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         self._ensure_version(version, weights_box)
         start = time.perf_counter()
         cond = self.policy.encode_condition(sample["prompt"], sample.get("refs", []))
+        # in the learner's micro-batches: its recompute then sees this forward's shapes (policy/sampler.py)
         trajectory = sample_group(self.policy, cond, seeds, self.rule, self.schedule, deterministic=deterministic,
-                                  policy_version=version, sde_steps=sde_steps)
+                                  policy_version=version, sde_steps=sde_steps,
+                                  rows_per_forward=self.cfg.workers.learner_engine.micro_batch_size)
         trajectory.prompt, trajectory.key = sample["prompt"], sample.get("key", "")
         trajectory.references = list(sample.get("refs", []))
         trajectory.rollout_s = time.perf_counter() - start
