@@ -41,8 +41,8 @@ CHOICES = {
     "workers.weight_sync": {"auto", "object_store", "broadcast"},
     "trainer.mode": {"sync", "async"},
     "sampler.sde_window.strategy": {"progressive", "random", "fixed"},
-    "faults.role": {None, "rollout", "reward", "learner", "publish", "checkpoint"},
 }
+FAULT_ROLES = ("rollout", "reward", "learner", "publish", "checkpoint")
 
 POSITIVE = [
     "model.height", "model.width", "model.num_frames", "model.lora.rank", "sampler.num_steps",
@@ -67,6 +67,20 @@ def describe_error(err: OmegaConfBaseException, source: str, key: Optional[str] 
     key = key or getattr(err, "full_key", None) or "?"
     msg = str(err).splitlines()[0]
     return f"{source}: invalid config key '{key}': {msg}"
+
+
+def parse_kill(entry: str, source: str = "config") -> Tuple[str, int, int]:
+    """One `faults.kills` entry, "role:rank:step", as (role, rank, step)."""
+    parts = str(entry).split(":")
+    try:
+        role, rank, step = parts[0], int(parts[1]), int(parts[2])
+        valid = len(parts) == 3 and role in FAULT_ROLES and rank >= 0 and step >= 0
+    except (IndexError, ValueError):
+        valid = False
+    if not valid:
+        raise ConfigError(f"{source}: 'faults.kills' entry {entry!r} is not role:rank:step with role one of "
+                          f"{list(FAULT_ROLES)} and rank, step >= 0")
+    return role, rank, step
 
 
 def check_values(cfg: DictConfig, source: str) -> None:
@@ -135,6 +149,8 @@ def check_values(cfg: DictConfig, source: str) -> None:
     for name in cfg.reward.weights:
         if name not in REWARD_BUILDERS:
             raise ConfigError(f"{source}: 'reward.weights.{name}' is not a known reward {sorted(REWARD_BUILDERS)}")
+    for entry in cfg.faults.kills:
+        parse_kill(entry, source)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{source}: missing required value(s): {', '.join(missing)}")

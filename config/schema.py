@@ -273,13 +273,12 @@ class LoggingConfig:
 
 @dataclass
 class FaultsConfig:
-    """Deliberate failures for tests and demos: kill `role` worker `rank` at `step` (-1 = never)."""
+    """Deliberate failures for tests and demos: each entry of `kills`, "role:rank:step", kills that process once
+    (config/checks.py `parse_kill`). Several in one run test recoveries in sequence."""
 
-    # rollout | reward | learner (in the update) | publish (a learner rank, while publishing that step's
-    # weights) | checkpoint (the driver, mid-commit)
-    role: Optional[str] = None
-    rank: int = 0
-    step: int = -1
+    # role: rollout | reward | learner (in the update) | publish (a learner rank, while publishing policy version
+    # `step`) | checkpoint (the driver, mid-commit of that step's checkpoint; rank 0)
+    kills: List[str] = field(default_factory=list)
 
 
 @dataclass

@@ -63,11 +63,13 @@ def out(tmp_path):
 
 
 @pytest.mark.parametrize("preset", GPU_PRESETS)
-def test_print_config_lists_only_the_named_reward_components(root, preset):
-    out = subprocess.run([sys.executable, "-m", "launcher.train", "--config", f"cluster_configs/{preset}",
-                          "--print-config"], cwd=root, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    printed = yaml.safe_load(out.stdout)
+def test_print_config_lists_only_the_named_reward_components(root, preset, capsys):
+    from launcher.train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(root / "cluster_configs" / preset), "--print-config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
     assert set(printed["reward"]["weights"]) == preset_reward_names(root, preset)
     assert printed["reward"]["vlm"]["image_size"] == 448  # the preset's, not the tiny default
     assert printed["model"]["init"] == "pretrained" and printed["model"]["arch"] != "tiny"
@@ -104,9 +106,12 @@ def test_vace_1_3b_preset_rehearsal_and_resume(root, out):
     assert "measured/plan" in stdout  # the per-role table is printed
     check_grpo_rehearsal(root, "vace_1.3b_8gpu.yaml", report, out, steps=2)
     assert (out / "checkpoints" / "step_000002" / "driver.pt").is_file()
+    before = (out / "metrics.jsonl").read_text().splitlines()
     report, _ = rehearse(root, "vace_1.3b_8gpu.yaml", out, "--learner-ranks", "2", "trainer.steps=3")
     records = read_metrics(out)
-    assert [r["step"] for r in records] == [1, 2, 3]  # resumed at 2, not restarted
+    assert [r["step"] for r in records] == [1, 2, 3]
+    # resumed at 2, not restarted: steps 1-2 are the first run's records, timings and all
+    assert (out / "metrics.jsonl").read_text().splitlines()[:2] == before
     assert records[2]["first_epoch_logprob_dev"] == 0.0 and records[2]["policy_version"] == 3
 
 

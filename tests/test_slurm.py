@@ -176,7 +176,7 @@ def test_single_node_job_trains_and_checkpoints(slurm, prompts, jobs, tmp_path):
 
 
 def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, prompts, jobs, tmp_path):
-    steps = 30
+    steps = 10  # the signal comes once 2 steps are logged; 8 more (seconds each) leave it time to arrive
     # checkpoint_every > steps: the only checkpoint before the end is the one the signal makes.
     job, out = start_training(slurm, jobs, tmp_path, prompts, steps, checkpoint_every=1000)
     wait_for_steps(slurm, job, out, tmp_path, 2)
@@ -199,7 +199,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(slurm, prompts, jobs
 def test_plain_scontrol_requeue_resumes_from_last_checkpoint(slurm, prompts, jobs, tmp_path):
     """`scontrol requeue` gives no warning (SIGTERM to every process of the job at once): the step in
     progress is lost, and the requeued job resumes from the last periodic checkpoint."""
-    steps = 12
+    steps = 8
     job, out = start_training(slurm, jobs, tmp_path, prompts, steps, checkpoint_every=2)
     wait_for_steps(slurm, job, out, tmp_path, 3)
     slurm.run(["scontrol", "requeue", str(job)])

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from config import config_from_yaml_text
+from config.checks import parse_kill
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,8 @@ def sample_seed(base_seed: int, step: int, group: int, member: int) -> int:
 
 
 def maybe_fault(cfg, role: str, rank: int, step: int) -> None:
-    """Kill this process once if `faults.role/rank/step` name it (a marker file makes it happen once)."""
-    faults = cfg.faults
-    if faults.role != role or faults.rank != rank or faults.step != step:
+    """Kill this process once if a `faults.kills` entry names (role, rank, step) (a marker file makes it once)."""
+    if (role, rank, step) not in [parse_kill(entry) for entry in cfg.faults.kills]:
         return
     marker = Path(cfg.trainer.output_dir) / "faults" / f"{role}_{rank}_step{step}.done"
     if marker.exists():
