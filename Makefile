@@ -31,14 +31,14 @@ $(STAMP): requirements.txt setup.cfg
 test: install
 	$(PY) -m pytest -q -m "not slow and not slurm and not rehearsal and not faults and not tools" tests
 
-# The whole system on CPU: distributed loop, resume, fault recovery, demo, cluster launch, the 1.3B rehearsal.
+# The whole system on CPU: distributed loop, resume, fault recovery (hooks), async, broadcast, EMA, demo, cluster launch.
 test-slow: install
 	$(PY) -m pytest -q -m "slow and not slurm and not rehearsal and not faults and not tools" tests
 
 test-slurm: install
 	$(PY) -m pytest -q -m slurm tests
 
-# The GPU presets at real widths, reduced depth, on CPU (tests/test_rehearsal.py; minutes each; run in CI).
+# Every preset at real widths, reduced depth, on CPU (tests/test_rehearsal.py; minutes each; run in CI).
 test-rehearsal: install
 	$(PY) -m pytest -q -m rehearsal tests
 

@@ -6,11 +6,12 @@
 The preset runs unchanged except for what a CPU forces (`cpu_overrides`, printed at the start):
 random init of its own `model.arch` and `reward.vlm.arch` with fewer layers and a smaller vocabulary (widths,
 heads, patch sizes and the VACE layer stride stay the published ones), tiny resolution / frames / sampling
-steps / text length, 2 training steps, the pools on local CPU workers (no GPUs, no node pinning; one rollout
-and one reward worker; the preset's own learner rank count, at least 2, or `--learner-ranks`) and one
-prompt group per learner rank. Kept from the preset: model kind, dtype (bf16), LoRA or full fine-tuning, ZeRO
-stage, learner precision, weight-sync mode, micro-batching, group size, sampler rule, CFG, GRPO and optimizer
-settings, sync/async mode. `key=value` arguments are applied last (e.g. `trainer.output_dir=`).
+steps / text length, 2 training steps (checkpointed at the end, and every `trainer.checkpoint_every`), the
+pools on local CPU workers (no GPUs, no node pinning; one rollout and one reward worker; the preset's own
+learner rank count, at least 2, or `--learner-ranks`) and one prompt group per learner rank. Kept from the
+preset: model kind, dtype (bf16), LoRA or full fine-tuning, ZeRO stage, learner precision, weight-sync mode,
+micro-batching, group size, sampler rule, CFG, GRPO and optimizer settings, sync/async mode. `key=value`
+arguments are applied last (e.g. `trainer.output_dir=`).
 
 It checks, before starting Ray, that the memory plan (launcher/memory_plan.py) fits this machine; then runs
 the training loop as `launcher.train` does (metrics.jsonl, TensorBoard, checkpoints), and prints per role the
@@ -64,7 +65,7 @@ def cpu_overrides(preset, learner_ranks: Optional[int] = None, output_dir: Optio
         "model.init=random", "model.text_encoder_layers=1", f"model.text_encoder_vocab={VOCAB}",
         "model.height=16", "model.width=16", "model.num_frames=5", "model.gradient_checkpointing=false",
         "sampler.num_steps=2", "sampler.max_sequence_length=16",
-        "trainer.device=cpu", "trainer.steps=2", "trainer.checkpoint_every=1", "trainer.keep_last=1",
+        "trainer.device=cpu", "trainer.steps=2", "trainer.keep_last=1",
         f"trainer.output_dir={out}",
         "logging.progress_bar=false", "logging.video_every=2", "logging.eval_every=0",
         f"data.prompt_shards={out}/data/prompts-{{000000..000001}}.tar", "data.eval_prompt_shards=null",
@@ -168,7 +169,7 @@ def rehearse_reward(preset_path: str, overrides: Sequence[str] = ()) -> Dict[str
               "model.image_size=56", "model.num_frames=2", "trainer.device=cpu", "trainer.steps=2",
               *(["model.video_min_pixels=3136", "model.max_frame_pixels=3136"] if preset.model.format == "official"
                 else []),
-              "trainer.checkpoint_every=1", "trainer.keep_last=1", "trainer.eval_every=0", "trainer.log_every=1",
+              "trainer.keep_last=1", "trainer.eval_every=0", "trainer.log_every=1",
               "trainer.num_threads=1",
               "trainer.batch_size=2", "trainer.grad_accum=1", "trainer.eval_batch_size=4", "teacher.train_steps=2",
               "teacher.batch_size=4", "data.num_loader_workers=0", "data.held_out_fraction=0.25",

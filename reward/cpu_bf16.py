@@ -1,13 +1,16 @@
-"""bf16 linear layers on CPUs without native bf16 matrix multiply (AVX2-only x86): computed in float32.
+"""bf16 linear and 3D-convolution layers on CPUs without native bf16 matrix multiply (AVX2-only x86): computed in
+float32.
 
 Measured on this project's CI machines (AMD EPYC, AVX2, torch 2.13 CPU build, one thread, 256x2048 @ 2048x2048):
 float32 gemm 47-72 GFLOP/s in any layout; bf16 with the second operand transposed ("NT", what a linear layer's
 forward does) 10 GFLOP/s, but bf16 in plain layout ("NN", a linear layer's input gradient) 0.3 GFLOP/s. oneDNN's
 bf16 GEMM is only used on CPUs with AVX512-BF16 / AMX; elsewhere torch falls back to its reference cpublas loop.
-A rehearsal's reward step (the real-width Qwen2.5-VL scoring 16 videos) spent 85 of its 97 s in that loop.
+A rehearsal's reward step (the real-width Qwen2.5-VL scoring 16 videos) spent 85 of its 97 s in that loop, and
+a reward-model training step 12.6 of its 19.6 s in the backward of the vision tower's bf16 patch-embedding conv3d.
 
-`bf16_linear_in_fp32()` swaps `torch.nn.functional.linear` (what nn.Linear and peft's LoRA layers call), for
-bf16 weights on such a CPU, for one that multiplies the bf16 values in float32 and rounds the output to bf16:
+`bf16_matmuls_in_fp32()` swaps `torch.nn.functional.linear` (what nn.Linear and peft's LoRA layers call) and
+`conv3d` (nn.Conv3d: Wan's and Qwen2.5-VL's patch embeddings), for bf16 weights on such a CPU, for ones that
+multiply the bf16 values in float32 and round the output to bf16:
 what a GPU's bf16 GEMM does (bf16 products are exact in float32, accumulated in float32), in float32 GEMMs,
 5-6x faster forward and up to 100x backward. Its outputs differ from torch's reference loop in the last bf16
 bit where the float32 sums are ordered otherwise; a float32 GEMM picks its kernel by shape, as oneDNN's bf16
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 _ORIGINAL_LINEAR = F.linear
+_ORIGINAL_CONV3D = F.conv3d
 
 
 def native_bf16_gemm() -> bool:
@@ -97,16 +101,24 @@ def _linear(x, weight, bias=None):
     return _fp32_linear(x, weight, bias)  # the same values as the autograd path: rollout == learner recompute
 
 
+def _conv3d(x, weight, bias=None, *args, **kwargs):
+    """A bf16 conv3d in float32 through autograd's own casts (patch embeddings: small weights and inputs)."""
+    if weight.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or weight.device.type != "cpu":
+        return _ORIGINAL_CONV3D(x, weight, bias, *args, **kwargs)
+    out = _ORIGINAL_CONV3D(x.float(), weight.float(), None if bias is None else bias.float(), *args, **kwargs)
+    return out.to(x.dtype)
+
+
 @contextlib.contextmanager
-def bf16_linear_in_fp32(device: str, dtype: str) -> Iterator[bool]:
-    """Within the block, bf16 linear layers on this CPU compute in float32 (see the module docstring); yields
-    whether it is on. A no-op on GPUs, for float32 models, on CPUs with native bf16 GEMM, and inside a block that
-    already swapped it."""
+def bf16_matmuls_in_fp32(device: str, dtype: str) -> Iterator[bool]:
+    """Within the block, bf16 linear and conv3d layers on this CPU compute in float32 (see the module docstring);
+    yields whether it is on. A no-op on GPUs, for float32 models, on CPUs with native bf16 GEMM, and inside a block
+    that already swapped them."""
     if device != "cpu" or dtype != "bfloat16" or native_bf16_gemm() or F.linear is not _ORIGINAL_LINEAR:
         yield False
         return
-    F.linear = _linear
+    F.linear, F.conv3d = _linear, _conv3d
     try:
         yield True
     finally:
-        F.linear = _ORIGINAL_LINEAR
+        F.linear, F.conv3d = _ORIGINAL_LINEAR, _ORIGINAL_CONV3D

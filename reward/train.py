@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 
 from config import ConfigError
 from config.cli import exit_expected, require_shards, require_writable
-from reward.cpu_bf16 import bf16_linear_in_fp32
+from reward.cpu_bf16 import bf16_matmuls_in_fp32
 from reward.losses import label_indices, pairwise_accuracy, preference_loss
 from reward.train_config import parse_args, with_updates
 from reward.official import OFFICIAL_CONFIG_FILE, OfficialRewardModel, load_official_reward_model
@@ -329,7 +329,7 @@ def train(cfg, human_only: bool = False) -> Dict[str, Any]:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     try:
-        with bf16_linear_in_fp32(cfg.trainer.device, cfg.model.dtype):  # AVX2 CPUs: reward/cpu_bf16.py
+        with bf16_matmuls_in_fp32(cfg.trainer.device, cfg.model.dtype):  # AVX2 CPUs: reward/cpu_bf16.py
             return _train(cfg, human_only)
     finally:
         torch.set_num_threads(threads)  # the caller's setting (tests run several trainings in one process)

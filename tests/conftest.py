@@ -13,7 +13,10 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two intra-op threads on the 2-core machines, unless OMP_NUM_THREADS says otherwise: CI runs two suites at once
+# and sets it to 1 (an intra-op thread waiting for a descheduled sibling stalled small ops up to 7x there).
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -54,6 +54,22 @@ def test_random_init_has_the_dtypes_from_pretrained_gives(tmp_path):
     assert kinds == {"bfloat16", "float32"}  # both: the rule is not vacuous
 
 
+def test_real_architecture_random_build_is_seeded_per_part_and_keeps_each_inits_scale():
+    """Rehearsal builds fill from a random bank (policy/models.py `fast_random_fill`): a learner (transformer only)
+    and a rollout worker (text encoder and VAE first) get the same transformer; another seed, other weights; each
+    tensor keeps its initialiser's scale (nn.Linear: uniform in +-1/sqrt(fan_in), std 1/sqrt(3 fan_in))."""
+    kw = dict(arch="wan2.1-t2v-1.3b", kind="t2v", dtype=torch.bfloat16, num_layers=1, text_encoder_layers=1,
+              text_encoder_vocab=512)
+    alone = build_random_components(seed=0, parts=("transformer",), **kw).transformer.state_dict()
+    after = build_random_components(seed=0, **kw).transformer.state_dict()
+    other = build_random_components(seed=1, parts=("transformer",), **kw).transformer.state_dict()
+    assert all(torch.equal(alone[k], after[k]) for k in alone)
+    weight = alone["blocks.0.ffn.net.2.weight"].float()  # Linear(8960 -> 1536)
+    assert not torch.equal(weight, other["blocks.0.ffn.net.2.weight"].float())
+    assert weight.abs().max() <= 8960 ** -0.5 and abs(weight.std() / (3 * 8960) ** -0.5 - 1) < 0.01
+    assert len({tuple(row[:8].tolist()) for row in weight}) == weight.shape[0] == 1536  # no repeated rows
+
+
 def test_pretrained_dir_of_another_arch_is_refused(root, tmp_path):
     save_pretrained(build_tiny_components("vace", seed=0), tmp_path / "m")
     cfg = load_config(root / "cluster_configs" / "local_cpu.yaml",

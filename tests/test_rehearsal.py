@@ -1,8 +1,8 @@
 """Rehearsals of the production presets on CPU (launcher/rehearse.py): real architectures at reduced depth,
 random init, bf16, the presets' own ZeRO stage, weight sync and micro-batching.
 
-The 1.3B VACE rehearsal runs in `make test-slow`; the others under the `rehearsal` marker (`make test-rehearsal`);
-CI runs both. Each rehearsal runs as its own process, as a user runs it.
+All of them run under the `rehearsal` marker (`make test-rehearsal`, run in CI). Each rehearsal runs as its own
+process, as a user runs it.
 """
 
 import json
@@ -98,7 +98,7 @@ def test_cpu_overrides_keep_what_the_preset_trains(root, preset):
 # ----------------------------------------------------------------------------- rehearsals
 
 
-@pytest.mark.slow
+@pytest.mark.rehearsal
 @pytest.mark.timeout(1800)
 def test_vace_1_3b_preset_rehearsal_and_resume(root, out):
     """The 1.3B VACE preset: 2 steps in bf16 on 2 learner ranks, then resumed from its checkpoint to step 3."""

@@ -17,6 +17,18 @@ from data.write_shards import existing_shards
 pytestmark = pytest.mark.tools
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    """One local Ray cluster for the module: the tools attach to a running one (launcher.cluster.connect_ray)
+    instead of starting and stopping their own on every call."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
     from data.demo import build_demo

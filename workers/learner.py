@@ -32,7 +32,7 @@ from policy.policy import WanPolicy
 from policy.sampler import forward_chunks, score_step
 from policy.sde import host_to_device
 from policy.window import window_size
-from reward.cpu_bf16 import bf16_linear_in_fp32
+from reward.cpu_bf16 import bf16_matmuls_in_fp32
 from workers.common import WorkerBase, free_port, maybe_fault, published_weights, sample_seed
 from workers.weight_sync import WeightGroupMember, sync_tensors
 
@@ -190,9 +190,9 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
     def update(self, step: int, group_ids: List[int], advantages: List[torch.Tensor], masks: List[torch.Tensor],
                *trajectories) -> Dict[str, float]:
         """GRPO update on this rank's groups; returns summed stats (the driver averages over ranks)."""
-        # bf16 on an AVX2-only CPU (rehearsals): linear layers in float32 GEMMs, as the rollout's sampling
+        # bf16 on an AVX2-only CPU (rehearsals): linear and conv3d layers in float32, as the rollout's sampling
         # (reward/cpu_bf16.py); only for the update, so F.linear is torch's outside it
-        with bf16_linear_in_fp32(self.cfg.trainer.device, self.cfg.model.dtype):
+        with bf16_matmuls_in_fp32(self.cfg.trainer.device, self.cfg.model.dtype):
             return self._update(step, group_ids, advantages, masks, *trajectories)
 
     def _update(self, step: int, group_ids: List[int], advantages: List[torch.Tensor], masks: List[torch.Tensor],

@@ -28,13 +28,13 @@ class RewardWorker(WorkerBase):
     def score(self, step: int, *trajectories) -> List[Dict]:
         """Per trajectory: {"scores": {component: (G,), "total": weighted sum (NaN where a score failed)},
         plus the trajectory's policy version and rollout time, so the driver never fetches trajectories."""
-        from reward.cpu_bf16 import bf16_linear_in_fp32
+        from reward.cpu_bf16 import bf16_matmuls_in_fp32
 
         maybe_fault(self.cfg, "reward", self.rank, step)
         out = []
         for traj in trajectories:
             videos = list(traj.videos)
-            with bf16_linear_in_fp32(self.cfg.trainer.device, self.cfg.reward.vlm.dtype):  # AVX2 CPUs: rehearsals
+            with bf16_matmuls_in_fp32(self.cfg.trainer.device, self.cfg.reward.vlm.dtype):  # AVX2 CPUs: rehearsals
                 scores = self.reward.score(videos, [traj.references] * len(videos), [traj.prompt] * len(videos))
             out.append({"scores": {k: v.detach().cpu().double() for k, v in scores.items()},
                         "policy_version": traj.policy_version, "rollout_s": traj.rollout_s})

@@ -21,7 +21,7 @@ from policy.precision import dtype_map
 from policy.sampler import Trajectory, sample_group
 from policy.schedule import schedule_from_config
 from policy.sde import NoiseRule
-from reward.cpu_bf16 import bf16_linear_in_fp32
+from reward.cpu_bf16 import bf16_matmuls_in_fp32
 from workers.common import WorkerBase, maybe_fault, published_weights
 from workers.weight_sync import WeightGroupMember, sync_tensors
 
@@ -41,9 +41,9 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         self.version = -1
         self.fetched_versions: List[int] = []  # versions installed from the object-store copy (recovery)
 
-    def linear_kernels(self):
-        """bf16 on an AVX2-only CPU: linear layers in float32 GEMMs, as the learner's update (reward/cpu_bf16.py)."""
-        return bf16_linear_in_fp32(self.cfg.trainer.device, self.cfg.model.dtype)
+    def matmul_kernels(self):
+        """bf16 on an AVX2-only CPU: linear and conv3d layers in float32, as in the learner (reward/cpu_bf16.py)."""
+        return bf16_matmuls_in_fp32(self.cfg.trainer.device, self.cfg.model.dtype)
 
     def set_weights(self, version: int, weights: Dict[str, torch.Tensor]) -> int:
         """Install a published policy version: LoRA adapter weights, or the full state dict."""
@@ -98,7 +98,7 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         maybe_fault(self.cfg, "rollout", self.rank, step)
         self._ensure_version(version, weights_box)
         start = time.perf_counter()
-        with self.linear_kernels():
+        with self.matmul_kernels():
             cond = self.policy.encode_condition(sample["prompt"], sample.get("refs", []))
             # in the learner's micro-batches: its recompute then sees this forward's shapes (policy/sampler.py)
             trajectory = sample_group(self.policy, cond, seeds, self.rule, self.schedule, deterministic=deterministic,
@@ -124,7 +124,7 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         if adapters:
             self._ensure_version(version, weights_box)
         base_only = not adapters and has_lora(self.policy.transformer)
-        with self.linear_kernels(), adapters_disabled(self.policy.transformer) if base_only else nullcontext():
+        with self.matmul_kernels(), adapters_disabled(self.policy.transformer) if base_only else nullcontext():
             cond = self.policy.encode_condition(sample["prompt"], sample.get("refs", []))
             trajectory = sample_group(self.policy, cond, seeds, self.rule, self.schedule, deterministic=deterministic)
         return [(encode_video(v, fps), VideoInfo(v.shape[0], float(fps), v.shape[1], v.shape[2]).to_dict())
@@ -139,12 +139,12 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
 
         self._ensure_version(version, weights_box)
         if weights is None:
-            with self.linear_kernels():
+            with self.matmul_kernels():
                 return held_out_monitor(self.policy, self.cfg, prompts, seeds)
         live = published_weights(self.policy.transformer, self.cfg.model.lora.enabled)
         self._install(weights)
         try:
-            with self.linear_kernels():
+            with self.matmul_kernels():
                 return held_out_monitor(self.policy, self.cfg, prompts, seeds)
         finally:
             self._install(live)
