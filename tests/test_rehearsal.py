@@ -101,18 +101,20 @@ def test_cpu_overrides_keep_what_the_preset_trains(root, preset):
 @pytest.mark.rehearsal
 @pytest.mark.timeout(1800)
 def test_vace_1_3b_preset_rehearsal_and_resume(root, out):
-    """The 1.3B VACE preset: 2 steps in bf16 on 2 learner ranks, then resumed from its checkpoint to step 3."""
-    report, stdout = rehearse(root, "vace_1.3b_8gpu.yaml", out, "--learner-ranks", "2")
+    """The 1.3B VACE preset: 1 step in bf16 on 2 learner ranks, then resumed from its checkpoint to step 2, whose
+    rollout samples with the restored LoRA weights (the learner must recompute exactly what was sampled)."""
+    report, stdout = rehearse(root, "vace_1.3b_8gpu.yaml", out, "--learner-ranks", "2", "trainer.steps=1")
     assert "measured/plan" in stdout  # the per-role table is printed
-    check_grpo_rehearsal(root, "vace_1.3b_8gpu.yaml", report, out, steps=2)
-    assert (out / "checkpoints" / "step_000002" / "driver.pt").is_file()
+    check_grpo_rehearsal(root, "vace_1.3b_8gpu.yaml", report, out, steps=1)
+    assert (out / "checkpoints" / "step_000001" / "driver.pt").is_file()
     before = (out / "metrics.jsonl").read_text().splitlines()
-    report, _ = rehearse(root, "vace_1.3b_8gpu.yaml", out, "--learner-ranks", "2", "trainer.steps=3")
+    report, _ = rehearse(root, "vace_1.3b_8gpu.yaml", out, "--learner-ranks", "2", "trainer.steps=2")
     records = read_metrics(out)
-    assert [r["step"] for r in records] == [1, 2, 3]
-    # resumed at 2, not restarted: steps 1-2 are the first run's records, timings and all
-    assert (out / "metrics.jsonl").read_text().splitlines()[:2] == before
-    assert records[2]["first_epoch_logprob_dev"] == 0.0 and records[2]["policy_version"] == 3
+    assert [r["step"] for r in records] == [1, 2]
+    # resumed at 1, not restarted: step 1 is the first run's record, timings and all
+    assert (out / "metrics.jsonl").read_text().splitlines()[:1] == before
+    assert records[1]["first_epoch_logprob_dev"] == 0.0 and records[1]["ratio_min"] == records[1]["ratio_max"] == 1.0
+    assert records[1]["policy_version"] == 2
 
 
 @pytest.mark.rehearsal
