@@ -5,17 +5,19 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 CONFIG  ?= cluster_configs/local_cpu.yaml
 ARGS    ?=
+NPROC   ?= 1
 OUT     ?= outputs
 export PYTHONUNBUFFERED := 1
 # A crash in native code (a segfault at exit, issue #14) prints every thread's Python stack, in tests and in CI.
 export PYTHONFAULTHANDLER := 1
 
-.PHONY: install test test-slow test-slurm test-rehearsal test-faults test-tools rehearse demo shards train-reward reward-data train eval bench lint tensorboard submit clean
+.PHONY: install test test-slow test-slurm test-rehearsal test-faults test-tools rehearse demo shards train-reward reward-data train eval doctor export-lora bench lint tensorboard submit clean
 
 install: $(STAMP)
 
-# Idempotent: reruns only when the pins change. torch goes first and alone, by exact version, so pip
-# takes the CPU wheel and never a multi-GB CUDA build (see ../shared/CPU_STACK.md).
+# Idempotent: reruns only when the pins change. torch goes first and alone, by exact version, so nothing later
+# pulls another build: where pip's sources offer the CPU wheel (CI's machines) it takes that one, on a CUDA machine
+# PyPI's CUDA build; a 2.13.0 already installed (say from the PyTorch index for another CUDA) is kept.
 $(STAMP): requirements.txt setup.cfg
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
@@ -63,9 +65,11 @@ shards: install
 	$(PY) -m data.demo --out $(OUT)/demo_data
 
 REWARD_CONFIG ?= cluster_configs/reward_local_cpu.yaml
+# NPROC ranks on this machine (one per GPU), through torchrun, the launch cluster_configs/slurm/train_reward.sbatch
+# runs on every node: make train-reward REWARD_CONFIG=cluster_configs/reward_3b_8gpu.yaml NPROC=8
 train-reward: install
 	test -e $(OUT)/demo_data/pairs-000000.tar || $(PY) -m data.demo --out $(OUT)/demo_data
-	$(PY) -m reward.train --config $(REWARD_CONFIG) $(ARGS)
+	$(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC) -m reward.train --config $(REWARD_CONFIG) $(ARGS)
 
 # Preference data on the demo: candidates, auto labels, labels through the annotation page, reward model, accuracy.
 reward-data: install
@@ -76,6 +80,16 @@ train: install
 
 eval: install
 	$(PY) -m launcher.evaluate --config $(CONFIG) $(ARGS)
+
+# Check a preset on this node (weights, data, output, resume, GPUs) without starting anything; print its plan.
+doctor: install
+	$(PY) -m launcher.doctor --config $(CONFIG) $(ARGS)
+
+# A run's LoRA for stock diffusers, with a model card: make export-lora RUN=outputs/vace_1.3b EXPORT=exports/vace_1.3b
+RUN    ?= $(OUT)/demo
+EXPORT ?= exports/$(notdir $(RUN))
+export-lora: install
+	$(PY) -m launcher.export $(RUN) --out $(EXPORT) $(ARGS)
 
 BENCHES := bench/loop_overhead.py bench/data_throughput.py bench/gpu_wan.py bench/layout_seconds.py
 bench: install

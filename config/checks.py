@@ -25,7 +25,7 @@ CHOICES = {
     "model.init": {"pretrained", "random"},
     "reward.vlm.init": {"pretrained", "random"},
     "reward.vlm.dtype": {"float32", "bfloat16"},
-    "model.dtype": {"float32", "bfloat16", "float16"},
+    "model.dtype": {"float32", "bfloat16"},
     "model.lora.init": {"default", "gaussian"},
     "sampler.noise_rule": {"eta", "linear"},
     "sampler.schedule": {"unipc", "euler"},

@@ -103,7 +103,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg)
+    """Resolved: `${paths.models}` and environment lookups take this process's values, so that workers on other
+    nodes and a checkpoint's stored config see the paths this run used."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
 
 
 def config_from_yaml_text(text: str) -> DictConfig:

@@ -47,7 +47,7 @@ class ModelConfig:
     # Phantom's released transformer checkpoint (original Wan key format), converted on load.
     phantom_checkpoint: Optional[str] = None
     tiny_seed: int = 0  # seed of random init (any arch): every role builds the same weights
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # float32 | bfloat16 (float16 would need loss scaling in the learner: not offered)
     # Rehearsal only (init=random): fewer transformer blocks (VACE control blocks kept at the architecture's
     # stride), text-encoder layers and vocabulary. Widths, heads and patch sizes stay the architecture's.
     num_layers: Optional[int] = None
@@ -282,7 +282,19 @@ class FaultsConfig:
 
 
 @dataclass
+class PathsConfig:
+    """Where models and data live on this cluster. The GPU presets name every file under these
+    (`${paths.models}/Wan2.1-VACE-1.3B-diffusers`, `${paths.data}/identity_prompts/...`), so one override
+    (`paths.models=/lustre/models`) or environment variable points them all elsewhere. Resolved once, where the
+    config is loaded: stored and shipped configs hold the resulting paths (config/load.py `to_yaml`)."""
+
+    models: str = "${oc.env:IDENTITY_GRPO_MODELS,/models}"
+    data: str = "${oc.env:IDENTITY_GRPO_DATA,/data}"
+
+
+@dataclass
 class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)

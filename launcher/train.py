@@ -31,13 +31,14 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from config import RESUME_KEYS, ConfigError, stored_config_mismatches, to_yaml
-from config.cli import exit_expected, parse_config, require_shards, require_writable
+from config import ConfigError, to_yaml
+from config.cli import exit_expected, parse_config
 from data.reader import ShardReader
 from evaluation.held_out import eval_seeds, load_prompts
 from launcher.checkpoint import CheckpointManager
 from launcher.cluster import Workers, build_workers, connect_ray, restart_learner, split_groups, start_learner, stop_ray
 from launcher.metrics import MetricsLogger
+from launcher.preflight import preflight
 from launcher.progress import Progress
 from policy.grpo import advantage_stats, group_advantages
 from policy.window import sde_steps
@@ -357,24 +358,6 @@ def run(cfg, handle_signals: bool = False) -> Trainer:
     finally:
         trainer.close()
     return trainer
-
-
-def preflight(cfg) -> None:
-    """What can be checked before a cluster starts, so that a wrong path costs seconds, not a Ray start-up:
-    every shard pattern names existing files, the output directory is writable, and the resume target (or
-    the `latest` pointer) is a complete checkpoint. Raises ConfigError naming the key."""
-    require_writable("trainer.output_dir", cfg.trainer.output_dir)
-    try:
-        resume = CheckpointManager(cfg.trainer.output_dir, cfg.trainer.keep_last).resolve(cfg.trainer.resume)
-    except FileNotFoundError as err:
-        raise ConfigError(f"'trainer.resume' {cfg.trainer.resume}: {err}") from None
-    if resume is not None and (resume / "config.yaml").is_file():
-        differ = stored_config_mismatches(resume / "config.yaml", cfg, RESUME_KEYS)
-        if differ:
-            raise ConfigError(f"'trainer.resume' {resume} was written with " + ", ".join(
-                f"{key}={theirs!r} (this config: {mine!r})" for key, theirs, mine in differ) +
-                "; resume with those values, or start elsewhere (trainer.output_dir) or anew (trainer.resume=never)")
-    require_shards(cfg, ["data.prompt_shards"] + ["data.eval_prompt_shards"] * bool(cfg.logging.eval_every))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> RunState:

@@ -1,7 +1,8 @@
 """Train the identity reward model on pairwise preferences with DeepSpeed (Identity-GRPO, Sec. 3).
 
     python -m reward.train --config cluster_configs/reward_local_cpu.yaml [key.sub=value ...] [--print-config]
-    deepspeed --num_gpus 8 -m reward.train --config cluster_configs/reward_3b_8gpu.yaml
+    torchrun --standalone --nproc-per-node 8 -m reward.train --config cluster_configs/reward_3b_8gpu.yaml
+    (= make train-reward NPROC=8 ...; several nodes: cluster_configs/slurm/train_reward.sbatch)
 
 Algorithm, top to bottom (`train`):
 1. distributed init from env (single process: defaults filled in; CPU: gloo);
@@ -347,7 +348,7 @@ def _train(cfg, human_only: bool) -> Dict[str, Any]:
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.manual_seed(t.seed)
     random.seed(t.seed)
 
@@ -358,7 +359,8 @@ def _train(cfg, human_only: bool) -> Dict[str, Any]:
     sizes = plan.pool_sizes(keep, list(cfg.teacher.sources))
     extra = {"pool_sizes": sizes, "counts_by_source": plan.counts, "num_held_out": len(plan.held_out)}
     if rank == 0:
-        print(f"pairs by source {plan.counts}; held out {len(plan.held_out)}; training pools {sizes}"
+        print(f"{world} data-parallel rank(s); pairs by source {plan.counts}; held out {len(plan.held_out)}; "
+              f"training pools {sizes}"
               + (" (human only: teacher run)" if human_only else ""), flush=True)
 
     # model, engine, resume

@@ -20,6 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from config import ConfigError, describe_error, load_structured
+from config.schema import PathsConfig
 from config.cli import build_parser, parse_config
 from reward.vlm import LLM_LORA_TARGETS
 from reward.vlm_arch import VLM_ARCHITECTURES
@@ -146,6 +147,7 @@ class RewardLoggingConfig:
 
 @dataclass
 class RewardTrainConfig:
+    paths: PathsConfig = field(default_factory=PathsConfig)  # as the GRPO config's: ${paths.models}, ${paths.data}
     model: RewardModelConfig = field(default_factory=RewardModelConfig)
     data: RewardDataConfig = field(default_factory=RewardDataConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)

@@ -72,6 +72,17 @@ CASES = [
     (train_cli, lambda f: train_args(f, "model.lora.rank=8", "workers.learner.num_workers=1"),
      "model.lora.rank=4 (this config: 8), workers.learner.num_workers=2 (this config: 1)"),
     (evaluate, lambda f: train_args(f, "--checkpoint", str(f / "nowhere")), "evaluate: checkpoint"),
+    # every weight path a role will load, before Ray starts (launcher/preflight.py)
+    (train_cli, lambda f: weight_args(f, "model.init=pretrained", f"model.path={f / 'nomodel'}"),
+     "model.path: directory not found"),
+    (train_cli, lambda f: weight_args(f, "model.init=pretrained", f"model.path={f}"), "is missing subfolder(s)"),
+    (train_cli, lambda f: weight_args(f, "reward.weights={vlm: 1.0}", "reward.vlm.init=pretrained",
+                                      f"reward.vlm.path={f / 'noreward'}"), "reward.vlm.path: directory"),
+    (train_cli, lambda f: weight_args(f, "reward.weights={vlm: 1.0}", "reward.vlm.init=pretrained",
+                                      f"reward.vlm.path={f}"), "has neither reward_model.json"),
+    (train_cli, lambda f: weight_args(f, "reward.face.backend=arcface", f"reward.face.model_path={f / 'a.onnx'}"),
+     "reward.face.model_path: no such ArcFace ONNX file"),
+    (train_cli, lambda f: train_args(f, "model.dtype=float16"), "'model.dtype'"),
     (reward_train, lambda f: reward_args(f, f"data.preference_shards={f}/none-{{0..1}}.tar"),
      "reward.train: 'data.preference_shards'"),
     (reward_train, lambda f: reward_args(f, f"trainer.output_dir={f / 'a_file' / 'r'}"), "'trainer.output_dir'"),
@@ -96,6 +107,11 @@ CASES = [
 ]
 
 
+def weight_args(files, *overrides):
+    """Everything else valid (an existing shard, a fresh start), so that the weight check is what fails."""
+    return train_args(files, f"data.prompt_shards={files}/pairs.tar", "trainer.resume=never", *overrides)
+
+
 def reward_args(files, *overrides):
     return ["--config", "cluster_configs/reward_local_cpu.yaml", f"trainer.output_dir={files / 'rw'}",
             f"data.preference_shards={files}/pairs.tar", *overrides]
@@ -115,6 +131,21 @@ def test_bad_input_is_one_line_and_exit_2(files, capsys, module, argv, culprit):
     assert time.monotonic() - start < 20  # config and path mistakes cost seconds, not a cluster start
     assert (files / "run" / "checkpoints" / "step_000001" / "driver.pt").read_text() == "kept"
     assert (files / "pairs.tar").read_bytes() == b"shard" and not (files / "o").exists() and not (files / "rw").exists()
+
+
+def test_relative_output_dir_in_a_ray_job_is_refused(files, capsys, monkeypatch):
+    """Under `ray job submit` the working directory is the job's uploaded copy on the head node: a relative
+    trainer.output_dir would leave every checkpoint there. The preset's own relative default is refused too."""
+    from launcher.preflight import RAY_JOB_ENV, check_output_dir
+
+    monkeypatch.setenv(RAY_JOB_ENV, "{}")
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.main(["--config", CPU, "trainer.output_dir=outputs/in_a_job"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "'trainer.output_dir' outputs/in_a_job is relative, and this is a Ray job" in last
+    assert "trainer.output_dir=/shared/runs/in_a_job" in last and not ray.is_initialized()
+    monkeypatch.delenv(RAY_JOB_ENV)
+    check_output_dir(load_config(CPU, ["trainer.output_dir=outputs/in_a_job"]))  # outside a job: accepted
 
 
 def test_the_table_covers_every_entry_point():

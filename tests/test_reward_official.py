@@ -15,20 +15,7 @@ from reward.official import OfficialRewardModel, checkpoint_dir, load_official_r
 from reward.official_inputs import SA_TOKEN, SUBJECT_ALIGNMENT_PROMPT, frame_count, smart_resize
 from reward.vlm import reward_model_from_config, tiny_vlm_config
 from reward.vlm_inputs import build_tiny_tokenizer
-
-# docs/official_reward_checkpoint.md: the published outputs/identity_reward/model_config.json, in the parts read
-OFFICIAL_MODEL_CONFIG = {
-    "data_config": {"max_frame_pixels": 399360, "num_frames": 5.0, "fps": None, "eval_dim": ["SA"],
-                    "prompt_template_type": "subject_alignment_special", "sample_type": "uniform"},
-    "training_args": {"bf16": True},
-    "model_config": {"model_name_or_path": "Qwen/Qwen2.5-VL-3B-Instruct", "output_dim": 1, "use_special_tokens": True,
-                     "torch_dtype": "bfloat16", "reward_token": "special", "loss_type": "btt"},
-    "peft_lora_config": {"lora_enable": True, "vision_lora": False, "lora_r": 64, "lora_alpha": 128,
-                         "lora_dropout": 0.05, "lora_target_modules": None,
-                         "lora_namespan_exclude": ["lm_head", "rm_head", "embed_tokens", "visual"],
-                         "lora_task_type": "CAUSAL_LM", "use_rslora": False, "num_lora_modules": -1},
-}
-
+from tests.stand_ins import OFFICIAL_MODEL_CONFIG
 
 def as_transformers_451(key: str) -> str:
     """transformers 5's Qwen2.5-VL module names -> 4.51's (the official pin): the language model was `model`, the

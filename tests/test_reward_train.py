@@ -253,3 +253,47 @@ def test_official_format_trains_exports_and_loads_as_the_grpo_reward(mixed_shard
     row = model.inputs.tokenizer.convert_tokens_to_ids(SA_TOKEN)
     moved = (trained != base).any(dim=1).nonzero().flatten().tolist()
     assert moved == [row], moved
+
+
+# ----------------------------------------------------------------------------- launch on several ranks
+
+
+@pytest.mark.slow
+def test_two_ranks_through_the_slurm_script_train_filter_and_evaluate_every_pair(root, mixed_shards, tmp_path):
+    """cluster_configs/slurm/train_reward.sbatch run outside Slurm: torchrun with 2 ranks on gloo, the launch of
+    `make train-reward NPROC=2` and of each node under Slurm. The ranks split the data and meet in the teacher
+    filter and the evaluation: the filter scored every auto pair (both ranks' shares), and the final held-out
+    metrics, summed over the ranks, equal the exported model's on all held-out pairs in one process."""
+    import os
+
+    from reward.vlm import load_reward_model
+    from reward.vlm_data import eval_samples
+    from reward.vlm_eval import evaluate
+
+    out = tmp_path / "run"
+    args = [f"data.preference_shards={mixed_shards}", f"trainer.output_dir={out}", "data.held_out_fraction=0.2",
+            "trainer.steps=2", "trainer.batch_size=2", "trainer.checkpoint_every=2", "trainer.eval_every=0",
+            "trainer.log_every=1", "teacher.enabled=true", "teacher.train_steps=1", "teacher.sources=[auto]",
+            f"teacher.threshold={1 / 6}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(NPROC_PER_NODE="2", CONFIG="cluster_configs/reward_local_cpu.yaml", ARGS=" ".join(args),
+               PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    proc = subprocess.run(["bash", "cluster_configs/slurm/train_reward.sbatch"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "1 node x 2 ranks" in proc.stdout and "2 data-parallel rank(s)" in proc.stdout, proc.stdout[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints" / "step_000002").glob("trainer_state_rank*.pt")) == [
+        "trainer_state_rank0.pt", "trainer_state_rank1.pt"]
+
+    cfg = load_reward_config(root / "cluster_configs" / "reward_local_cpu.yaml", args)
+    plan = plan_data(cfg.data)
+    kept = json.loads((out / "teacher_filter.json").read_text())
+    assert kept["num_candidates"] == sum(p.source == "auto" for p in plan.pools["auto"]) > 0
+
+    ev = json.loads((out / "eval.json").read_text())
+    model = load_reward_model(str(out / "model"), num_frames=cfg.model.num_frames, dtype="float32")
+    t = cfg.trainer
+    alone = evaluate(model, eval_samples(cfg.data, plan, 0, 1), t.tie_theta, t.loss, t.eval_batch_size, t.bt_ties)
+    assert ev["num_pairs"] == len(plan.held_out) == alone["num_pairs"] > 0
+    assert ev["accuracy_with_ties"] == alone["accuracy_with_ties"]
+    assert ev["loss"] == pytest.approx(alone["loss"], rel=1e-6)  # sums of per-rank batches: float order differs
