@@ -19,7 +19,9 @@ from launcher.rehearse import cpu_overrides
 
 GPU_PRESETS = ["vace_1.3b_8gpu.yaml", "vace_1.3b_8gpu_colocated.yaml", "phantom_1.3b_8gpu.yaml",
                "vace_14b_multinode.yaml"]
-GROUP_OF_4 = ("grpo.group_size=4",)
+# The 1.3B LoRA rehearsal-and-resume runs twice; it takes groups of 4: groups of 8 cut in micro-batches are the 14B
+# preset's rehearsal (the 1.3B preset runs a group in one forward whatever its size).
+SMALLER = ("grpo.group_size=4",)
 MEMORY_TOLERANCE = 0.25  # the plan's prediction within 25% of each role's measured peak (issue #15)
 
 
@@ -103,15 +105,14 @@ def test_cpu_overrides_keep_what_the_preset_trains(root, preset):
 @pytest.mark.timeout(1800)
 def test_vace_1_3b_preset_rehearsal_and_resume(root, out):
     """The 1.3B VACE preset: 1 step in bf16 on 2 learner ranks, then resumed from its checkpoint to step 2, whose
-    rollout samples with the restored LoRA weights (the learner must recompute exactly what was sampled). Groups
-    of 4, not the preset's 8: the preset runs a group in one forward whatever its size; groups of 8 cut in
-    micro-batches are the 14B preset's rehearsal."""
-    report, stdout = rehearse(root, "vace_1.3b_8gpu.yaml", out, "--learner-ranks", "2", *GROUP_OF_4, "trainer.steps=1")
+    rollout samples with the restored LoRA weights (the learner must recompute exactly what was sampled), in the
+    SMALLER groups above."""
+    report, stdout = rehearse(root, "vace_1.3b_8gpu.yaml", out, "--learner-ranks", "2", *SMALLER, "trainer.steps=1")
     assert "measured/plan" in stdout  # the per-role table is printed
     check_grpo_rehearsal(root, "vace_1.3b_8gpu.yaml", report, out, steps=1)
     assert (out / "checkpoints" / "step_000001" / "driver.pt").is_file()
     before = (out / "metrics.jsonl").read_text().splitlines()
-    report, _ = rehearse(root, "vace_1.3b_8gpu.yaml", out, "--learner-ranks", "2", *GROUP_OF_4, "trainer.steps=2")
+    report, _ = rehearse(root, "vace_1.3b_8gpu.yaml", out, "--learner-ranks", "2", *SMALLER, "trainer.steps=2")
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2]
     # resumed at 1, not restarted: step 1 is the first run's record, timings and all

@@ -2,8 +2,10 @@
 
 Real pieces only: preference shards written with data/distort.py + data/write_shards.py from the
 real face photographs of data/faces.py, the real ShardReader, a real DeepSpeed engine (ZeRO-2, gloo,
-world size 1) around a tiny random-init Qwen2.5-VL reward model. Each training runs in a fresh process
-(tests/fresh_process.py: a DeepSpeed process group lives as long as its process).
+world size 1, and 2 ranks through torchrun in the last test) around a tiny random-init Qwen2.5-VL reward model.
+Each training runs in a fresh process (tests/fresh_process.py: a DeepSpeed process group lives as long as its
+process); those tests are `slow` (`make test-slow`, run in CI), the unit tests of the curriculum, pools and config
+run in `make test`.
 """
 
 import json
@@ -120,6 +122,7 @@ def _straight_and_resumed(shards, tmp_path, parts):
     return straight, first, second
 
 
+@pytest.mark.slow  # DeepSpeed engines in fresh processes: `make test-slow`
 @pytest.mark.parametrize("parts", [(), LORA], ids=["full", "lora"])
 def test_resume_continues_identically(mixed_shards, tmp_path, parts):
     """4 steps straight == 2 steps, stop, resume to 4: same losses, same final weights."""
@@ -161,6 +164,7 @@ def _train_then_count_engines(cfg):
     return sum(type(o).__name__ == "DeepSpeedEngine" for o in gc.get_objects())
 
 
+@pytest.mark.slow  # DeepSpeed engines in fresh processes: `make test-slow`
 def test_teacher_filter_keeps_the_fraction_it_reports(mixed_shards, tmp_path):
     # threshold 1/6 = P(label) at r_a == r_b under theta = 5: keep the pairs the teacher agrees with.
     cfg = tiny_cfg(mixed_shards, tmp_path, "trainer.steps=1", "teacher.enabled=true", "teacher.train_steps=4",
@@ -219,6 +223,7 @@ OFFICIAL = ("model.format=official", "model.lora.enabled=true", "model.lora.rank
             "model.lora.dropout=0.05", "model.train_language_model=false", "optim.weight_decay=0.01")
 
 
+@pytest.mark.slow  # DeepSpeed engines in fresh processes: `make test-slow`
 def test_official_format_trains_exports_and_loads_as_the_grpo_reward(mixed_shards, tmp_path):
     """model.format=official: the official reward model on its own input, with the teacher filter, exported in the
     official layout (model_config.json + checkpoint-<step>/ + its random-init base); `reward.vlm.path` loads it
