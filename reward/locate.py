@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import List
 
-from reward.official import (ADAPTER_FILE, FULL_FILE, NON_LORA_FILE, OFFICIAL_CONFIG_FILE, checkpoint_dir,
+from reward.official import (OFFICIAL_CONFIG_FILE, checkpoint_dir, official_base_path, official_weight_files,
                              read_official_config)
 from reward.official_inputs import frame_count
 from reward.vlm import SETTINGS_FILE
@@ -42,17 +42,8 @@ def vlm_files(vlm_cfg, config_key: str = "reward.vlm.path") -> List[Path]:
                          f"{frames} frames (its {OFFICIAL_CONFIG_FILE} data_config.num_frames); set "
                          f"reward.vlm.num_frames (and reward.face.num_frames) to {frames}")
     ckpt = checkpoint_dir(directory, vlm_cfg.checkpoint_step, config_key)
-    weights = [ckpt / FULL_FILE] if (ckpt / FULL_FILE).is_file() else [ckpt / NON_LORA_FILE, ckpt / ADAPTER_FILE]
-    for file in weights:
-        if not file.is_file():
-            raise FileNotFoundError(f"{config_key}: {ckpt} has neither {FULL_FILE} nor {file.name}")
-    base = vlm_cfg.base_path
-    hub_name = official["model_config"].get("model_name_or_path")
-    if not base and hub_name and (directory / hub_name / "config.json").is_file():
-        base = str(directory / hub_name)
-    if not base:
-        raise ValueError(f"{config_key}: {path} is an official reward checkpoint built on {hub_name!r} (a hub id); "
-                         "set reward.vlm.base_path to a local copy of that model (no hub downloads)")
+    weights = official_weight_files(ckpt, config_key)
+    base = official_base_path(directory, official, vlm_cfg.base_path, config_key)
     if not (Path(base) / "config.json").is_file():
         raise FileNotFoundError(f"reward.vlm.base_path: {base!r} has no config.json (a local Qwen2.5-VL directory "
                                 "such as Qwen/Qwen2.5-VL-3B-Instruct)")

@@ -107,6 +107,29 @@ def checkpoint_dir(directory: str | Path, step: Optional[int] = None, config_key
     return found[step]
 
 
+def official_base_path(directory: str | Path, cfg: Dict, base_path: Optional[str], config_key: str) -> str:
+    """The Qwen2.5-VL base: `base_path`, else model_config.json's `model_name_or_path` when it is a local directory
+    (relative to `directory`); a hub id alone is an error (no downloads)."""
+    hub_name = cfg["model_config"].get("model_name_or_path")
+    if not base_path and hub_name and (Path(directory) / hub_name / "config.json").is_file():
+        base_path = str(Path(directory) / hub_name)
+    if not base_path:
+        raise ValueError(f"{config_key}: {directory} is an official reward checkpoint built on {hub_name!r} (a hub "
+                         f"id); set reward.vlm.base_path to a local copy of that model (no hub downloads)")
+    return base_path
+
+
+def official_weight_files(ckpt: Path, config_key: str) -> List[Path]:
+    """checkpoint-<step>/'s weights: the full model.pth, else the non-LoRA state and the adapter (both required)."""
+    if (ckpt / FULL_FILE).is_file():
+        return [ckpt / FULL_FILE]
+    files = [ckpt / NON_LORA_FILE, ckpt / ADAPTER_FILE]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{config_key}: {ckpt} has neither {FULL_FILE} nor {f.name}")
+    return files
+
+
 def official_key_to_ours(key: str) -> Optional[str]:
     """A PEFT-wrapped transformers-4.51 key of the official reward model -> this model's key (None: not used)."""
     if not key.startswith(PEFT_PREFIX):
@@ -370,16 +393,11 @@ def load_official_reward_model(directory: str, base_path: Optional[str], dtype: 
                          f"{frames} frames (its model_config.json data_config.num_frames, rounded to an even count "
                          f"as Qwen's smart_nframes does); set reward.vlm.num_frames (and reward.face.num_frames) to "
                          f"{frames}")
-    hub_name = cfg["model_config"].get("model_name_or_path")
     trained_dtype = cfg["model_config"].get("torch_dtype")
     if trained_dtype and trained_dtype != dtype:
         logger.warning("%s: the official scorer runs this checkpoint in %s (model_config.json torch_dtype); "
                        "reward.vlm.dtype is %s", config_key, trained_dtype, dtype)
-    if not base_path and hub_name and (Path(directory) / hub_name / "config.json").is_file():
-        base_path = str(Path(directory) / hub_name)
-    if not base_path:
-        raise ValueError(f"{config_key}: {directory} is an official reward checkpoint built on {hub_name!r} (a hub "
-                         f"id); set reward.vlm.base_path to a local copy of that model (no hub downloads)")
+    base_path = official_base_path(directory, cfg, base_path, config_key)
     ckpt = checkpoint_dir(directory, step, config_key)
     data, lora = cfg["data_config"], cfg["peft_lora_config"]
     model = OfficialRewardModel.from_base(
@@ -388,15 +406,10 @@ def load_official_reward_model(directory: str, base_path: Optional[str], dtype: 
         frames, int(data["max_frame_pixels"]), video_fps,
         config_key="reward.vlm.base_path")
     inputs = model.inputs
-    if (ckpt / FULL_FILE).is_file():
-        files = [ckpt / FULL_FILE]
-        states = [torch.load(files[0], map_location="cpu", weights_only=True)]
-    else:
-        files = [ckpt / NON_LORA_FILE, ckpt / ADAPTER_FILE]
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"{config_key}: {ckpt} has neither {FULL_FILE} nor {f.name}")
-        states = [torch.load(files[0], map_location="cpu", weights_only=True), load_file(str(files[1]))]
+    files = official_weight_files(ckpt, config_key)
+    states = [torch.load(files[0], map_location="cpu", weights_only=True)]
+    if len(files) == 2:
+        states.append(load_file(str(files[1])))
     model.load_official_state(files, states)
     logger.info("%s: official reward checkpoint %s on base %s (%d frames, max %d pixels, video fps %s)", config_key,
                 ckpt, base_path, inputs.num_frames, inputs.max_frame_pixels, video_fps)
