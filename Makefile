@@ -78,8 +78,10 @@ reward-data: install
 train: install
 	$(PY) -m launcher.train --config $(CONFIG) $(ARGS)
 
+# Evaluate a run's policies; WORKERS=8: across a node's 8 GPUs (Ray evaluation workers), 0: in this process.
+WORKERS ?= 0
 eval: install
-	$(PY) -m launcher.evaluate --config $(CONFIG) $(ARGS)
+	$(PY) -m launcher.evaluate --config $(CONFIG) --num-workers $(WORKERS) $(ARGS)
 
 # Check a preset on this node (weights, data, output, resume, GPUs) without starting anything; print its plan.
 doctor: install

@@ -42,7 +42,7 @@ CHOICES = {
     "trainer.mode": {"sync", "async"},
     "sampler.sde_window.strategy": {"progressive", "random", "fixed"},
 }
-FAULT_ROLES = ("rollout", "reward", "learner", "publish", "checkpoint")
+FAULT_ROLES = ("rollout", "reward", "learner", "publish", "checkpoint", "eval")
 
 POSITIVE = [
     "model.height", "model.width", "model.num_frames", "model.lora.rank", "sampler.num_steps",

@@ -63,7 +63,7 @@ def parse_config(description: str, argv: Optional[Sequence[str]] = None,
     """Parse argv into (config, args). A bad key or value exits with status 2 and one line
     `<command>: config error: ...` naming it."""
     parser = parser or build_parser(description)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags and key=value overrides in any order
     try:
         cfg = loader(args.config, args.overrides)
     except ConfigError as err:

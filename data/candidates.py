@@ -171,23 +171,21 @@ def generate(section, generators: Sequence[Generator], prompts: Sequence[dict],
             log.info("generator %s (%s, %s): %d prompts x %d videos on %d rollout worker(s)", gen.name, gen.config_file,
                      gen.lora_file or "base", len(todo), n, len(group))
             checkpoint = "base" if gen.lora_file is None else str(gen.lora_file)
-            pending: List[tuple] = []
-            for i, prompt in enumerate([*todo, *[None] * (IN_FLIGHT_PER_WORKER * len(group))]):
-                if prompt is not None:
-                    seeds = candidate_seeds(section.seed, prompt["key"], n)
-                    ref = group.actors[i % len(group)].candidate_videos.remote(
-                        {"prompt": prompt["prompt"], "refs": prompt["refs"]}, seeds, section.sampler == "ode",
-                        section.fps, version, box)
-                    pending.append((prompt, seeds, ref))
-                if len(pending) > IN_FLIGHT_PER_WORKER * len(group) or (prompt is None and pending):
-                    first, seeds, ref = pending.pop(0)
-                    for k, (video, info) in enumerate(ray.get(ref)):
-                        candidate = {"prompt_key": first["key"], "generator": gen.name, "checkpoint": checkpoint,
-                                     "seed": seeds[k], "sampler": section.sampler,
-                                     "extra": {"config": gen.config_file, "overrides": gen.overrides, "index": k}}
-                        key = candidate_key(first["key"], gen.name, k)
-                        if key not in done:
-                            yield key, first, candidate, video, info
+
+            def submit(actor, prompt, version=version, box=box):
+                seeds = candidate_seeds(section.seed, prompt["key"], n)
+                return actor.candidate_videos.remote({"prompt": prompt["prompt"], "refs": prompt["refs"]}, seeds,
+                                                     section.sampler == "ode", section.fps, version, box)
+
+            for prompt, videos in group.map_ordered(todo, submit, IN_FLIGHT_PER_WORKER):
+                seeds = candidate_seeds(section.seed, prompt["key"], n)
+                for k, (video, info) in enumerate(videos):
+                    candidate = {"prompt_key": prompt["key"], "generator": gen.name, "checkpoint": checkpoint,
+                                 "seed": seeds[k], "sampler": section.sampler,
+                                 "extra": {"config": gen.config_file, "overrides": gen.overrides, "index": k}}
+                    key = candidate_key(prompt["key"], gen.name, k)
+                    if key not in done:
+                        yield key, prompt, candidate, video, info
         finally:
             group.kill()
             release({"rollout": placement})

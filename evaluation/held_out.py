@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -65,30 +66,61 @@ def evaluate_policy(policy, cfg, prompts: Sequence[dict], seeds: Sequence[int], 
     first `keep_videos` prompts (for the report's grid). Prompt groups are generated and scored one at
     a time, so memory stays one group's videos whatever N is.
     """
-    from policy.sampler import sample_group
-    from policy.schedule import schedule_from_config
-    from policy.sde import NoiseRule
-
-    rule, schedule = NoiseRule.from_config(cfg.sampler), schedule_from_config(cfg.sampler)
+    sampling = PromptSampling.from_config(cfg)
     records, kept = [], {}
     for i, sample in enumerate(prompts):
-        cond = policy.encode_condition(sample["prompt"], sample["refs"])
-        traj = sample_group(policy, cond, seeds, rule, schedule, deterministic=True)
-        videos = traj.videos.numpy()
-        rows = scorer.score(list(videos), [sample["refs"]] * len(videos), [sample["prompt"]] * len(videos))
-        for k, (seed, row) in enumerate(zip(seeds, rows, strict=True)):
-            records.append({"policy": tag, "key": sample["key"], "prompt": sample["prompt"], "seed_index": k,
-                            "seed": int(seed), "num_people": len(sample["refs"]),
-                            "identity_ids": sample["identity_ids"], **row})
+        rows, videos = evaluate_prompt(policy, sampling, sample, seeds, scorer, tag)
+        records.extend(rows)
         if i < keep_videos:
             kept[sample["key"]] = videos
         if video_dir is not None:
-            from data.video import encode_video
-
-            video_dir.mkdir(parents=True, exist_ok=True)
-            for k, video in enumerate(videos):
-                (video_dir / f"{_safe(sample['key'])}_s{k}.mp4").write_bytes(encode_video(video))
+            write_videos(video_dir, sample["key"], encode_videos(videos))
     return records, kept
+
+
+@dataclass(frozen=True)
+class PromptSampling:
+    """How evaluation samples: the config's noise rule and timestep schedule, always deterministically."""
+
+    rule: object
+    schedule: object
+
+    @classmethod
+    def from_config(cls, cfg) -> "PromptSampling":
+        from policy.schedule import schedule_from_config
+        from policy.sde import NoiseRule
+
+        return cls(NoiseRule.from_config(cfg.sampler), schedule_from_config(cfg.sampler))
+
+
+def evaluate_prompt(policy, sampling: PromptSampling, sample: dict, seeds: Sequence[int], scorer: EvalScorer,
+                    tag: str) -> Tuple[List[dict], np.ndarray]:
+    """One prompt's K videos (the ODE from K fixed seeds) and their records: the unit of work of the
+    in-process loop above and of the Ray evaluation workers (workers/eval_worker.py) alike, so both
+    produce the same records for the same prompt."""
+    from policy.sampler import sample_group
+
+    cond = policy.encode_condition(sample["prompt"], sample["refs"])
+    traj = sample_group(policy, cond, seeds, sampling.rule, sampling.schedule, deterministic=True)
+    videos = traj.videos.numpy()
+    rows = scorer.score(list(videos), [sample["refs"]] * len(videos), [sample["prompt"]] * len(videos))
+    records = [{"policy": tag, "key": sample["key"], "prompt": sample["prompt"], "seed_index": k, "seed": int(seed),
+                "num_people": len(sample["refs"]), "identity_ids": sample["identity_ids"], **row}
+               for k, (seed, row) in enumerate(zip(seeds, rows, strict=True))]
+    return records, videos
+
+
+def encode_videos(videos: np.ndarray) -> List[bytes]:
+    from data.video import encode_video
+
+    return [encode_video(video) for video in videos]
+
+
+def write_videos(video_dir: Path, key: str, mp4s: Sequence[bytes]) -> None:
+    """`--save-videos`: `<video_dir>/<key>_s<k>.mp4` per seed index k."""
+    video_dir.mkdir(parents=True, exist_ok=True)
+    for k, mp4 in enumerate(mp4s):
+        (video_dir / f"{_safe(key)}_s{k}.mp4").write_bytes(mp4)
 
 
 _SCORERS: Dict[str, EvalScorer] = {}

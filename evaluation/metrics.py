@@ -45,6 +45,11 @@ def vlm_configured(reward_cfg) -> bool:
     return "vlm" in reward_cfg.weights or v.path is not None or (v.init == "random" and v.arch is not None)
 
 
+def trained_components(reward_cfg) -> List[str]:
+    """The reward components training optimises (non-zero weight), in `reward.weights` order."""
+    return [name for name, weight in reward_cfg.weights.items() if float(weight) != 0]
+
+
 def _digest(video, references) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     for array in [video, *references]:
@@ -77,7 +82,7 @@ class EvalScorer:
             prebuilt["vlm"] = self.vlm.score
         self.composite = CompositeReward.from_config(reward_cfg, prebuilt=prebuilt)
         self.component_names = list(self.composite.components)
-        self.trained_names = [k for k, w in self.composite.weights.items() if w != 0]
+        self.trained_names = trained_components(reward_cfg)
         self._memo: Dict[bytes, object] = {}
 
     def _face_score(self, video, references):

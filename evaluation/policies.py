@@ -120,8 +120,9 @@ def read_lora(path: Path) -> Dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def policy_weights(policy, spec: PolicySpec):
-    """Within the block the policy samples with `spec`'s weights: adapters off for 'base', else its LoRA."""
+def policy_weights(policy, spec: PolicySpec, lora_state: Optional[Dict[str, torch.Tensor]] = None):
+    """Within the block the policy samples with `spec`'s weights: adapters off for 'base', else its LoRA
+    (`lora_state`, when the caller already holds the file's tensors, e.g. a Ray worker sent them)."""
     from policy.lora import adapters_disabled, has_lora, load_lora_state_dict
 
     if spec.lora_file is None:
@@ -129,7 +130,7 @@ def policy_weights(policy, spec: PolicySpec):
             yield
         return
     try:
-        load_lora_state_dict(policy.transformer, read_lora(spec.lora_file))
+        load_lora_state_dict(policy.transformer, read_lora(spec.lora_file) if lora_state is None else lora_state)
     except (KeyError, RuntimeError) as err:
         raise EvalError(f"{spec.lora_file}: does not fit the model of this config: {err}") from None
     yield

@@ -1,7 +1,8 @@
 """Evaluate a policy (the base model or a checkpoint's LoRA) on fixed prompts and seeds; compare two.
 
     python -m launcher.evaluate --config FILE [--checkpoint latest|base|PATH] [--compare latest|base|PATH]
-        [--num-prompts N] [--seeds-per-prompt K] [--prompt-shards PATTERN] [--out DIR] [key=value ...]
+        [--num-prompts N] [--seeds-per-prompt K] [--prompt-shards PATTERN] [--out DIR] [--num-workers W]
+        [key=value ...]
 
 What it does, per policy: read the first N prompt samples (text + one reference photo per person) of
 the prompt shards in file order, sample K videos per prompt with the *deterministic* sampler (the ODE,
@@ -12,6 +13,12 @@ and min over people, frames with every person found, the training reward compone
 first policy is the candidate and the second the baseline: `<out>/comparison.json` holds paired deltas
 with bootstrap confidence intervals and win rates. Finally `<out>/report.md` with plots and a video grid
 (evaluation/report.py), also logged to TensorBoard under `<trainer.output_dir>/tb`, tags `eval/...`.
+
+Where: in this process (`--num-workers 0`, the default), or on W Ray evaluation workers (workers/eval_worker.py),
+each with `workers.rollout`'s GPUs and CPUs per worker: a node's 8 GPUs are `--num-workers 8`. The Ray cluster is
+`workers.ray_address` / $RAY_ADDRESS, else a local one. Prompts stream over the workers and their records come
+back in prompt order; each prompt is sampled and scored by the same function either way, so the files are the
+same as one process's (the summary also says how many workers made it).
 
 A PATH is a checkpoint step directory (`<output_dir>/checkpoints/step_NNNNNN`), a run's output
 directory (its latest checkpoint), a `lora/` directory or the `pytorch_lora_weights.safetensors` file
@@ -30,9 +37,10 @@ from typing import Optional, Sequence
 
 from config.cli import at_least, build_parser, exit_expected, parse_config
 from evaluation.files import write_json, write_jsonl
-from evaluation.held_out import eval_seeds, evaluate_policy, load_prompts
-from evaluation.metrics import EvalScorer, compare_records, summarize_records
-from evaluation.policies import EvalError, build_eval_policy, check_compatible, policy_weights, resolve_policy
+from evaluation.held_out import eval_seeds, load_prompts
+from evaluation.metrics import compare_records, summarize_records, trained_components
+from evaluation.policies import EvalError, check_compatible, resolve_policy
+from launcher.evaluate_where import evaluator
 
 log = logging.getLogger("identity_grpo.evaluate")
 
@@ -54,6 +62,8 @@ def _parser():
     parser.add_argument("--grid-prompts", type=at_least(0), default=4, help="prompts shown in the video grid")
     parser.add_argument("--save-videos", action="store_true", help="also write every video as mp4")
     parser.add_argument("--no-tensorboard", action="store_true", help="do not log the plots to TensorBoard")
+    parser.add_argument("--num-workers", type=at_least(0), default=0,
+                        help="Ray evaluation workers, each with workers.rollout's GPUs (0: in this process)")
     return parser
 
 
@@ -83,21 +93,21 @@ def run(cfg, args) -> dict:
     prompts, seeds = load_prompts(pattern, num_prompts, cfg.data.on_error), eval_seeds(cfg.trainer.seed, k)
     if not prompts:
         raise EvalError(f"prompt shards {pattern}: no prompt sample to evaluate")
-    policy, scorer = build_eval_policy(cfg), EvalScorer(cfg.reward)
     setup = {"prompt_shards": pattern, "num_prompts": len(prompts), "seeds": seeds, "sampler": "deterministic",
              "num_steps": cfg.sampler.num_steps, "guidance_scale": cfg.sampler.guidance_scale,
-             "reward_weights": dict(cfg.reward.weights), "trained_components": scorer.trained_names}
+             "reward_weights": dict(cfg.reward.weights), "trained_components": trained_components(cfg.reward),
+             "workers": args.num_workers}
     runs = []
-    for spec in specs:
-        log.info("evaluating %s (%s) on %d prompts x %d seeds", spec.tag, spec.source, len(prompts), len(seeds))
-        with policy_weights(policy, spec):
-            records, kept = evaluate_policy(policy, cfg, prompts, seeds, scorer, spec.tag, args.grid_prompts,
-                                            out / spec.tag / "videos" if args.save_videos else None)
-        summary = {"policy": spec.tag, "source": spec.source, "lora_file": str(spec.lora_file or ""),
-                   "step": spec.step, **setup, **summarize_records(records)}
-        write_jsonl(out / spec.tag / "samples.jsonl", records)
-        write_json(out / spec.tag / "summary.json", summary)
-        runs.append(report.EvalRun(spec.tag, spec.source, spec.step, records, summary, kept))
+    with evaluator(cfg, args.num_workers) as evaluate:
+        for spec in specs:
+            log.info("evaluating %s (%s) on %d prompts x %d seeds", spec.tag, spec.source, len(prompts), len(seeds))
+            records, kept = evaluate(spec, prompts, seeds, args.grid_prompts,
+                                     out / spec.tag / "videos" if args.save_videos else None)
+            summary = {"policy": spec.tag, "source": spec.source, "lora_file": str(spec.lora_file or ""),
+                       "step": spec.step, **setup, **summarize_records(records)}
+            write_jsonl(out / spec.tag / "samples.jsonl", records)
+            write_json(out / spec.tag / "summary.json", summary)
+            runs.append(report.EvalRun(spec.tag, spec.source, spec.step, records, summary, kept))
     comparison = None
     if len(runs) == 2:
         comparison = compare_records(runs[0].records, runs[1].records, runs[0].tag, runs[1].tag,
@@ -105,7 +115,7 @@ def run(cfg, args) -> dict:
         write_json(out / "comparison.json", comparison)
     tb_dir = None if args.no_tensorboard or not cfg.logging.tensorboard else output_dir / "tb"
     path = report.write_report(out, runs, comparison, prompts[: args.grid_prompts], output_dir,
-                               scorer.trained_names, tb_dir)
+                               trained_components(cfg.reward), tb_dir)
     for line in report.summary_lines(runs, comparison):
         print(line)
     print(f"report: {path}")

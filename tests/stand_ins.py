@@ -1,6 +1,7 @@
-"""Layout stand-ins for the files a GPU preset names: every directory and file in the place and layout the
+"""Stand-ins. Layouts for the files a GPU preset names: every directory and file in the place and layout the
 preset's config says, with the named architectures' config.json files, but empty weight files. What the checks
-before a run read (launcher/preflight.py, launcher/doctor.py: names, layouts, configs), never weights."""
+before a run read (launcher/preflight.py, launcher/doctor.py: names, layouts, configs), never weights. And a
+trained policy's stand-in: the tiny policy with LoRA adapters that visibly change its videos."""
 
 import json
 from pathlib import Path
@@ -67,3 +68,19 @@ def preset_stand_ins(cfg) -> None:
         for shard in braceexpand.braceexpand(pattern) if pattern else []:
             Path(shard).parent.mkdir(parents=True, exist_ok=True)
             Path(shard).write_bytes(b"")
+
+
+def policy_with_visible_lora(cfg):
+    """The config's evaluation policy with random LoRA B matrices (seeded), so its adapters change every video:
+    what a checkpoint's LoRA stands in for when a test needs the weights to matter."""
+    import torch
+
+    from evaluation.policies import build_eval_policy
+
+    policy = build_eval_policy(cfg)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return policy

@@ -18,6 +18,7 @@ from evaluation.metrics import EvalScorer, bootstrap_ci, compare_records, summar
 from evaluation.policies import EvalError, build_eval_policy, check_compatible, resolve_policy
 from launcher.checkpoint import CheckpointManager
 from launcher.evaluate import main
+from tests.stand_ins import policy_with_visible_lora
 
 FAST = ["sampler.num_steps=2", "reward.face.num_frames=2", "reward.vlm.num_frames=2", "logging.progress_bar=false"]
 
@@ -123,12 +124,7 @@ def _checkpoint(cfg, step=2):
     """A real checkpoint layout whose LoRA visibly changes the policy; returns (step dir, that policy)."""
     from policy.lora import save_lora
 
-    policy = build_eval_policy(cfg)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in policy.transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    policy = policy_with_visible_lora(cfg)
     path = CheckpointManager(cfg.trainer.output_dir).save(
         step, lambda tmp: save_lora(policy.transformer, tmp / "lora", cfg.model.kind), {"step": step}, to_yaml(cfg))
     return path, policy

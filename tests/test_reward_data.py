@@ -12,6 +12,7 @@ from data.candidates import candidate_seeds
 from data.candidates import main as candidates_main
 from data.reader import ShardReader
 from data.write_shards import existing_shards
+from tests.stand_ins import policy_with_visible_lora
 
 # Its own lane (`make test-tools`): CI runs it after the rehearsals and faults, the lane that ends first.
 pytestmark = pytest.mark.tools
@@ -39,19 +40,11 @@ def prompts(tmp_path_factory):
 
 def _lora_dir(tmp_path) -> Path:
     """A LoRA for the tiny local_cpu policy (diffusers format) whose adapters visibly change it."""
-    import torch
-
     from config import load_config
-    from evaluation.policies import build_eval_policy
     from policy.lora import save_lora
 
-    policy = build_eval_policy(load_config("cluster_configs/local_cpu.yaml"))
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in policy.transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    save_lora(policy.transformer, tmp_path / "lora", "vace")
+    save_lora(policy_with_visible_lora(load_config("cluster_configs/local_cpu.yaml")).transformer, tmp_path / "lora",
+              "vace")
     return tmp_path / "lora"
 
 

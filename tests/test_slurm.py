@@ -220,3 +220,20 @@ def test_multinode_script_roles_and_address(slurm, jobs, tmp_path):
     info = slurm.wait_done(bad, timeout=60)
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0")
     assert "NODE_ROLES has 2 words for 1 nodes" in job_log(tmp_path, bad)
+
+
+def test_evaluation_script_spreads_prompts_over_workers(slurm, prompts, jobs, tmp_path):
+    # evaluate.sbatch: launcher.evaluate on NUM_WORKERS Ray evaluation workers of a local cluster private to the job
+    # (tests/test_evaluate_workers.py proves the files equal one process's); flags and overrides mixed in ARGS.
+    out = tmp_path / "run"
+    args = [f"trainer.output_dir={out}", "--checkpoint", "base", f"data.prompt_shards={prompts}", "--num-prompts",
+            "3", "--seeds-per-prompt", "1", "--no-tensorboard", *TINY, "reward.face.num_frames=2"]
+    job = submit(slurm, jobs, "evaluate.sbatch", tmp_path, {"NUM_WORKERS": "2", "ARGS": " ".join(args)})
+    info = slurm.wait_done(job, timeout=240)
+    log = job_log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-6000:]
+    summary = json.loads((out / "eval" / "base" / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["num_prompts"] == 3, summary
+    assert len((out / "eval" / "base" / "samples.jsonl").read_text().splitlines()) == 3
+    assert "evaluation on 2 Ray worker(s)" in log and "evaluation exited with 0" in log, log[-4000:]
+    assert not ray_pids(job) and not list(Path("/tmp").glob(f"ray_{job}_*"))

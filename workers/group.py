@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -125,6 +126,23 @@ class WorkerGroup:
         if len(per_rank_args) != len(self.actors):
             raise ValueError(f"{self.name}: {len(per_rank_args)} argument sets for {len(self.actors)} actors")
         return [getattr(a, method).remote(*args, **kwargs) for a, args in zip(self.actors, per_rank_args)]
+
+    def map_ordered(self, items: Iterable[Any], call: Callable[[Any, Any], ray.ObjectRef],
+                    in_flight_per_actor: int = 2) -> Iterator[Tuple[Any, Any]]:
+        """Stream work through the group: `call(actor, item)` submits an item (round robin over the actors),
+        at most `in_flight_per_actor` (+1) queued per actor, and (item, result) pairs come back in the
+        items' order. The driver holds only the window's results, however many items there are; an actor
+        Ray restarts re-runs its lost call, so the order and the results stay those of a clean run."""
+        pending: Deque[Tuple[Any, ray.ObjectRef]] = deque()
+        window = in_flight_per_actor * len(self.actors)
+        for i, item in enumerate(items):
+            pending.append((item, call(self.actors[i % len(self.actors)], item)))
+            if len(pending) > window:
+                first, ref = pending.popleft()
+                yield first, ray.get(ref)
+        while pending:
+            first, ref = pending.popleft()
+            yield first, ray.get(ref)
 
     def kill(self) -> None:
         for actor in self.actors:
