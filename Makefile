@@ -25,7 +25,7 @@ $(STAMP): requirements.txt setup.cfg
 	DS_BUILD_OPS=0 $(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m pip check
-	$(PY) -m workers.warm_ops
+	$(PY) -m runtime.distributed
 	touch $(STAMP)
 
 # The unit and component tests (minutes). The integration suites below start Ray clusters, DeepSpeed engines,
@@ -97,8 +97,10 @@ BENCHES := bench/loop_overhead.py bench/data_throughput.py bench/gpu_wan.py benc
 bench: install
 	for b in $(BENCHES); do $(PY) $$b || exit 1; done
 
+# ruff, then the rooms' import contract (setup.cfg [importlinter]: layers, no circles; README "Layout").
 lint: install
-	$(PY) -m ruff check config evaluation launcher workers reward policy data tests bench
+	$(PY) -m ruff check config runtime data policy reward evaluation workers prefdata launcher tests bench
+	.venv/bin/lint-imports
 
 # Submit to a running Ray cluster: make submit ADDRESS=http://head:8265 CONFIG=... ARGS="..."
 # (= ray job submit --working-dir . --runtime-env cluster_configs/runtime_env.yaml, waiting up to

@@ -40,8 +40,8 @@ DEMO = ROOT / "cluster_configs" / "demo_cpu.yaml"
 
 def run_variant(out: Path, seed: int, steps: int, window: int) -> List[dict]:
     from launcher.demo import ensure_demo_model, ensure_demo_shards
-    from launcher.metrics import read_metrics
     from launcher.train import run
+    from runtime.metrics import read_metrics
 
     overrides = [f"trainer.seed={seed}", f"trainer.steps={steps}", f"trainer.output_dir={out}",
                  f"trainer.checkpoint_every={steps}", "trainer.resume=never", "logging.tensorboard=false",

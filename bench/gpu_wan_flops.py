@@ -152,7 +152,7 @@ def counted_forward_flops(model, x, timestep, embeds) -> float:
 
 def saved_bytes(cfg: dict, latent: tuple, text_len: int, mode: str, dtype=torch.bfloat16) -> int:
     """Bytes autograd saves for backward in one forward (parameters excluded, shared storage counted once)."""
-    from bench.gpu_wan import LORA_TARGETS, build_transformer  # deferred: bench.gpu_wan imports this module
+    from bench.gpu_wan_setup import LORA_TARGETS, build_transformer
 
     model = build_transformer(cfg, "cpu", dtype, 0)
     if mode == "lora":
@@ -180,7 +180,7 @@ def saved_bytes(cfg: dict, latent: tuple, text_len: int, mode: str, dtype=torch.
 
 def activation_report() -> dict:
     """Per-layer saved bytes per video token and per text token, by differences of 1- and 2-layer models."""
-    from bench.gpu_wan import WAN21_1_3B  # deferred: bench.gpu_wan imports this module
+    from bench.gpu_wan_setup import WAN21_1_3B
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = {}

@@ -86,8 +86,8 @@ def plain_loop(cfg) -> list:
 
 
 def distributed_loop(cfg) -> list:
-    from launcher.metrics import read_metrics
     from launcher.train import run
+    from runtime.metrics import read_metrics
 
     run(cfg)
     return read_metrics(cfg.trainer.output_dir)

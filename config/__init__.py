@@ -1,13 +1,13 @@
 """The config room: one tree of dataclasses for the whole system, loaded from YAML and `key=value` overrides.
 
-A leaf: `data/`, `policy/`, `reward/`, `workers/` and `launcher/` import it; it imports none of them when it
-is imported (config/checks.py asks `policy/` and `reward/` about architectures, noise rules and the reward
-registry only while it checks a config).
+A bottom room (README "Layout"): every other room may import it; it imports none of the project. Its checks
+are pure; what only the models can answer (architectures, the reward registry, noise rules) policy/checks.py
+and reward/checks.py answer, run together by workers/run_config.py `load_run_config`.
 
     schema.py  the dataclasses (every knob, its default and why)
     checks.py  value checks beyond types; ConfigError
     load.py    defaults <- YAML (with `base:`) <- overrides; to/from the YAML stored in checkpoints
-    cli.py     the entry points' shared command line, range-checked arguments, checks of paths before work
+    cli.py     the entry points' shared command line, range-checked arguments, the writable-path check
 """
 
 from config.checks import (

@@ -1,9 +1,9 @@
 """Value checks of the training config beyond types: choices, ranges, combinations, where weights come from.
 
 Run by config/load.py on every load (file, overrides, or a checkpoint's stored copy); each failure is a
-ConfigError naming the key and the source. The checks that need to know a model architecture, a noise rule
-or the reward registry import those pure modules when they run, not when this module is imported, so this
-room stays a leaf that every other one may import.
+ConfigError naming the key and the source. Pure: nothing here knows the models. What only the models' rooms can
+answer (is `model.arch` a known architecture of `model.kind`, a reward name in the registry, a valid noise rule)
+is asked by policy/checks.py and reward/checks.py, which workers/run_config.py runs after these.
 """
 
 from __future__ import annotations
@@ -98,12 +98,6 @@ def check_values(cfg: DictConfig, source: str) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{source}: '{key}' must be > 0 (or null), got {value}")
-    from policy.sde import NoiseRule
-
-    try:
-        NoiseRule.from_config(cfg.sampler)
-    except ValueError as err:
-        raise ConfigError(f"{source}: {err}") from None
     if cfg.sampler.noise_rule == "eta" and cfg.sampler.schedule == "unipc":
         raise ConfigError(f"{source}: 'sampler.noise_rule' eta needs 'sampler.schedule' euler: UniPC's first sigma is "
                           f"0.999999, not 1, where eta * sqrt(s / (1 - s)) is ~700 (the eta rule replaces only s = 1); "
@@ -144,11 +138,6 @@ def check_values(cfg: DictConfig, source: str) -> None:
     weights = dict(cfg.reward.weights)
     if not all(math.isfinite(w) for w in weights.values()) or not any(w != 0 for w in weights.values()):
         raise ConfigError(f"{source}: 'reward.weights' must be finite and not all zero, got {weights}")
-    from reward.composite import REWARD_BUILDERS  # the registry: what can be built is what may be named
-
-    for name in cfg.reward.weights:
-        if name not in REWARD_BUILDERS:
-            raise ConfigError(f"{source}: 'reward.weights.{name}' is not a known reward {sorted(REWARD_BUILDERS)}")
     for entry in cfg.faults.kills:
         parse_kill(entry, source)
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -158,33 +147,19 @@ def check_values(cfg: DictConfig, source: str) -> None:
 
 
 def _check_model_source(cfg: DictConfig, source: str) -> None:
-    """Where weights come from: a path for `pretrained`, a known architecture for `random`; the
-    rehearsal-only reductions only with random init; learner precision = model dtype."""
-    from policy.arch import ARCHITECTURES, get_architecture
-
+    """Where weights come from: a path for `pretrained`, an architecture for `random` (policy/checks.py and
+    reward/checks.py check that the names are known); the rehearsal-only reductions only with random init;
+    learner precision = model dtype."""
     m = cfg.model
     if m.init == "pretrained" and not m.path:
         raise ConfigError(f"{source}: 'model.init' is pretrained but 'model.path' is not set (a local diffusers "
-                          f"directory), or set model.init=random with model.arch (one of {sorted(ARCHITECTURES)})")
-    if m.init == "random":
-        if not m.arch:
-            raise ConfigError(f"{source}: 'model.init' is random but 'model.arch' is not set "
-                              f"(one of {sorted(ARCHITECTURES)})")
-    if m.arch is not None:
-        try:
-            get_architecture(m.arch, m.kind)
-        except ValueError as err:
-            raise ConfigError(f"{source}: {err}") from None
+                          f"directory), or set model.init=random with model.arch")
+    if m.init == "random" and not m.arch:
+        raise ConfigError(f"{source}: 'model.init' is random but 'model.arch' is not set")
     v = cfg.reward.vlm
-    if "vlm" in cfg.reward.weights:
-        if v.init == "pretrained" and not v.path:
-            raise ConfigError(f"{source}: reward 'vlm' is used but 'reward.vlm.path' is not set (and "
-                              f"'reward.vlm.init' is pretrained); or set reward.vlm.init=random with reward.vlm.arch")
-        from reward.vlm_arch import VLM_ARCHITECTURES
-
-        if v.init == "random" and v.arch not in VLM_ARCHITECTURES:
-            raise ConfigError(f"{source}: 'reward.vlm.arch' must be one of {sorted(VLM_ARCHITECTURES)} with "
-                              f"reward.vlm.init=random, got {v.arch!r}")
+    if "vlm" in cfg.reward.weights and v.init == "pretrained" and not v.path:
+        raise ConfigError(f"{source}: reward 'vlm' is used but 'reward.vlm.path' is not set (and "
+                          f"'reward.vlm.init' is pretrained); or set reward.vlm.init=random with reward.vlm.arch")
     if v.image_size % 28:
         raise ConfigError(f"{source}: 'reward.vlm.image_size' must be a multiple of 28 (Qwen2.5-VL patches of 14, "
                           f"merged 2x2), got {v.image_size}")

@@ -6,9 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, NoReturn, Optional, Sequence
-
-from omegaconf import OmegaConf
+from typing import Callable, NoReturn, Optional, Sequence
 
 from config import ConfigError, load_config, to_yaml
 
@@ -85,17 +83,3 @@ def require_writable(key: str, path: str) -> None:
     existing = next((p for p in [path, *path.parents] if p.exists()), None)
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
         raise ConfigError(f"'{key}' {path}: {existing} is not a writable directory")
-
-
-def require_shards(cfg, keys: Iterable[str]) -> None:
-    """ConfigError naming the key unless every shard of each of these brace patterns exists (unset keys pass)."""
-    from data.tarindex import expand_pattern
-
-    for key in keys:
-        pattern = OmegaConf.select(cfg, key)
-        if pattern is None:
-            continue
-        try:
-            expand_pattern(pattern)
-        except FileNotFoundError as err:
-            raise ConfigError(f"'{key}': {err}") from None

@@ -97,9 +97,16 @@ def _cleared(cfg: DictConfig, keys: Sequence[str]) -> DictConfig:
     return cfg
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """The training config: defaults <- YAML file <- `key=value` overrides."""
-    return load_structured(Config, check_values, path, overrides)
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
+                checks: Sequence[Callable[[DictConfig, str], None]] = ()) -> DictConfig:
+    """The training config: defaults <- YAML file <- `key=value` overrides, checked by config/checks.py, then by
+    each of `checks` (the model rooms' own: workers/run_config.py `load_run_config` passes them)."""
+    def check(cfg: DictConfig, source: str) -> None:
+        check_values(cfg, source)
+        for extra in checks:
+            extra(cfg, source)
+
+    return load_structured(Config, check, path, overrides)
 
 
 def to_yaml(cfg: DictConfig) -> str:

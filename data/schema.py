@@ -221,7 +221,7 @@ def preference_members(prompt: str, refs: Sequence[Any], video_a: bytes, video_b
 
 def candidate_members(prompt: str, refs: Sequence[Any], video: bytes, candidate: Mapping,
                       meta: Mapping) -> dict[str, bytes]:
-    """Members of one candidate sample (one generated video, data/candidates.py): video.mp4, refs, prompt.txt,
+    """Members of one candidate sample (one generated video, prefdata/candidates.py): video.mp4, refs, prompt.txt,
     candidate.json, meta.json."""
     members = prompt_members(prompt, refs, {k: v for k, v in meta.items() if k != "videos"})
     members[META] = _json(check_meta(meta, "candidate"))

@@ -67,6 +67,23 @@ def expand_pattern(pattern: str | Sequence[str]) -> list[str]:
     return paths
 
 
+def require_shards(cfg, keys: Sequence[str]) -> None:
+    """ConfigError naming the key unless every shard of each of these brace patterns exists (unset keys pass):
+    the check an entry point runs before it starts anything."""
+    from omegaconf import OmegaConf
+
+    from config import ConfigError
+
+    for key in keys:
+        pattern = OmegaConf.select(cfg, key)
+        if pattern is None:
+            continue
+        try:
+            expand_pattern(pattern)
+        except FileNotFoundError as err:
+            raise ConfigError(f"'{key}': {err}") from None
+
+
 def _cut_member_name(f, offset: int) -> str | None:
     """Name in a partial header at `offset` (the name field is the first 100 bytes), if readable."""
     f.seek(offset)

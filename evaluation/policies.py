@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from config import LORA_KEYS, stored_config_mismatches
-from launcher.checkpoint import CheckpointManager
+from runtime.checkpoint import CheckpointManager
 
 log = logging.getLogger("identity_grpo.evaluate")
 

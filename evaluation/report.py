@@ -279,7 +279,7 @@ def write_report(out: Path, runs: Sequence[EvalRun], comparison: Optional[dict],
                  output_dir: Path, trained_names: Sequence[str] = (), tb_dir: Optional[Path] = None) -> Path:
     """Write the files listed in the module doc; returns the path of report.md."""
     from data.video import encode_video
-    from launcher.metrics import read_metrics
+    from runtime.metrics import read_metrics
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from config import ConfigError, load_config
+from config import ConfigError
+from workers.run_config import load_run_config
 
 DEMO_CONFIG = "cluster_configs/demo_cpu.yaml"
 
@@ -103,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, list(args.overrides))
+        cfg = load_run_config(args.config, list(args.overrides))
     except ConfigError as err:
         raise SystemExit(f"demo: config error: {err}") from None
     logging.basicConfig(level=logging.WARNING)
@@ -111,9 +112,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if cfg.model.path:
         ensure_demo_model(cfg.model)
 
-    from launcher.checkpoint import CheckpointManager
-    from launcher.metrics import read_metrics
     from launcher.train import run
+    from runtime.checkpoint import CheckpointManager
+    from runtime.metrics import read_metrics
 
     run(cfg)
 

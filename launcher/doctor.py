@@ -26,9 +26,11 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
-from config import ConfigError, load_config
-from config.cli import parse_config, require_shards
+from config import ConfigError
+from config.cli import parse_config
+from data.tarindex import require_shards
 from launcher.preflight import check_output_dir, check_resume, weight_files
+from workers.run_config import load_run_config
 
 POOLS = ("rollout", "reward", "learner")
 # File systems every node of a cluster can mount the same way (a checkpoint written by one is read by another).
@@ -127,7 +129,7 @@ def plan_rows(cfg, config_path: Optional[str], overrides: Sequence[str]) -> List
     memory = {}
     if cfg.model.arch:  # the named architectures' sizes, built on the meta device (no weights read)
         try:
-            planning = load_config(config_path, [*overrides, "model.init=random", "reward.vlm.init=random"])
+            planning = load_run_config(config_path, [*overrides, "model.init=random", "reward.vlm.init=random"])
         except ConfigError:  # e.g. no reward.vlm.arch to size the reward model by: no memory column
             planning = None
         if planning is not None:
@@ -156,7 +158,7 @@ def print_plan(cfg, rows: List[dict]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    cfg, args = parse_config(__doc__, argv, command="doctor")
+    cfg, args = parse_config(__doc__, argv, loader=load_run_config, command="doctor")
     results = run_checks(cfg)
     for name, ok, detail in results:
         print(f"{name:<8}{'ok  ' if ok else 'FAIL'}  {detail}")

@@ -41,6 +41,7 @@ from evaluation.held_out import eval_seeds, load_prompts
 from evaluation.metrics import compare_records, summarize_records, trained_components
 from evaluation.policies import EvalError, check_compatible, resolve_policy
 from launcher.evaluate_where import evaluator
+from workers.run_config import load_run_config
 
 log = logging.getLogger("identity_grpo.evaluate")
 
@@ -68,7 +69,7 @@ def _parser():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    cfg, args = parse_config(__doc__, argv, _parser(), command="evaluate")
+    cfg, args = parse_config(__doc__, argv, _parser(), loader=load_run_config, command="evaluate")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         return run(cfg, args)

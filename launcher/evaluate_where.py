@@ -34,7 +34,7 @@ def _in_process(cfg) -> Evaluate:
     from evaluation.held_out import evaluate_policy
     from evaluation.metrics import EvalScorer
     from evaluation.policies import build_eval_policy, policy_weights
-    from reward.cpu_bf16 import bf16_matmuls_in_fp32
+    from runtime.cpu_bf16 import bf16_matmuls_in_fp32
 
     policy, scorer = build_eval_policy(cfg), EvalScorer(cfg.reward)
 
@@ -51,9 +51,9 @@ def _on_workers(cfg, num_workers: int) -> Iterator[Evaluate]:
     from omegaconf import OmegaConf
 
     from config import to_yaml
-    from launcher.cluster import RESTARTABLE, connect_ray
     from workers.eval_worker import EvalWorker
     from workers.group import WorkerGroup, plan_pool, release
+    from workers.ray_cluster import RESTARTABLE, connect_ray
 
     rollout = cfg.workers.rollout
     # The rollout's per-worker resources, without its node_resource: evaluation runs on whatever node has them.

@@ -29,9 +29,9 @@ from typing import Dict, Optional, Sequence
 from omegaconf import OmegaConf
 
 from config.cli import at_least, exit_expected
-from launcher.checkpoint import CheckpointManager
-from launcher.metrics import read_metrics
 from policy.lora import LORA_FILE
+from runtime.checkpoint import CheckpointManager
+from runtime.metrics import read_metrics
 
 PIPELINES = {"vace": "WanVACEPipeline", "phantom": "WanPipeline", "t2v": "WanPipeline"}
 FIGURES_OVER = 10  # training reward: the mean over the last N logged steps up to the checkpoint

@@ -131,7 +131,7 @@ def predict(cfg, sizes: Dict[str, int]) -> Dict[str, Dict[str, int]]:
 def reward_trainer_plan(cfg) -> Dict[str, int]:
     """The reward-model trainer (reward/train.py, one process per rank): base + model + training state, as the
     GRPO learner's, for the configured VLM's trainable parameters."""
-    from reward.train import build_model
+    from reward.train_engine import build_model
 
     t = cfg.trainer
     with torch.device("meta"):

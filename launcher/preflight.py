@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import List
 
 from config import RESUME_KEYS, ConfigError, stored_config_mismatches
-from config.cli import require_shards, require_writable
-from launcher.checkpoint import CheckpointManager
+from config.cli import require_writable
+from data.tarindex import require_shards
+from runtime.checkpoint import CheckpointManager
 
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a submitted job's entrypoint
 

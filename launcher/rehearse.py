@@ -32,8 +32,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from config import ConfigError, load_config
+from config import ConfigError
 from config.cli import at_least, exit_expected
+from workers.run_config import load_run_config
 
 GiB = 1024 ** 3
 # Depth per architecture: enough blocks that VACE keeps two control blocks at its real stride (every 2nd
@@ -122,9 +123,9 @@ def rehearse_grpo(preset_path: str, learner_ranks: Optional[int], user_overrides
     from launcher.memory_plan import model_bytes, predict
     from launcher.train import Trainer
 
-    preset = load_config(preset_path)
+    preset = load_run_config(preset_path)
     forced = cpu_overrides(preset, learner_ranks, rehearsal_output_dir(preset, user_overrides))
-    cfg = load_config(preset_path, forced + list(user_overrides))
+    cfg = load_run_config(preset_path, forced + list(user_overrides))
     print("rehearse: CPU overrides of " + preset_path + ":\n  " + "\n  ".join(forced), flush=True)
     plan = predict(cfg, model_bytes(cfg))
     check_fits(plan, cfg)

@@ -1,11 +1,11 @@
 """`make reward-data`: preference data on the CPU demo, from prompts to a trained reward model's held-out accuracy.
 
 1. the demo prompt shards and the demo base model, as `make demo` builds them (when missing);
-2. candidates (`python -m data.candidates`, cluster_configs/reward_data_demo.yaml): two demo generators sample
+2. candidates (`python -m prefdata.candidates`, cluster_configs/reward_data_demo.yaml): two demo generators sample
    4 videos each for 16 demo prompts on Ray rollout workers;
-3. auto labels (`python -m data.autolabel`): 12 pairs per prompt labelled by the vote; the pairs of a quarter of
+3. auto labels (`python -m prefdata.autolabel`): 12 pairs per prompt labelled by the vote; the pairs of a quarter of
    the prompts are set apart for people (`autolabel.people_fraction`);
-4. labels through the page: the annotation server runs as users run it (`python -m data.annotate serve`, its own
+4. labels through the page: the annotation server runs as users run it (`python -m prefdata.annotate serve`, its own
    process) and two scripted annotators label every pair through the page's HTTP API (they stand in for people:
    `demo-ann1` prefers the video whose colours match the references, the DEMO reward's rule, `demo-ann2` makes
    the same choice with a fifth of them flipped); then the agreement report and the export to `source: human` shards;
@@ -65,7 +65,7 @@ def annotate(pairs: str, directory: Path) -> None:
     """Serve the page, let the scripted annotators label, print the report (annotation server in its own process)."""
     import requests
 
-    server = subprocess.Popen([sys.executable, "-m", "data.annotate", "serve", "--pairs", pairs,
+    server = subprocess.Popen([sys.executable, "-m", "prefdata.annotate", "serve", "--pairs", pairs,
                                "--dir", str(directory),
                                "--port", "0"], stdout=subprocess.PIPE, text=True)
     try:
@@ -104,25 +104,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override of the reward.train config (repeatable)")
     args = parser.parse_args(argv)
-    from config import load_config
-    from data.prefdata_config import load_prefdata_config
     from data.write_shards import brace_pattern, existing_shards
     from launcher.demo import ensure_demo_model, ensure_demo_shards
+    from prefdata.settings import load_prefdata_config
+    from workers.run_config import load_run_config
 
     out = Path(args.out)
     sets = [*args.set, f"candidates.out={out}/candidates", f"autolabel.out={out}/auto"]
     cfg = load_prefdata_config(args.config, sets)
     ensure_demo_shards(cfg.candidates.prompt_shards)
     for generator in cfg.candidates.generators:
-        ensure_demo_model(load_config(generator.config, list(generator.overrides)).model)
-    step("candidates", ["-m", "data.candidates", "--config", args.config, *sets])
+        ensure_demo_model(load_run_config(generator.config, list(generator.overrides)).model)
+    step("candidates", ["-m", "prefdata.candidates", "--config", args.config, *sets])
     prefix = cfg.candidates.prefix
     candidates = brace_pattern(out / "candidates", prefix, len(existing_shards(out / "candidates", prefix)))
-    step("auto labels", ["-m", "data.autolabel", "--config", args.config, *sets,
+    step("auto labels", ["-m", "prefdata.autolabel", "--config", args.config, *sets,
                          f"autolabel.candidate_shards={candidates}", "--overwrite"])
     labelled = json.loads((out / "auto" / f"{cfg.autolabel.prefix}.autolabel.json").read_text())
     annotate(labelled["people"]["pattern"], out / "annotation")
-    step("export", ["-m", "data.annotate", "export", "--dir", str(out / "annotation"), "--out", str(out / "human"),
+    step("export", ["-m", "prefdata.annotate", "export", "--dir", str(out / "annotation"), "--out", str(out / "human"),
                     "--overwrite"])
     human = brace_pattern(out / "human", "human", len(existing_shards(out / "human", "human")))
     # both sets in one brace pattern, quoted (an override's value is YAML)

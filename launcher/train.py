@@ -35,15 +35,17 @@ from config import ConfigError, to_yaml
 from config.cli import exit_expected, parse_config
 from data.reader import ShardReader
 from evaluation.held_out import eval_seeds, load_prompts
-from launcher.checkpoint import CheckpointManager
-from launcher.cluster import Workers, build_workers, connect_ray, restart_learner, split_groups, start_learner, stop_ray
-from launcher.metrics import MetricsLogger
+from launcher.cluster import Workers, build_workers, restart_learner, split_groups, start_learner, stop_ray
 from launcher.preflight import preflight
 from launcher.progress import Progress
 from policy.grpo import advantage_stats, group_advantages
 from policy.window import sde_steps
+from runtime.checkpoint import CheckpointManager
+from runtime.metrics import MetricsLogger
 from workers.common import maybe_fault, sample_seed
 from workers.learner import transformer_passes
+from workers.ray_cluster import connect_ray
+from workers.run_config import load_run_config
 from workers.weight_sync import WeightSync, sync_mode
 
 log = logging.getLogger("identity_grpo")
@@ -361,7 +363,7 @@ def run(cfg, handle_signals: bool = False) -> Trainer:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> RunState:
-    cfg, _ = parse_config(__doc__, argv)
+    cfg, _ = parse_config(__doc__, argv, loader=load_run_config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         preflight(cfg)

@@ -69,7 +69,7 @@ def _build_demo(name: str) -> Callable[[Any], RewardFn]:
     return build
 
 
-# name -> builder(cfg.reward) -> RewardFn: the one list of known rewards (config/checks.py accepts these names).
+# name -> builder(cfg.reward) -> RewardFn: the one list of known rewards (reward/checks.py accepts these names).
 REWARD_BUILDERS: Dict[str, Callable[[Any], RewardFn]] = {
     "face": _build_face,
     "vlm": _build_vlm,

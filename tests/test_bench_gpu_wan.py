@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench import gpu_wan
-from bench.gpu_wan import SIZES, WAN21_1_3B, build_transformer
+from bench.gpu_wan_setup import SIZES, WAN21_1_3B, build_transformer
 from bench.gpu_wan_flops import (
     ACT_COEF,
     counted_forward_flops,

@@ -1,9 +1,9 @@
-"""Checkpoint retention (launcher/checkpoint.py): never the checkpoint `latest` names, never all of them."""
+"""Checkpoint retention (runtime/checkpoint.py): never the checkpoint `latest` names, never all of them."""
 
 import pytest
 
 from config import ConfigError, load_config
-from launcher.checkpoint import CheckpointManager
+from runtime.checkpoint import CheckpointManager
 
 
 def save(manager, step):

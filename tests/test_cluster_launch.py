@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from config import load_config
-from launcher.metrics import read_metrics
+from runtime.metrics import read_metrics
 from tests.ray_nodes import LocalRayCluster, ray_env
 
 pytestmark = pytest.mark.slow

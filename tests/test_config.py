@@ -5,6 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from config import ConfigError, config_from_yaml_text, load_config, to_yaml
+from workers.run_config import load_run_config
 
 CONFIGS = ["local_cpu", "demo_cpu", "vace_1.3b_8gpu", "vace_1.3b_8gpu_colocated", "vace_1.3b_eval", "phantom_1.3b_8gpu",
            "vace_14b_multinode"]
@@ -82,16 +83,16 @@ def test_base_files(tmp_path):
     ("sampler.std_max=big", "sampler.std_max: expected a number or 'schedule'"),
 ])
 def test_recipe_keys_are_checked(root, override, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(root / "cluster_configs" / "local_cpu.yaml", [override])
+    with pytest.raises(ConfigError, match=message):  # the noise rule is the policy room's check (policy/checks.py)
+        load_run_config(root / "cluster_configs" / "local_cpu.yaml", [override])
 
 
 def test_unknown_reward_model_architecture_names_the_key(root, tmp_path):
     from reward.train_config import load_reward_config
 
     with pytest.raises(ConfigError, match=r"'reward.vlm.arch' must be one of \['qwen2.5-vl-3b', 'tiny'\].*'qwen-9b'"):
-        load_config(root / "cluster_configs" / "local_cpu.yaml",
-                    ["reward.weights={vlm: 1.0}", "reward.vlm.init=random", "reward.vlm.arch=qwen-9b"])
+        load_run_config(root / "cluster_configs" / "local_cpu.yaml",
+                        ["reward.weights={vlm: 1.0}", "reward.vlm.init=random", "reward.vlm.arch=qwen-9b"])
     with pytest.raises(ConfigError, match=r"'model.arch'.*must be one of \['qwen2.5-vl-3b', 'tiny'\]"):
         load_reward_config(None, ["data.preference_shards=x", f"trainer.output_dir={tmp_path}", "model.init=random",
                                   "model.arch=qwen-9b"])

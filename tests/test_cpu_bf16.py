@@ -1,4 +1,4 @@
-"""bf16 linear layers computed in float32 on AVX2-only CPUs (reward/cpu_bf16.py): what a GPU's bf16 GEMM computes,
+"""bf16 linear layers computed in float32 on AVX2-only CPUs (runtime/cpu_bf16.py): what a GPU's bf16 GEMM computes,
 the same values with and without autograd (rollout and learner agree), gradients to bf16 rounding, and only
 switched on where it helps."""
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reward import cpu_bf16
-from reward.cpu_bf16 import _conv3d, _Fp32Linear, _linear, bf16_matmuls_in_fp32
+from runtime import cpu_bf16
+from runtime.cpu_bf16 import _conv3d, _Fp32Linear, _linear, bf16_matmuls_in_fp32
 
 
 def test_outputs_are_float32_sums_rounded_once_and_equal_with_and_without_autograd():

@@ -244,8 +244,8 @@ def test_existing_shards_need_overwrite_and_output_is_reproducible(inputs, tmp_p
 
 def test_external_candidates_resampled_to_the_model_count(inputs, tmp_path):
     """Real videos as candidates (`--kind candidate`): resampled to the model's frame count, recorded as external,
-    and paired by `data.autolabel` with the generated candidates of the same prompt key."""
-    from data.autolabel import main as autolabel
+    and paired by `prefdata.autolabel` with the generated candidates of the same prompt key."""
+    from prefdata.autolabel import main as autolabel
 
     root, _ = inputs
     long_clip = clip(1, frames=9)

@@ -63,7 +63,7 @@ def test_make_demo_raises_the_mean_reward(root, tmp_path, capsys):
     """`python -m launcher.demo` on a fresh directory: builds shards and the demo model, trains, reports,
     and the final LoRA loads into WanVACEPipeline; the demo reward rises (seeded, so deterministic)."""
     from launcher.demo import main
-    from launcher.metrics import read_metrics
+    from runtime.metrics import read_metrics
 
     out, data, model = tmp_path / "demo", tmp_path / "data", tmp_path / "model"
     main(["--config", str(root / "cluster_configs" / "demo_cpu.yaml"), "trainer.steps=60",

@@ -16,8 +16,8 @@ from config import load_config, to_yaml
 from evaluation.held_out import eval_seeds, held_out_monitor, load_prompts
 from evaluation.metrics import EvalScorer, bootstrap_ci, compare_records, summarize_records, win_rate
 from evaluation.policies import EvalError, build_eval_policy, check_compatible, resolve_policy
-from launcher.checkpoint import CheckpointManager
 from launcher.evaluate import main
+from runtime.checkpoint import CheckpointManager
 from tests.stand_ins import policy_with_visible_lora
 
 FAST = ["sampler.num_steps=2", "reward.face.num_frames=2", "reward.vlm.num_frames=2", "logging.progress_bar=false"]

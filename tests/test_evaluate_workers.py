@@ -7,8 +7,8 @@ from functools import partial
 import pytest
 
 from config import load_config, to_yaml
-from launcher.checkpoint import CheckpointManager
 from launcher.evaluate import main
+from runtime.checkpoint import CheckpointManager
 from tests.stand_ins import policy_with_visible_lora
 
 # The tools lane (`make test-tools`), CI's shortest: Ray workers, a minute.

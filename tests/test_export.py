@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from config import load_config, to_yaml
-from launcher.checkpoint import CheckpointManager
 from launcher.export import main as export_main
-from launcher.metrics import MetricsLogger
 from policy.lora import save_lora
 from policy.models import build_components, save_pretrained
 from policy.policy import WanPolicy
+from runtime.checkpoint import CheckpointManager
+from runtime.metrics import MetricsLogger
 
 PROMPT = "a person waves at the camera"
 LOAD_IN_DIFFUSERS = """

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from config import ConfigError, load_config, to_yaml
 from tests.fresh_process import in_fresh_process
 
@@ -53,7 +54,7 @@ def _record_batches(module, into: list):
 
 def _forward_shapes(out: Path, presets):
     """{preset: (rollout forward shapes, learner forward shapes, first log-prob deviation, refusal message)}."""
-    from workers.common import free_port
+    from runtime.distributed import free_port
     from workers.learner import LearnerWorker
     from workers.rollout import RolloutWorker
 

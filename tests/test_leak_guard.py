@@ -10,7 +10,7 @@ from tests.leak_guard import leftovers
 def _with_and_without_a_group():
     import torch.distributed as dist
 
-    from workers.common import free_port
+    from runtime.distributed import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     before = leftovers()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from config import load_config, to_yaml
+from runtime.distributed import free_port
 from tests.fresh_process import in_fresh_process
-from workers.common import free_port
 from workers.learner import LearnerWorker
 from workers.rollout import RolloutWorker
 

@@ -26,10 +26,10 @@ import ray
 import torch
 
 from config import load_config
-from launcher.checkpoint import CheckpointManager
-from launcher.metrics import read_metrics
 from launcher.train import Trainer
 from launcher.train import run as train_run
+from runtime.checkpoint import CheckpointManager
+from runtime.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from config import load_config
-from launcher.metrics import read_metrics
 from launcher.rehearse import cpu_overrides
+from runtime.metrics import read_metrics
 
 GPU_PRESETS = ["vace_1.3b_8gpu.yaml", "vace_1.3b_8gpu_colocated.yaml", "phantom_1.3b_8gpu.yaml",
                "vace_14b_multinode.yaml"]

@@ -167,13 +167,14 @@ def test_contract_violations_raise(sample):
 def test_vlm_is_imported_only_when_built_and_can_be_prebuilt(root, sample, monkeypatch):
     video, ref, _ = sample
     from config import ConfigError, load_config
+    from reward.checks import check_reward_config
 
     # the registry is the one list: the config accepts a name exactly when it can be built
     preset, extra = root / "cluster_configs" / "local_cpu.yaml", ["trainer.output_dir=x", "reward.weights={extra: 1.0}"]
     with pytest.raises(ConfigError, match="'reward.weights.extra' is not a known reward"):
-        load_config(preset, extra)
+        load_config(preset, extra, checks=[check_reward_config])
     monkeypatch.setitem(REWARD_BUILDERS, "extra", lambda reward_cfg: None)
-    assert dict(load_config(preset, extra).reward.weights) == {"extra": 1.0}
+    assert dict(load_config(preset, extra, checks=[check_reward_config]).reward.weights) == {"extra": 1.0}
     monkeypatch.setitem(sys.modules, "reward.vlm", None)  # any import of reward/vlm.py now fails
     rc = cfg(weights={"demo_brightness": 1.0, "vlm": 0.0})
     assert list(CompositeReward.from_config(rc, build_zero_weight=False).components) == ["demo_brightness"]

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data.candidates import candidate_seeds
-from data.candidates import main as candidates_main
 from data.reader import ShardReader
 from data.write_shards import existing_shards
+from prefdata.candidates import candidate_seeds
+from prefdata.candidates import main as candidates_main
 from tests.stand_ins import policy_with_visible_lora
 
 # Its own lane (`make test-tools`): CI runs it after the rehearsals and faults, the lane that ends first.
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.tools
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    """One local Ray cluster for the module: the tools attach to a running one (launcher.cluster.connect_ray)
+    """One local Ray cluster for the module: the tools attach to a running one (workers.ray_cluster.connect_ray)
     instead of starting and stopping their own on every call."""
     import ray
 

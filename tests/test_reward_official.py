@@ -11,9 +11,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from config import load_config
-from reward.official import OfficialRewardModel, checkpoint_dir, load_official_reward_model, official_key_to_ours
+from reward.official import OfficialRewardModel, load_official_reward_model
+from reward.official_format import checkpoint_dir, official_key_to_ours
 from reward.official_inputs import SA_TOKEN, SUBJECT_ALIGNMENT_PROMPT, frame_count, smart_resize
-from reward.vlm import reward_model_from_config, tiny_vlm_config
+from reward.vlm import reward_model_from_config
+from reward.vlm_arch import tiny_vlm_config
 from reward.vlm_inputs import build_tiny_tokenizer
 from tests.stand_ins import OFFICIAL_MODEL_CONFIG
 

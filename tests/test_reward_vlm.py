@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from reward.vlm import IdentityRewardModel, load_reward_model, tiny_vlm_config
+from reward.vlm import IdentityRewardModel, load_reward_model
+from reward.vlm_arch import tiny_vlm_config
 from data.video import sample_frame_indices
 from reward.vlm_inputs import REWARD_TOKEN, RewardInputBuilder, build_image_processor, build_tiny_tokenizer
 
@@ -181,7 +182,7 @@ def test_official_checkpoint_layout_is_named_not_misread(tmp_path):
 def test_reduced_vision_stack_keeps_a_full_attention_block(vision_layers, full_attention):
     """A rehearsal's reduced Qwen2.5-VL-3B vision tower runs both attention kinds: the published full-attention
     indexes below its depth, else its last block (reward.vlm.published_vlm_config)."""
-    from reward.vlm import published_vlm_config
+    from reward.vlm_arch import published_vlm_config
 
     config = published_vlm_config("qwen2.5-vl-3b", build_tiny_tokenizer(), text_layers=1, vision_layers=vision_layers)
     assert config.vision_config.fullatt_block_indexes == full_attention

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from config import ConfigError, load_config
-from workers.common import free_port
+from runtime.distributed import free_port
 from workers.weight_sync import WeightBroadcastGroup, WeightSyncError
 
 MEMBERS = ["learner[0]", "rollout[0]", "rollout[1]"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import Dict
 
@@ -52,12 +51,6 @@ def published_weights(module: torch.nn.Module, lora: bool) -> Dict[str, torch.Te
     if lora:
         return lora_state_dict(module)
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class WorkerBase:

@@ -18,7 +18,7 @@ import torch
 from evaluation.held_out import PromptSampling, encode_videos, evaluate_prompt
 from evaluation.metrics import EvalScorer
 from evaluation.policies import PolicySpec, build_eval_policy, policy_weights
-from reward.cpu_bf16 import bf16_matmuls_in_fp32
+from runtime.cpu_bf16 import bf16_matmuls_in_fp32
 from workers.common import WorkerBase, maybe_fault
 
 log = logging.getLogger(__name__)

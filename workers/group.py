@@ -13,8 +13,8 @@ Ray's placement groups: https://docs.ray.io/en/latest/ray-core/scheduling/placem
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import ray
@@ -71,7 +71,7 @@ def plan_placements(workers_cfg, device_is_gpu: bool, timeout_s: float = 120) ->
 
 def plan_pool(workers_cfg, pool: str, device_is_gpu: bool, timeout_s: float = 120) -> Placement:
     """Reserve one pool's bundles on their own (also what a tool that needs only that role uses, e.g.
-    data/candidates.py's rollout workers)."""
+    prefdata/candidates.py's rollout workers)."""
     pool_cfg = workers_cfg[pool]
     bundle = _bundle(pool_cfg, device_is_gpu)
     group = _reserve([dict(bundle) for _ in range(pool_cfg.num_workers)], pool, timeout_s)

@@ -32,8 +32,9 @@ from policy.policy import WanPolicy
 from policy.sampler import forward_chunks, score_step
 from policy.sde import host_to_device
 from policy.window import window_size
-from reward.cpu_bf16 import bf16_matmuls_in_fp32
-from workers.common import WorkerBase, free_port, maybe_fault, published_weights, sample_seed
+from runtime.cpu_bf16 import bf16_matmuls_in_fp32
+from runtime.distributed import free_port
+from workers.common import WorkerBase, maybe_fault, published_weights, sample_seed
 from workers.weight_sync import WeightGroupMember, sync_tensors
 
 ENGINE_TAG = "engine"
@@ -143,7 +144,7 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         """Join the process group and build the engine; returns the number of trainable parameters."""
         import deepspeed
 
-        from workers.warm_ops import init_distributed
+        from runtime.distributed import init_distributed
 
         cfg = self.cfg
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
@@ -191,7 +192,7 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
                *trajectories) -> Dict[str, float]:
         """GRPO update on this rank's groups; returns summed stats (the driver averages over ranks)."""
         # bf16 on an AVX2-only CPU (rehearsals): linear and conv3d layers in float32, as the rollout's sampling
-        # (reward/cpu_bf16.py); only for the update, so F.linear is torch's outside it
+        # (runtime/cpu_bf16.py); only for the update, so F.linear is torch's outside it
         with bf16_matmuls_in_fp32(self.cfg.trainer.device, self.cfg.model.dtype):
             return self._update(step, group_ids, advantages, masks, *trajectories)
 

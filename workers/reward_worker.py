@@ -28,7 +28,7 @@ class RewardWorker(WorkerBase):
     def score(self, step: int, *trajectories) -> List[Dict]:
         """Per trajectory: {"scores": {component: (G,), "total": weighted sum (NaN where a score failed)},
         plus the trajectory's policy version and rollout time, so the driver never fetches trajectories."""
-        from reward.cpu_bf16 import bf16_matmuls_in_fp32
+        from runtime.cpu_bf16 import bf16_matmuls_in_fp32
 
         maybe_fault(self.cfg, "reward", self.rank, step)
         out = []

@@ -21,7 +21,7 @@ from policy.precision import dtype_map
 from policy.sampler import Trajectory, sample_group
 from policy.schedule import schedule_from_config
 from policy.sde import NoiseRule
-from reward.cpu_bf16 import bf16_matmuls_in_fp32
+from runtime.cpu_bf16 import bf16_matmuls_in_fp32
 from workers.common import WorkerBase, maybe_fault, published_weights
 from workers.weight_sync import WeightGroupMember, sync_tensors
 
@@ -42,7 +42,7 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         self.fetched_versions: List[int] = []  # versions installed from the object-store copy (recovery)
 
     def matmul_kernels(self):
-        """bf16 on an AVX2-only CPU: linear and conv3d layers in float32, as in the learner (reward/cpu_bf16.py)."""
+        """bf16 on an AVX2-only CPU: linear and conv3d layers in float32, as in the learner (runtime/cpu_bf16.py)."""
         return bf16_matmuls_in_fp32(self.cfg.trainer.device, self.cfg.model.dtype)
 
     def set_weights(self, version: int, weights: Dict[str, torch.Tensor]) -> int:
@@ -111,7 +111,7 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
 
     def candidate_videos(self, sample: dict, seeds: List[int], deterministic: bool, fps: float,
                          version: Optional[int] = None, weights_box: Optional[list] = None) -> List[tuple]:
-        """One prompt's videos as (mp4 bytes, VideoInfo dict), for data/candidates.py (preference data): only the
+        """One prompt's videos as (mp4 bytes, VideoInfo dict), for prefdata/candidates.py (preference data): only the
         encoded videos travel back, not the trajectory. With `version` (and `weights_box` = [ref] of its weights)
         it samples with those weights, fetched first by a worker Ray restarted; without, with the base model (LoRA
         off)."""

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from workers.warm_ops import OP_NAME, STALE_LOCK_S, clear_stale_build_lock
+from runtime.distributed import OP_NAME, STALE_LOCK_S, clear_stale_build_lock
 
 
 def _lock(tmp_path):
@@ -41,7 +41,7 @@ def test_init_distributed_survives_a_stale_lock(tmp_path):
     lock.touch()
     old = time.time() - STALE_LOCK_S - 1
     os.utime(lock, (old, old))
-    code = ("import torch.distributed as d; from workers.warm_ops import main; main(); "
+    code = ("import torch.distributed as d; from runtime.distributed import main; main(); "
             "assert not d.is_initialized()")
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
@@ -53,7 +53,7 @@ def test_init_distributed_survives_a_stale_lock(tmp_path):
 def test_the_op_is_built_inside_this_environment():
     """Two checkouts with their own .venv must not share (and rebuild under one lock) the op's build directory;
     a user's own TORCH_EXTENSIONS_DIR wins."""
-    code = ("import sys; from workers.warm_ops import use_environment_extension_dir as use; "
+    code = ("import sys; from runtime.distributed import use_environment_extension_dir as use; "
             "from torch.utils.cpp_extension import _get_build_directory as build_dir; "
             "print(use(), build_dir('x', False), sys.prefix)")
     env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}

@@ -1,4 +1,4 @@
-"""Automatic preference labels (data/autolabel.py): the vote, its accuracy on pairs with known answers, and the
+"""Automatic preference labels (prefdata/autolabel.py): the vote, its accuracy on pairs with known answers, and the
 whole command on candidate shards (its pairs, labels, provenance, counts and refusals)."""
 
 import json
@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from data.autolabel import Scorers, choose_pairs, main, scorer_vote, tally
-from data.prefdata_config import load_prefdata_config
 from data.reader import ShardReader
 from data.schema import candidate_members, make_meta
 from data.video import VideoInfo, encode_video
 from data.write_shards import ShardWriter
+from prefdata.autolabel import Scorers, choose_pairs, main, scorer_vote, tally
+from prefdata.settings import load_prefdata_config
 
 
 def test_scorer_vote_and_tally():

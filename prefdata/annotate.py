@@ -1,15 +1,15 @@
 """Human preference labels through a web page: serve, report, export.
 
-    python -m data.annotate serve  --pairs PATTERN --dir DIR [--host 127.0.0.1] [--port 8600] [--token T]
+    python -m prefdata.annotate serve  --pairs PATTERN --dir DIR [--host 127.0.0.1] [--port 8600] [--token T]
                                    [--display browser|original]
-    python -m data.annotate report --dir DIR
-    python -m data.annotate export --dir DIR --out OUT [--min-annotators 1] [--on-conflict drop|tie]
+    python -m prefdata.annotate report --dir DIR
+    python -m prefdata.annotate export --dir DIR --out OUT [--min-annotators 1] [--on-conflict drop|tie]
 
 `serve` shows each annotator, one pair at a time, the reference photos, the prompt and the two videos side by
 side (played in sync, looped), with buttons and keys for left / right / tie / skip (1 or <-, 2 or ->, 3 or t,
 s; space plays or pauses). Which video is on the left is a fixed coin per pair and annotator. An annotator
 types their name once; the page remembers it, and whoever reopens the page continues where they stopped
-(a restarted server too): progress lives in the label log (data/annotate_store.py), where every label is
+(a restarted server too): progress lives in the label log (prefdata/annotate_store.py), where every label is
 fsync'ed before the page is told it is saved. `report` prints inter-annotator agreement and agreement with
 the pairs' auto labels; `export` writes the labelled pairs as preference shards with `source: human`.
 The page gets the videos re-encoded to H.264 4:2:0 (`--display browser`, the default), which every browser
@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from config.cli import report_expected
-from data.annotate_store import LabelLog, PairSet, StoreError, export, left_slot, open_task, progress, report
+from prefdata.annotate_store import LabelLog, PairSet, StoreError, export, left_slot, open_task, progress, report
 
 log = logging.getLogger("identity_grpo.annotate")
 PAGE = Path(__file__).with_name("annotate_page.html")
@@ -178,7 +178,7 @@ async def get_report(request: web.Request) -> web.Response:
 def display_members(pairs: PairSet, pair: str, display: str) -> Dict[str, bytes]:
     """A pair's members as the page shows them: with `display="browser"` the videos re-encoded to H.264 4:2:0
     (data/video.py browser_mp4: our 4:4:4 mp4 plays in Chromium, not in Safari or most Firefox builds); with
-    "original" the stored bytes. Export always reads the stored bytes (data/annotate_store.py)."""
+    "original" the stored bytes. Export always reads the stored bytes (prefdata/annotate_store.py)."""
     from data.video import MediaError, browser_mp4
 
     members = pairs.members(pair)
@@ -195,7 +195,7 @@ def display_members(pairs: PairSet, pair: str, display: str) -> Dict[str, bytes]
 
 def make_app(pairs: PairSet, label_log: LabelLog, token: Optional[str] = None, cache_pairs: int = 16,
              display: str = "browser") -> web.Application:
-    """The aiohttp application (tests drive it through a real server, see tests/test_data_annotate.py)."""
+    """The aiohttp application (tests drive it through a real server, see tests/test_prefdata_annotate.py)."""
     from functools import lru_cache, partial
 
     if display not in DISPLAYS:
@@ -253,7 +253,7 @@ def serve(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.annotate", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m prefdata.annotate", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve the annotation page")

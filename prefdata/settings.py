@@ -1,4 +1,4 @@
-"""Config tree of the preference-data tools: `python -m data.candidates` and `python -m data.autolabel`.
+"""Config tree of the preference-data tools: `python -m prefdata.candidates` and `python -m prefdata.autolabel`.
 
 One YAML file holds both sections (cluster_configs/reward_data_demo.yaml), loaded like every config of
 the project (config/load.py): defaults <- file <- `key=value` overrides, an unknown key or a bad value is a
@@ -63,7 +63,7 @@ class AutoLabelConfig:
     cross_generator_only: bool = False  # only pairs whose two videos come from different generators
     # The pairs of this fraction of the prompts (drawn by prompt key, seeded) go to people instead: written apart as
     # `<out>/<people_prefix>-NNNNNN.tar`, whatever their agreement (the vote stays in the label, for the annotation
-    # report's agreement with the auto labels), for `python -m data.annotate serve --pairs`. Human and auto pairs
+    # report's agreement with the auto labels), for `python -m prefdata.annotate serve --pairs`. Human and auto pairs
     # then never share a prompt.
     people_fraction: float = 0.0
     people_prefix: str = "for_people"

@@ -1,5 +1,5 @@
-"""The annotation page (data/annotate.py, data/annotate_store.py): a real server process driven over HTTP and by a
-real headless browser (Debian's chromium + chromedriver, via selenium); durability under kill -9; the agreement
+"""The annotation page (prefdata/annotate.py, prefdata/annotate_store.py): a real server process driven over HTTP and
+by a real headless browser (Debian's chromium + chromedriver, via selenium); durability under kill -9; the agreement
 report and the export to preference shards."""
 
 import json
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from data.annotate_store import LabelLog, PairSet, cohen_kappa, export, left_slot, open_task, report
 from data.reader import ShardReader
+from prefdata.annotate_store import LabelLog, PairSet, cohen_kappa, export, left_slot, open_task, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,10 +30,10 @@ def pairs(tmp_path_factory):
 
 
 class Server:
-    """`python -m data.annotate serve` in its own process (the command users run), on a free port."""
+    """`python -m prefdata.annotate serve` in its own process (the command users run), on a free port."""
 
     def __init__(self, directory, pairs=None, *extra):
-        cmd = [sys.executable, "-m", "data.annotate", "serve", "--dir", str(directory), "--port", "0", *extra]
+        cmd = [sys.executable, "-m", "prefdata.annotate", "serve", "--dir", str(directory), "--port", "0", *extra]
         cmd += ["--pairs", pairs] if pairs else []
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines = []
@@ -77,9 +77,9 @@ def post(base, **body):
 
 def _assert_plays_in_every_browser(served: bytes, stored: bytes) -> None:
     """The served video is the stored one re-encoded to H.264 4:2:0: same frames, size and rate, close pixels."""
-    import av
     import io
 
+    import av
     import numpy as np
 
     from data.video import decode_video_with_info
@@ -186,7 +186,7 @@ def test_token_required_off_loopback_and_checked(tmp_path, pairs, serve):
         assert view.status_code == 200 and view.json()["pair"] == "pair00000"
     finally:
         server.stop()
-    too_short = subprocess.run([sys.executable, "-m", "data.annotate", "serve", "--dir", str(tmp_path / "ann"),
+    too_short = subprocess.run([sys.executable, "-m", "prefdata.annotate", "serve", "--dir", str(tmp_path / "ann"),
                                 "--token", ""], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert too_short.returncode == 2 and "--token" in too_short.stderr
 
@@ -398,7 +398,7 @@ def test_page_in_a_headless_browser(tmp_path, pairs, serve):
         driver.quit()
         server.stop()
     out = tmp_path / "human"
-    result = subprocess.run([sys.executable, "-m", "data.annotate", "export", "--dir", str(directory),
+    result = subprocess.run([sys.executable, "-m", "prefdata.annotate", "export", "--dir", str(directory),
                              "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

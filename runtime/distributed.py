@@ -1,4 +1,5 @@
-"""Build DeepSpeed's CPU shared-memory communication op once, at install time.
+"""Joining a process group: a free rendezvous port, single-process defaults, and `init_distributed`, whose
+DeepSpeed CPU shared-memory communication op is built once, at install time (`python -m runtime.distributed`).
 
 The first `deepspeed.init_distributed` on a machine JIT-compiles this op with g++ (about a minute,
 cached under TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions); doing it in `make install` keeps that
@@ -19,15 +20,28 @@ one of those rebuilds hung the other checkout's runs (seen here: tests of both s
 """
 
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 
-from workers.common import free_port
-
 OP_NAME = "deepspeed_shm_comm"  # DeepSpeed's ShareMemCommBuilder's op, built by init_distributed on CPU
 # A build takes about a minute on 2 cores; a lock much older than that belongs to a dead process.
 STALE_LOCK_S = 600.0
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (a rendezvous or weight-group address)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def single_process_defaults() -> None:
+    """A one-rank group on this host, unless a launcher (torchrun, DeepSpeed's) set the rank variables."""
+    if "RANK" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
 
 
 def use_environment_extension_dir() -> str:
@@ -62,8 +76,7 @@ def init_distributed(backend: str) -> None:
 
 
 def main() -> int:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
-                      WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    single_process_defaults()
     import torch
 
     try:

@@ -1,10 +1,10 @@
 """Automatic preference labels: pairs of one prompt's candidate videos, labelled by a vote of scorers.
 
-    python -m data.autolabel --config cluster_configs/reward_data_demo.yaml [autolabel.key=value ...] [--overwrite]
+    python -m prefdata.autolabel --config cluster_configs/reward_data_demo.yaml [autolabel.key=value ...] [--overwrite]
 
 Identity-GRPO (Sec. 3.2) labels most of its reward-model pairs automatically, by model voting, and then
 keeps those a teacher trained on human pairs agrees with. Here:
-1. candidates (data/candidates.py shards) are grouped by prompt; pairs are every two candidates of a prompt
+1. candidates (prefdata/candidates.py shards) are grouped by prompt; pairs are every two candidates of a prompt
    (or `pairs_per_prompt` of them, drawn at random; `cross_generator_only` keeps pairs from two different
    generators); which of the two is `a` is drawn at random (seeded), so position says nothing;
 2. every scorer (`scorers`: face, vlm, any reward of reward/composite.py) scores every video once; on a pair
@@ -37,7 +37,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from data.prefdata_config import require, tool_main
+from prefdata.settings import require, tool_main
 
 log = logging.getLogger("identity_grpo.autolabel")
 CHOICES = ("a", "b", "tie")

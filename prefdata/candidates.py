@@ -1,6 +1,7 @@
 """Candidate videos for preference data: N videos per prompt from each of several generators.
 
-    python -m data.candidates --config cluster_configs/reward_data_demo.yaml [candidates.key=value ...] [--overwrite]
+    python -m prefdata.candidates --config cluster_configs/reward_data_demo.yaml [candidates.key=value ...]
+        [--overwrite]
 
 A generator is a training config (its model, sampler and `workers.rollout`) with the base weights or a
 checkpoint's LoRA (`checkpoint: base | latest | PATH`, resolved as `launcher.evaluate` does, the stored
@@ -12,7 +13,7 @@ start from the same noise and differ by their weights only.
 
 Output: candidate shards `<out>/<prefix>-NNNNNN.tar` (data/SCHEMA.md, "Candidate shards"): one sample per
 video with the prompt, the references and `candidate.json` recording prompt key, generator, checkpoint,
-seed and sampler. `python -m data.autolabel` pairs and labels them.
+seed and sampler. `python -m prefdata.autolabel` pairs and labels them.
 
 Resume: shards are written whole (data/write_shards.py); a rerun after a crash reads the keys of the
 shards already there (headers only) and samples only what is missing, into new shards after them. The
@@ -33,7 +34,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from config import ConfigError
-from data.prefdata_config import require, tool_main
+from prefdata.settings import require, tool_main
 
 log = logging.getLogger("identity_grpo.candidates")
 SEED_DOMAIN = 0xCA4D_1DA7  # keeps candidate seeds apart from training's and evaluation's seed streams
@@ -125,14 +126,14 @@ class Generator:
 
 def resolve_generators(section) -> List[Generator]:
     """Every generator's config and checkpoint, checked up front; an error names `candidates.generators[i]`."""
-    from config import load_config
     from evaluation.policies import EvalError, check_compatible, resolve_policy
+    from workers.run_config import load_run_config
 
     out = []
     for i, gen in enumerate(section.generators):
         where = f"candidates.generators[{i}] ({gen.name})"
         try:
-            cfg = load_config(gen.config, list(gen.overrides))
+            cfg = load_run_config(gen.config, list(gen.overrides))
             spec = resolve_policy(gen.checkpoint, cfg.trainer.output_dir, gen.weights)
             check_compatible(spec, cfg)
         except (ConfigError, EvalError, FileNotFoundError) as err:
@@ -149,8 +150,8 @@ def generate(section, generators: Sequence[Generator], prompts: Sequence[dict],
 
     from config import to_yaml
     from evaluation.policies import read_lora
-    from launcher.cluster import RESTARTABLE
     from workers.group import WorkerGroup, plan_pool, release
+    from workers.ray_cluster import RESTARTABLE
     from workers.rollout import RolloutWorker
 
     n = section.videos_per_generator
@@ -198,7 +199,7 @@ def run(cfg, overwrite: bool = False) -> Dict[str, object]:
     from data.schema import candidate_members, make_meta
     from data.video import VideoInfo
     from data.write_shards import ShardWriter
-    from launcher.cluster import connect_ray
+    from workers.ray_cluster import connect_ray
 
     section = cfg.candidates
     require(section, "candidates")
