@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
 
 from bench.gpu_wan_flops import flop_terms, latent_shape, train_step_flops, video_tokens  # noqa: E402
 from config import load_config  # noqa: E402
+from config.checks import RANDOM_POLICY  # noqa: E402
 from policy.arch import transformer_config  # noqa: E402
 from policy.window import window_size  # noqa: E402
 from workers.learner import trained_timesteps  # noqa: E402
@@ -79,7 +80,7 @@ def main(argv=None) -> Dict[str, Dict[str, float]]:
     p.add_argument("--mfu", type=float, default=0.35, help="assumed model FLOPs utilisation (no GPU run yet)")
     p.add_argument("--window", type=int, default=None, help="sampler.sde_window.size to apply (default: the preset's)")
     args = p.parse_args(argv)
-    overrides = ["trainer.output_dir=unused", "model.init=random"]
+    overrides = ["trainer.output_dir=unused", *RANDOM_POLICY]
     if args.window is not None:
         overrides.append(f"sampler.sde_window.size={args.window}")
     cfg = load_config(args.preset, overrides)

@@ -9,56 +9,56 @@ is asked by policy/checks.py and reward/checks.py, which workers/run_config.py r
 from __future__ import annotations
 
 import math
+from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from config.schema import Config
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and the source."""
 
 
-CHOICES = {
-    "model.kind": {"t2v", "vace", "phantom"},
-    "model.init": {"pretrained", "random"},
-    "reward.vlm.init": {"pretrained", "random"},
-    "reward.vlm.dtype": {"float32", "bfloat16"},
-    "model.dtype": {"float32", "bfloat16"},
-    "model.lora.init": {"default", "gaussian"},
-    "sampler.noise_rule": {"eta", "linear"},
-    "sampler.schedule": {"unipc", "euler"},
-    "grpo.std_mode": {"group", "global"},
-    "grpo.std_ddof": {0, 1},
-    "grpo.timestep_order": {"random", "fixed"},
-    "reward.on_nan": {"mask", "raise"},
-    "reward.face.backend": {"dlib", "arcface"},
-    "reward.face.aggregate": {"mean", "min"},
-    "data.on_error": {"raise", "skip"},
-    "workers.learner_engine.zero_stage": {0, 1, 2, 3},
-    "workers.learner_engine.precision": {"fp32", "bf16"},
-    "workers.weight_sync": {"auto", "object_store", "broadcast"},
-    "trainer.mode": {"sync", "async"},
-    "sampler.sde_window.strategy": {"progressive", "random", "fixed"},
-}
 FAULT_ROLES = ("rollout", "reward", "learner", "publish", "checkpoint", "eval")
+# Keys that another key's value makes the run ignore: (key, mode key, mode values, why, the fix). Setting one is an
+# error naming both keys: a CPU preset (model.init: random) pointed at real weights with model.path would otherwise
+# train its random model without a word.
+IGNORED_UNDER = (
+    ("model.path", "model.init", ("random",), "model.init=random builds model.arch with random weights and reads no "
+     "file", "pass model.init=pretrained to load model.path (with model.arch naming its architecture), or drop it"),
+    ("model.phantom_checkpoint", "model.init", ("random",), "random init reads no file",
+     "pass model.init=pretrained with model.path, or drop model.phantom_checkpoint"),
+    ("model.phantom_checkpoint", "model.kind", ("t2v", "vace"), "only Phantom reads it",
+     "pass model.kind=phantom, or drop model.phantom_checkpoint"),
+    ("reward.vlm.path", "reward.vlm.init", ("random",), "reward.vlm.init=random builds reward.vlm.arch with random "
+     "weights and reads no file", "pass reward.vlm.init=pretrained to load reward.vlm.path, or drop it"),
+    ("reward.vlm.base_path", "reward.vlm.init", ("random",), "random init reads no base model",
+     "pass reward.vlm.init=pretrained with reward.vlm.path, or drop reward.vlm.base_path"),
+    ("reward.vlm.checkpoint_step", "reward.vlm.init", ("random",), "random init reads no checkpoint",
+     "pass reward.vlm.init=pretrained with reward.vlm.path, or drop reward.vlm.checkpoint_step"),
+    ("reward.face.model_path", "reward.face.backend", ("dlib",), "the dlib backend's weights come from the "
+     "face-recognition-models package", "pass reward.face.backend=arcface to use the ONNX file, or drop it"),
+)
+# What turns a preset that names weight files into a random-init one of the same architectures (rehearsals, memory
+# plans): the mode and the files it would ignore, together.
+RANDOM_POLICY = ("model.init=random", "model.path=null", "model.phantom_checkpoint=null")
+RANDOM_REWARD_MODEL = ("reward.vlm.init=random", "reward.vlm.path=null", "reward.vlm.base_path=null",
+                       "reward.vlm.checkpoint_step=null")
 
-POSITIVE = [
-    "model.height", "model.width", "model.num_frames", "model.lora.rank", "sampler.num_steps",
-    "grpo.group_size", "grpo.prompts_per_step", "grpo.num_inner_epochs", "grpo.optimizer_steps_per_update",
-    "trainer.steps", "trainer.checkpoint_every", "trainer.keep_last", "workers.rollout.num_workers",
-    "workers.reward.num_workers", "workers.learner.num_workers", "logging.eval_num_prompts",
-    "logging.eval_seeds_per_prompt", "workers.weight_sync_timeout_s", "model.vae_decode_batch",
-    "optim.ema.update_interval", "optim.ema.repeats", "reward.vlm.image_size", "reward.vlm.num_frames",
-    "sampler.sde_window.shift_every", "reward.vlm.video_fps",
-]
-NON_NEGATIVE = ["trainer.max_staleness", "trainer.max_learner_restarts", "logging.video_every",
-                "model.lora.alpha", "optim.lr", "optim.warmup_steps", "optim.grad_clip", "grpo.kl_beta",
-                "grpo.clip_range", "sampler.sde_window.size", "sampler.sde_window.start", "sampler.sde_window.stride"]
-# Optional counts: None (not set) or > 0.
-OPTIONAL_POSITIVE = ["model.num_layers", "model.text_encoder_layers", "model.text_encoder_vocab",
-                     "reward.vlm.text_layers", "reward.vlm.vision_layers", "reward.vlm.vocab"]
+
+def check_ignored(cfg: DictConfig, rules, source: str) -> None:
+    """A ConfigError for the first key that is set while its mode key makes the run ignore it (`IGNORED_UNDER`)."""
+    for key, mode_key, modes, why, fix in rules:
+        value, mode = OmegaConf.select(cfg, key), OmegaConf.select(cfg, mode_key)
+        if value is not None and mode in modes:
+            raise ConfigError(f"{source}: '{key}' is set ({value!r}) but '{mode_key}' is {mode!r}: {why}, so '{key}' "
+                              f"would be ignored; {fix}")
+
+
 REHEARSAL_ONLY = {"model": ["num_layers", "text_encoder_layers", "text_encoder_vocab"],
                   "reward.vlm": ["text_layers", "vision_layers", "vocab"]}
 
@@ -83,21 +83,33 @@ def parse_kill(entry: str, source: str = "config") -> Tuple[str, int, int]:
     return role, rank, step
 
 
+def field_rules(schema, prefix: str = "") -> Iterator[Tuple[str, Dict]]:
+    """(dotted key, metadata) of every field of dataclass `schema` (nested ones included) that carries a rule:
+    `choices`, or `min` with `exclusive` (config/schema.py `one_of`, `positive`, `non_negative`)."""
+    instance = schema() if isinstance(schema, type) else schema
+    for f in fields(instance):
+        value = getattr(instance, f.name)
+        if is_dataclass(value):
+            yield from field_rules(value, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata or "min" in f.metadata:
+            yield f"{prefix}{f.name}", f.metadata
+
+
+def check_field_rules(cfg: DictConfig, schema, source: str) -> None:
+    """Each field's own rule (its metadata), with a ConfigError naming the key, the value and what is allowed.
+    A None passes a range rule: such fields are Optional (not set)."""
+    for key, rule in field_rules(schema):
+        value = OmegaConf.select(cfg, key)
+        if "choices" in rule and value not in rule["choices"]:
+            raise ConfigError(f"{source}: '{key}' is {value!r}; allowed: {list(rule['choices'])}")
+        if "min" in rule and value is not None:
+            low, exclusive = rule["min"], rule["exclusive"]
+            if value < low or (exclusive and value == low):
+                raise ConfigError(f"{source}: '{key}' must be {'>' if exclusive else '>='} {low}, got {value}")
+
+
 def check_values(cfg: DictConfig, source: str) -> None:
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{source}: '{key}' is {value!r}; allowed: {sorted(allowed, key=str)}")
-    for key in POSITIVE:
-        if OmegaConf.select(cfg, key) <= 0:
-            raise ConfigError(f"{source}: '{key}' must be > 0, got {OmegaConf.select(cfg, key)}")
-    for key in NON_NEGATIVE:
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"{source}: '{key}' must be >= 0, got {OmegaConf.select(cfg, key)}")
-    for key in OPTIONAL_POSITIVE:
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value <= 0:
-            raise ConfigError(f"{source}: '{key}' must be > 0 (or null), got {value}")
+    check_field_rules(cfg, Config, source)
     if cfg.sampler.noise_rule == "eta" and cfg.sampler.schedule == "unipc":
         raise ConfigError(f"{source}: 'sampler.noise_rule' eta needs 'sampler.schedule' euler: UniPC's first sigma is "
                           f"0.999999, not 1, where eta * sqrt(s / (1 - s)) is ~700 (the eta rule replaces only s = 1); "
@@ -148,8 +160,9 @@ def check_values(cfg: DictConfig, source: str) -> None:
 
 def _check_model_source(cfg: DictConfig, source: str) -> None:
     """Where weights come from: a path for `pretrained`, an architecture for `random` (policy/checks.py and
-    reward/checks.py check that the names are known); the rehearsal-only reductions only with random init;
-    learner precision = model dtype."""
+    reward/checks.py check that the names are known), no file that the mode ignores; the rehearsal-only reductions
+    only with random init; learner precision = model dtype."""
+    check_ignored(cfg, IGNORED_UNDER, source)
     m = cfg.model
     if m.init == "pretrained" and not m.path:
         raise ConfigError(f"{source}: 'model.init' is pretrained but 'model.path' is not set (a local diffusers "

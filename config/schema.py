@@ -17,28 +17,44 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+# A key's allowed values stand beside its field, in the field's metadata (config/checks.py `check_field_rules`
+# reads them on every load): one of a few choices, > 0 (None allowed where the field is Optional), or >= 0.
+
+
+def one_of(*choices, default):
+    return field(default=default, metadata={"choices": choices})
+
+
+def positive(default):
+    return field(default=default, metadata={"min": 0, "exclusive": True})
+
+
+def non_negative(default):
+    return field(default=default, metadata={"min": 0, "exclusive": False})
+
+
 # ----------------------------------------------------------------------------- model
 
 
 @dataclass
 class LoraConfig:
     enabled: bool = True
-    rank: int = 4
-    alpha: float = 4.0
+    rank: int = positive(4)
+    alpha: float = non_negative(4.0)
     # Attention projections of diffusers' Wan blocks (attn1 = self, attn2 = cross).
     target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     # peft init of A: "default" (Kaiming) or "gaussian"; B starts at zero either way, so a fresh
     # adapter is an exact no-op (policy == reference at step 0).
-    init: str = "default"
+    init: str = one_of("default", "gaussian", default="default")
 
 
 @dataclass
 class ModelConfig:
     # t2v: Wan2.1 text-to-video; vace: Wan2.1 VACE (refs as control); phantom: refs concatenated.
-    kind: str = "vace"
+    kind: str = one_of("t2v", "vace", "phantom", default="vace")
     # pretrained: load `path`. random: build `arch` with random weights, nothing read or downloaded (the
     # tiny CPU models, or a real architecture for a rehearsal: launcher/rehearse.py).
-    init: str = "pretrained"
+    init: str = one_of("pretrained", "random", default="pretrained")
     # A named architecture (policy/arch.py): tiny | wan2.1-vace-1.3b | wan2.1-vace-14b | wan2.1-t2v-1.3b |
     # wan2.1-t2v-14b | phantom-wan-1.3b. With init=pretrained it is checked against `path`'s transformer.
     arch: Optional[str] = None
@@ -47,16 +63,17 @@ class ModelConfig:
     # Phantom's released transformer checkpoint (original Wan key format), converted on load.
     phantom_checkpoint: Optional[str] = None
     tiny_seed: int = 0  # seed of random init (any arch): every role builds the same weights
-    dtype: str = "float32"  # float32 | bfloat16 (float16 would need loss scaling in the learner: not offered)
+    # float16 would need loss scaling in the learner: not offered
+    dtype: str = one_of("float32", "bfloat16", default="float32")
     # Rehearsal only (init=random): fewer transformer blocks (VACE control blocks kept at the architecture's
     # stride), text-encoder layers and vocabulary. Widths, heads and patch sizes stay the architecture's.
-    num_layers: Optional[int] = None
-    text_encoder_layers: Optional[int] = None
-    text_encoder_vocab: Optional[int] = None
-    vae_decode_batch: int = 1  # videos the VAE decodes at once (its activations dominate a rollout's peak)
-    height: int = 32
-    width: int = 32
-    num_frames: int = 9
+    num_layers: Optional[int] = positive(None)
+    text_encoder_layers: Optional[int] = positive(None)
+    text_encoder_vocab: Optional[int] = positive(None)
+    vae_decode_batch: int = positive(1)  # videos the VAE decodes at once (its activations dominate a rollout's peak)
+    height: int = positive(32)
+    width: int = positive(32)
+    num_frames: int = positive(9)
     max_references: int = 3
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -70,25 +87,25 @@ class SdeWindowConfig:
     """MixGRPO's SDE window (policy/window.py): only `size` consecutive steps are stochastic, recorded and trained;
     the others take the deterministic ODE step. 0 = every step (Flow-GRPO / the official Identity-GRPO code)."""
 
-    size: int = 0
-    start: int = 0  # the window's first step at training step 1
-    strategy: str = "progressive"  # progressive | random | fixed
-    shift_every: int = 25  # progressive: training steps between moves (MixGRPO's iters_per_group default)
-    stride: int = 0  # progressive: steps per move; 0 = the window's size (MixGRPO without prog_overlap)
+    size: int = non_negative(0)
+    start: int = non_negative(0)  # the window's first step at training step 1
+    strategy: str = one_of("progressive", "random", "fixed", default="progressive")
+    shift_every: int = positive(25)  # progressive: training steps between moves (MixGRPO's iters_per_group default)
+    stride: int = non_negative(0)  # progressive: steps per move; 0 = the window's size (MixGRPO without prog_overlap)
     roll_back: bool = False  # progressive: past the last position, start again (else stay at the end)
 
 
 @dataclass
 class SamplerConfig:
-    num_steps: int = 4
+    num_steps: int = positive(4)
     guidance_scale: float = 4.5
     shift: float = 3.0  # Wan's flow shift of the sigma schedule
     # Sigmas and transformer timesteps (policy/schedule.py): "unipc" = Wan's shipped UniPC flow schedule
     # (official Identity-GRPO), "euler" = FlowMatchEulerDiscreteScheduler's (Flow-GRPO).
-    schedule: str = "unipc"
+    schedule: str = one_of("unipc", "euler", default="unipc")
     # "linear": std = std_min + (std_max - std_min) * s (official Identity-GRPO code);
     # "eta": std = eta * sqrt(s / (1 - s)) (Flow-GRPO).
-    noise_rule: str = "linear"
+    noise_rule: str = one_of("linear", "eta", default="linear")
     eta: float = 0.7
     # Numbers, or "schedule": std_max = the schedule's sigmas[1], std_min = its last sigma (official).
     std_min: Any = "schedule"
@@ -105,21 +122,21 @@ class SamplerConfig:
 
 @dataclass
 class GrpoConfig:
-    group_size: int = 4
-    prompts_per_step: int = 2
-    clip_range: float = 1e-3
-    kl_beta: float = 0.004
+    group_size: int = positive(4)
+    prompts_per_step: int = positive(2)
+    clip_range: float = non_negative(1e-3)
+    kl_beta: float = non_negative(0.004)
     adv_clip: float = 5.0
     adv_eps: float = 1e-4
-    std_mode: str = "group"  # group | global
-    std_ddof: int = 0  # 0: population std (official np.std), 1: sample std
+    std_mode: str = one_of("group", "global", default="group")
+    std_ddof: int = one_of(0, 1, default=0)  # 0: population std (official np.std), 1: sample std
     # Which sampled steps are trained: a fraction of them, in "fixed" (first ones) or "random" order.
     timestep_fraction: float = 1.0
-    timestep_order: str = "random"  # random | fixed
-    num_inner_epochs: int = 1
+    timestep_order: str = one_of("random", "fixed", default="random")
+    num_inner_epochs: int = positive(1)
     # Optimizer steps per update, each over an equal share of every learner rank's groups (official: 2 per
     # epoch of 32 prompts). 1 = one step over all groups (on-policy: every ratio starts at exactly 1).
-    optimizer_steps_per_update: int = 1
+    optimizer_steps_per_update: int = positive(1)
 
 
 @dataclass
@@ -128,17 +145,17 @@ class EmaConfig:
 
     enabled: bool = False
     decay: float = 0.9
-    update_interval: int = 8  # optimizer steps between updates
-    repeats: int = 1  # applications per update (official loop: 4, see policy/ema.py)
+    update_interval: int = positive(8)  # optimizer steps between updates
+    repeats: int = positive(1)  # applications per update (official loop: 4, see policy/ema.py)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: float = non_negative(1e-4)
     weight_decay: float = 1e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
+    grad_clip: float = non_negative(1.0)
+    warmup_steps: int = non_negative(0)
     ema: EmaConfig = field(default_factory=EmaConfig)
 
 
@@ -149,13 +166,13 @@ class OptimConfig:
 class VlmRewardConfig:
     # pretrained: `path` (a trained reward-model directory, or a Qwen2.5-VL base); random: `arch` with random
     # weights (tiny | qwen2.5-vl-3b), for CPU tests and rehearsals.
-    init: str = "pretrained"
+    init: str = one_of("pretrained", "random", default="pretrained")
     arch: Optional[str] = None
     path: Optional[str] = None
-    num_frames: int = 5
+    num_frames: int = positive(5)
     tie_theta: float = 5.0
-    image_size: int = 448  # multiple of 28; the CPU presets use 56
-    dtype: str = "float32"  # float32 | bfloat16: the VLM's weights (the GPU presets: bfloat16)
+    image_size: int = positive(448)  # multiple of 28; the CPU presets use 56
+    dtype: str = one_of("float32", "bfloat16", default="float32")  # the VLM's weights (the GPU presets: bfloat16)
     # A `path` that is a Qwen2.5-VL base (no trained head) is an error unless this is set (its scores are noise).
     allow_untrained_head: bool = False
     # A `path` that is an official Identity-GRPO reward checkpoint (model_config.json + checkpoint-<step>/,
@@ -164,19 +181,20 @@ class VlmRewardConfig:
     # the official trainer writes and its scorer reads back).
     base_path: Optional[str] = None
     checkpoint_step: Optional[int] = None
-    video_fps: float = 10.0
+    video_fps: float = positive(10.0)
     # Rehearsal only (init=random, arch qwen2.5-vl-3b): fewer language / vision layers and a smaller vocabulary.
-    text_layers: Optional[int] = None
-    vision_layers: Optional[int] = None
-    vocab: Optional[int] = None
+    text_layers: Optional[int] = positive(None)
+    vision_layers: Optional[int] = positive(None)
+    vocab: Optional[int] = positive(None)
 
 
 @dataclass
 class FaceRewardConfig:
-    backend: str = "dlib"  # dlib (weights from face-recognition-models) | arcface (local ONNX)
+    # dlib: weights from the face-recognition-models package; arcface: a local ONNX file (model_path)
+    backend: str = one_of("dlib", "arcface", default="dlib")
     model_path: Optional[str] = None
     num_frames: int = 5
-    aggregate: str = "mean"  # mean | min over identities
+    aggregate: str = one_of("mean", "min", default="mean")  # over identities
     missing_penalty: float = 0.0
     upsample: int = 1  # dlib HOG upsampling passes: 0 finds faces >= ~80 px, 1 >= ~40 px (about 4x slower)
     max_extra_faces: int = 2  # embed at most (people + this) largest faces per frame; bounds cost on crowds
@@ -186,7 +204,7 @@ class FaceRewardConfig:
 class RewardConfig:
     # Named components and their weights; the composite reward is their weighted sum.
     weights: Dict[str, float] = field(default_factory=lambda: {"face": 1.0})
-    on_nan: str = "mask"  # mask the sample (counted) | raise
+    on_nan: str = one_of("mask", "raise", default="mask")  # mask: the sample is left out (counted)
     vlm: VlmRewardConfig = field(default_factory=VlmRewardConfig)
     face: FaceRewardConfig = field(default_factory=FaceRewardConfig)
 
@@ -201,7 +219,7 @@ class DataConfig:
     eval_prompt_shards: Optional[str] = None  # held-out prompts: launcher.evaluate's default and the training monitor
     shuffle_buffer: int = 16
     seed: int = 0
-    on_error: str = "raise"  # raise | skip
+    on_error: str = one_of("raise", "skip", default="raise")
     num_loader_workers: int = 0
 
 
@@ -210,7 +228,7 @@ class DataConfig:
 
 @dataclass
 class PoolConfig:
-    num_workers: int = 1
+    num_workers: int = positive(1)
     num_gpus_per_worker: float = 0.0
     num_cpus_per_worker: float = 1.0
     # Ray custom resource a node must offer to host this pool (e.g. "reward_node"); None = any.
@@ -219,8 +237,8 @@ class PoolConfig:
 
 @dataclass
 class LearnerConfig:
-    zero_stage: int = 2
-    precision: str = "fp32"  # fp32 | bf16
+    zero_stage: int = one_of(0, 1, 2, 3, default=2)
+    precision: str = one_of("fp32", "bf16", default="fp32")
     # Samples of one group per learner forward/backward and per rollout transformer forward (the same cut, so
     # the learner's recompute runs the rollout's shapes and the first ratio is exactly 1 under any kernel);
     # 0 = the whole group. Large models split a group (e.g. 14B: 4).
@@ -238,8 +256,8 @@ class WorkersConfig:
     # How a new policy version reaches the rollout workers: "broadcast" = a process group of learner
     # rank 0 + the rollout workers (workers/weight_sync.py), "object_store" = a Ray object ref each
     # worker fetches, "auto" = broadcast for full fine-tuning, the object store for (small) LoRA.
-    weight_sync: str = "auto"
-    weight_sync_timeout_s: float = 600.0  # a broadcast (or group build) slower than this raises
+    weight_sync: str = one_of("auto", "broadcast", "object_store", default="auto")
+    weight_sync_timeout_s: float = positive(600.0)  # a broadcast (or group build) slower than this raises
 
 
 # ----------------------------------------------------------------------------- trainer / logging
@@ -247,28 +265,28 @@ class WorkersConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = 10
+    steps: int = positive(10)
     seed: int = 0
     device: str = "cpu"
     output_dir: str = MISSING  # required
     resume: str = "auto"  # auto | never | <checkpoint path>
-    checkpoint_every: int = 5
-    keep_last: int = 3
-    mode: str = "sync"  # sync | async
-    max_staleness: int = 1
+    checkpoint_every: int = positive(5)
+    keep_last: int = positive(3)
+    mode: str = one_of("sync", "async", default="sync")
+    max_staleness: int = non_negative(1)
     # A dead learner rank restarts the learner group from the last checkpoint; more restarts than this in
     # one run stop it (a rank that dies every time: out of memory, a bad node).
-    max_learner_restarts: int = 10
+    max_learner_restarts: int = non_negative(10)
 
 
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
-    video_every: int = 5
+    video_every: int = non_negative(5)
     progress_bar: bool = True
     eval_every: int = 0  # held-out over-optimisation monitor every N steps (0 = off); needs data.eval_prompt_shards
-    eval_num_prompts: int = 4
-    eval_seeds_per_prompt: int = 1
+    eval_num_prompts: int = positive(4)
+    eval_seeds_per_prompt: int = positive(1)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from omegaconf import OmegaConf
 
 from config import ConfigError
+from config.checks import RANDOM_POLICY, RANDOM_REWARD_MODEL
 from config.cli import parse_config
 from data.tarindex import require_shards
 from launcher.preflight import check_output_dir, check_resume, weight_files
@@ -129,7 +130,7 @@ def plan_rows(cfg, config_path: Optional[str], overrides: Sequence[str]) -> List
     memory = {}
     if cfg.model.arch:  # the named architectures' sizes, built on the meta device (no weights read)
         try:
-            planning = load_run_config(config_path, [*overrides, "model.init=random", "reward.vlm.init=random"])
+            planning = load_run_config(config_path, [*overrides, *RANDOM_POLICY, *RANDOM_REWARD_MODEL])
         except ConfigError:  # e.g. no reward.vlm.arch to size the reward model by: no memory column
             planning = None
         if planning is not None:
@@ -155,6 +156,12 @@ def print_plan(cfg, rows: List[dict]) -> None:
     need = gpus_needed_here(cfg)
     print(f"  GPUs on one node: {need}" if need is not None else
           "  nodes: one per node resource above (Slurm: cluster_configs/slurm/train_multinode.sbatch NODE_ROLES)")
+    # launcher.evaluate --num-workers: each worker holds the policy and the scorer (the rollout's and the reward's)
+    by_role = {r["role"]: r for r in rows}
+    memory = [by_role[p]["host_gib_each"] for p in ("rollout", "reward")]
+    mem = "" if None in memory else f", about {sum(memory):.1f} host GiB"
+    print(f"  evaluation (make eval WORKERS={need or 'N'}, cluster_configs/slurm/evaluate.sbatch): one process per "
+          f"GPU, {w.rollout.num_gpus_per_worker:g} GPU and {w.rollout.num_cpus_per_worker:g} CPUs each{mem}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from config import ConfigError
+from config.checks import RANDOM_POLICY, RANDOM_REWARD_MODEL
 from config.cli import at_least, exit_expected
 from workers.run_config import load_run_config
 
@@ -63,7 +64,7 @@ def cpu_overrides(preset, learner_ranks: Optional[int] = None, output_dir: Optio
         raise ConfigError("model.arch is not set: a rehearsal builds the preset's named architecture "
                           "(policy/arch.py ARCHITECTURES)")
     overrides = [
-        "model.init=random", "model.text_encoder_layers=1", f"model.text_encoder_vocab={VOCAB}",
+        *RANDOM_POLICY, "model.text_encoder_layers=1", f"model.text_encoder_vocab={VOCAB}",
         "model.height=16", "model.width=16", "model.num_frames=5", "model.gradient_checkpointing=false",
         "sampler.num_steps=2", "sampler.max_sequence_length=16",
         "trainer.device=cpu", "trainer.steps=2", "trainer.keep_last=1",
@@ -78,7 +79,7 @@ def cpu_overrides(preset, learner_ranks: Optional[int] = None, output_dir: Optio
         overrides += [f"workers.{pool}.num_workers={count}", f"workers.{pool}.num_gpus_per_worker=0",
                       f"workers.{pool}.num_cpus_per_worker=0.5", f"workers.{pool}.node_resource=null"]
     if "vlm" in preset.reward.weights and preset.reward.vlm.arch not in (None, "tiny"):
-        overrides += ["reward.vlm.init=random", "reward.vlm.image_size=56", f"reward.vlm.vocab={VOCAB}",
+        overrides += [*RANDOM_REWARD_MODEL, "reward.vlm.image_size=56", f"reward.vlm.vocab={VOCAB}",
                       *(f"reward.vlm.{k}={v}" for k, v in VLM_LAYERS.items())]
     return overrides
 
@@ -166,8 +167,9 @@ def rehearse_reward(preset_path: str, overrides: Sequence[str] = ()) -> Dict[str
     shards = Path(out) / "data"
     if not (shards / "pairs-000000.tar").exists():
         write_mixed_pairs(shards, 24, ("human", "auto", "synthetic"), flip_auto=0.3)
-    forced = ["model.init=random", *(f"model.{k}={v}" for k, v in VLM_LAYERS.items()), f"model.vocab={VOCAB}",
-              "model.image_size=56", "model.num_frames=2", "trainer.device=cpu", "trainer.steps=2",
+    forced = ["model.init=random", "model.path=null", *(f"model.{k}={v}" for k, v in VLM_LAYERS.items()),
+              f"model.vocab={VOCAB}", "model.image_size=56", "model.num_frames=2", "trainer.device=cpu",
+              "trainer.steps=2",
               *(["model.video_min_pixels=3136", "model.max_frame_pixels=3136"] if preset.model.format == "official"
                 else []),
               "trainer.keep_last=1", "trainer.eval_every=0", "trainer.log_every=1",

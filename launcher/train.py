@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -38,17 +37,29 @@ from evaluation.held_out import eval_seeds, load_prompts
 from launcher.cluster import Workers, build_workers, restart_learner, split_groups, start_learner, stop_ray
 from launcher.preflight import preflight
 from launcher.progress import Progress
-from policy.grpo import advantage_stats, group_advantages
+from launcher.step_metrics import StepTimer, reduce_learner_stats, step_record
+from policy.grpo import group_advantages
 from policy.window import sde_steps
 from runtime.checkpoint import CheckpointManager
 from runtime.metrics import MetricsLogger
 from workers.common import maybe_fault, sample_seed
+from workers.group import Strided
 from workers.learner import transformer_passes
 from workers.ray_cluster import connect_ray
 from workers.run_config import load_run_config
 from workers.weight_sync import WeightSync, sync_mode
 
 log = logging.getLogger("identity_grpo")
+
+
+@dataclass
+class Rollouts:
+    """One step's rollouts in flight: a trajectory ref per prompt group, their pending scores, and the prompt
+    stream's position after this step's prompts."""
+
+    trajectories: List[ray.ObjectRef]
+    scores: Strided
+    reader_state: dict
 
 
 @dataclass
@@ -98,22 +109,14 @@ class Trainer:
         progress = Progress(cfg.trainer.steps, self.state.step, enabled=cfg.logging.progress_bar)
         next_rollouts = None  # async mode: the next step's rollouts, already running
         while self.state.step < cfg.trainer.steps:
-            step = self.state.step + 1
-            t_step = time.perf_counter()
+            step, timer = self.state.step + 1, StepTimer()
             try:
-                # 1-2. prompts -> rollouts (refs)
-                if next_rollouts is None:
-                    version = self.state.resume_rollout_version
-                    version = self.state.version if version is None else version
-                    self.state.resume_rollout_version = None
-                    next_rollouts = self.launch_rollouts(step, version)
-                samples, trajectories, pending_scores, reader_state = next_rollouts
+                # 1-2. prompts -> rollouts (refs), their scoring queued right behind them
+                rollouts = next_rollouts or self.launch_rollouts(step, self.rollout_version())
                 next_rollouts = None
-                # 3. rewards: already queued on the reward workers, which read the trajectories straight
-                #    from the rollout workers as soon as each is done
-                t0 = time.perf_counter()
-                scored = self.collect_scores(pending_scores, len(trajectories))
-                rewards_s = time.perf_counter() - t0
+                # 3. rewards: the reward workers read the trajectories straight from the rollout workers
+                with timer("reward_s"):
+                    scored = rollouts.scores.get()
                 # 4. advantages within each prompt group
                 totals = torch.stack([s["scores"]["total"] for s in scored])
                 adv = group_advantages(totals, cfg.grpo.std_mode, cfg.grpo.adv_eps, cfg.grpo.adv_clip,
@@ -121,28 +124,24 @@ class Trainer:
                 # async: start the next step's rollouts now, with the current weights
                 if cfg.trainer.mode == "async" and cfg.trainer.max_staleness >= 1 and step < cfg.trainer.steps:
                     next_rollouts = self.launch_rollouts(step + 1, self.state.version)
-                staleness = [self.state.version - s["policy_version"] for s in scored]
-                if max(staleness) > cfg.trainer.max_staleness:
-                    raise AssertionError(f"trajectory staleness {max(staleness)} exceeds "
-                                         f"trainer.max_staleness={cfg.trainer.max_staleness}")
+                staleness = self.check_staleness(scored)
                 # 5. GRPO update on the learner ranks
-                t0 = time.perf_counter()
-                learn = self.update(step, trajectories, adv)
-                learn_s = time.perf_counter() - t0
+                with timer("learn_s"):
+                    learner = self.update(step, rollouts.trajectories, adv)
                 # 6. sync: publish the new version to the rollout workers
-                t0 = time.perf_counter()
-                self.state.version += 1
-                self.publish_weights()
-                sync_s = time.perf_counter() - t0
-                self.state.step, self.state.reader = step, reader_state
+                with timer("sync_s"):
+                    self.state.version += 1
+                    self.publish_weights()
+                self.state.step, self.state.reader = step, rollouts.reader_state
                 # 7. log, held-out monitor, checkpoint
-                record = self.record(step, scored, adv, learn, staleness, rewards_s, learn_s, sync_s,
-                                     time.perf_counter() - t_step)
+                record = step_record(step=step, scored=scored, advantages=adv, learner=learner, staleness=staleness,
+                                     timer=timer, policy_version=self.state.version,
+                                     data_skipped=self.prompts.num_skipped, passes_per_video=self.passes_per_video)
                 if self.eval_prompts and step % cfg.logging.eval_every == 0:
                     record.update(self.held_out_monitor())
                 self.metrics.log(record)
                 if cfg.logging.video_every and step % cfg.logging.video_every == 0:
-                    traj = ray.get(trajectories[0])
+                    traj = ray.get(rollouts.trajectories[0])
                     self.metrics.log_videos(step, traj.videos, traj.references)
                 if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps or self.stop_requested:
                     self.save_checkpoint(step, next_rollouts)
@@ -164,13 +163,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ phases
 
-    def launch_rollouts(self, step: int, version: int):
-        """Read P prompts, start one rollout per prompt group and queue its scoring right behind it.
+    def rollout_version(self) -> int:
+        """The policy version the next rollouts sample with: the learner's, except for the first step after an
+        async resume, whose rollouts were in flight with the version before."""
+        version, self.state.resume_rollout_version = self.state.resume_rollout_version, None
+        return self.state.version if version is None else version
 
-        Returns (samples, trajectory refs, pending score refs, reader state). Scoring is queued now, with
-        the not-yet-ready trajectory refs as arguments: Ray runs it as soon as the rollout finishes, so
-        in async mode the next step's rewards are computed while the learner trains on this step.
-        """
+    def launch_rollouts(self, step: int, version: int) -> Rollouts:
+        """Read P prompts, start one rollout per prompt group (round robin over the rollout workers) and queue its
+        scoring right behind it (strided over the reward workers), with the not-yet-ready trajectory refs as
+        arguments: Ray runs it as soon as each rollout finishes, so in async mode the next step's rewards are
+        computed while the learner trains on this step."""
         cfg = self.cfg
         stream = self._stream()
         samples = [next(stream) for _ in range(cfg.grpo.prompts_per_step)]
@@ -178,40 +181,24 @@ class Trainer:
         weights_box = [self.state.weights[version]]
         # the SDE window at this step (policy/window.py): a function of the step, so replays see the same one
         window = sde_steps(cfg.sampler.sde_window, cfg.sampler.num_steps, step, cfg.trainer.seed)
-        refs = []
-        for g, sample in enumerate(samples):
-            seeds = [sample_seed(cfg.trainer.seed, step, g, i) for i in range(cfg.grpo.group_size)]
-            rollout = self.workers.rollout.actors[g % len(self.workers.rollout)]
-            refs.append(rollout.generate.remote(step, _light(sample), seeds, version, weights_box, sde_steps=window))
-        n = len(self.workers.reward)
-        pending = [self.workers.reward.actors[r].score.remote(step, *refs[r::n]) for r in range(n)]
-        return samples, refs, pending, reader_state
+        calls = [(step, _light(sample), [sample_seed(cfg.trainer.seed, step, g, i) for i in range(cfg.grpo.group_size)],
+                  version, weights_box) for g, sample in enumerate(samples)]
+        trajectories = self.workers.rollout.round_robin("generate", calls, sde_steps=window)
+        return Rollouts(trajectories, self.workers.reward.strided("score", trajectories, step), reader_state)
 
-    def collect_scores(self, pending: List, num_groups: int) -> List[dict]:
-        """Round-robin chunks back into group order; only the small scores come back to the driver."""
-        n = len(pending)
-        out = [None] * num_groups
-        for r, chunk in enumerate(ray.get(pending)):
-            for j, item in enumerate(chunk):
-                out[r + j * n] = item
-        return out
+    def check_staleness(self, scored: List[dict]) -> List[int]:
+        """Versions each group's rollout lags the learner by; over `trainer.max_staleness` is a bug, not data."""
+        staleness = [self.state.version - s["policy_version"] for s in scored]
+        if max(staleness) > self.cfg.trainer.max_staleness:
+            raise AssertionError(f"trajectory staleness {max(staleness)} exceeds "
+                                 f"trainer.max_staleness={self.cfg.trainer.max_staleness}")
+        return staleness
 
     def update(self, step: int, trajectories: List, adv) -> Dict[str, float]:
         shares = split_groups(len(trajectories), len(self.workers.learner))
         calls = [(step, ids, [adv.values[i] for i in ids], [adv.mask[i] for i in ids],
                   *[trajectories[i] for i in ids]) for ids in shares]
-        per_rank = ray.get(self.workers.learner.run_split("update", calls))
-        summed = {k: sum(r[k] for r in per_rank) for k in per_rank[0]}
-        micro, trained = max(1, summed["micro_steps"]), summed["num_trained"]
-        stats = {k: summed[k] / micro for k in ("policy_loss", "kl", "loss")}
-        # over trained elements only (see workers/learner.py); a step with nothing trained logs ratio 1
-        low, high = min(r["ratio_min"] for r in per_rank), max(r["ratio_max"] for r in per_rank)
-        stats.update(ratio_mean=summed["ratio_mean"] / trained if trained else 1.0,
-                     clip_frac=summed["clip_frac"] / trained if trained else 0.0,
-                     ratio_min=low if trained else 1.0, ratio_max=high if trained else 1.0,
-                     first_epoch_logprob_dev=max(r["first_epoch_logprob_dev"] for r in per_rank),
-                     grad_norm=per_rank[0]["grad_norm"], lr=per_rank[0]["lr"])
-        return stats
+        return reduce_learner_stats(ray.get(self.workers.learner.run_split("update", calls)))
 
     def publish_weights(self) -> None:
         """Learner -> every rollout worker, by broadcast or through the object store. Either way the driver
@@ -238,12 +225,12 @@ class Trainer:
         """Held-out prompts scored with rewards the policy is not trained on (evaluation/held_out.py), by rollout
         worker 0 with the current version (a worker Ray restarts mid-call fetches it, so the numbers do not
         change), or with the EMA weights when there is an EMA (official: evaluation swaps the EMA in)."""
-        t0 = time.perf_counter()
+        timer = StepTimer()
         version = self.state.version
         ema = self.workers.learner.actors[0].ema_weights.remote() if self.cfg.optim.ema.enabled else None
         out = ray.get(self.workers.rollout.actors[0].held_out.remote(
             self.eval_prompts, self.eval_seeds, version, [self.state.weights[version]], ema))
-        return {**out, "eval_s": time.perf_counter() - t0}
+        return {**out, "eval_s": timer.elapsed()}
 
     # ------------------------------------------------------------------ checkpoints and recovery
 
@@ -318,26 +305,6 @@ class Trainer:
         if getattr(self, "_iter", None) is None:
             self._iter = iter(self.prompts)
         return self._iter
-
-    def record(self, step, scored, adv, learn, staleness, reward_s, learn_s, sync_s, step_s) -> Dict[str, float]:
-        totals = torch.stack([s["scores"]["total"] for s in scored]).flatten()
-        finite = totals[torch.isfinite(totals)]
-        record = {
-            "step": step, "reward_mean": float(finite.mean()) if finite.numel() else float("nan"),
-            "reward_std": float(finite.std()) if finite.numel() > 1 else 0.0,
-            "reward_failed": int((~torch.isfinite(totals)).sum()), "policy_version": self.state.version,
-            "staleness_max": max(staleness), "rollout_s": max(s["rollout_s"] for s in scored),
-            "reward_s": reward_s, "learn_s": learn_s, "sync_s": sync_s, "step_s": step_s,
-            "data_skipped": self.prompts.num_skipped, **self.passes_per_video,
-        }
-        for name in scored[0]["scores"]:
-            if name != "total":
-                values = torch.stack([s["scores"][name] for s in scored]).flatten()
-                values = values[torch.isfinite(values)]
-                record[f"reward_{name}"] = float(values.mean()) if values.numel() else float("nan")
-        record.update(learn)
-        record.update(advantage_stats(adv))
-        return record
 
     def close(self) -> None:
         self.metrics.close()

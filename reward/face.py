@@ -48,7 +48,6 @@ from scipy.optimize import linear_sum_assignment
 from data.video import sample_frame_indices
 from reward.inputs import ArrayLike, as_uint8_rgb
 
-
 # Where dlib's 5 landmarks (in dlib's order: eye corners image-right outer/inner, image-left
 # outer/inner, base of the nose) sit in the standard ArcFace 112x112 crop. Derived by fitting the
 # insightface template (eye centres, nose tip, mouth corners) to dlib's 68-point landmarks on the

@@ -11,8 +11,13 @@ import os
 from pathlib import Path
 from typing import List
 
-from reward.official_format import (OFFICIAL_CONFIG_FILE, checkpoint_dir, official_base_path, official_weight_files,
-                             read_official_config)
+from reward.official_format import (
+    OFFICIAL_CONFIG_FILE,
+    checkpoint_dir,
+    official_base_path,
+    official_weight_files,
+    read_official_config,
+)
 from reward.official_inputs import frame_count
 from reward.vlm import SETTINGS_FILE
 

@@ -34,12 +34,32 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from reward.official_format import (ADAPTER_FILE, DTYPES, LLM_LINEARS, LORA_EXCLUDE, MAX_FRAME_PIXELS, NON_LORA_FILE,
-                                    OFFICIAL_CONFIG_FILE, OFFICIAL_LORA, OFFLINE_VOCAB, PEFT_PREFIX, checkpoint_dir,
-                                    language_model_lora_pattern, official_base_path, official_key_to_ours,
-                                    official_weight_files, ours_to_official_key, read_official_config)
-from reward.official_inputs import (SA_TOKEN, SUBJECT_ALIGNMENT_PROMPT, VIDEO_MIN_PIXELS, OfficialInputBuilder,
-                                    frame_count)
+from reward.official_format import (
+    ADAPTER_FILE,
+    DTYPES,
+    LLM_LINEARS,
+    LORA_EXCLUDE,
+    MAX_FRAME_PIXELS,
+    NON_LORA_FILE,
+    OFFICIAL_CONFIG_FILE,
+    OFFICIAL_LORA,
+    OFFLINE_VOCAB,
+    PEFT_PREFIX,
+    checkpoint_dir,
+    language_model_lora_pattern,
+    official_base_path,
+    official_key_to_ours,
+    official_weight_files,
+    ours_to_official_key,
+    read_official_config,
+)
+from reward.official_inputs import (
+    SA_TOKEN,
+    SUBJECT_ALIGNMENT_PROMPT,
+    VIDEO_MIN_PIXELS,
+    OfficialInputBuilder,
+    frame_count,
+)
 from reward.vlm_inputs import batch_like, score_in_chunks
 
 logger = logging.getLogger(__name__)

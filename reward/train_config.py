@@ -20,8 +20,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from config import ConfigError, describe_error, load_structured
-from config.schema import PathsConfig
+from config.checks import check_field_rules, check_ignored
 from config.cli import build_parser, parse_config
+from config.schema import PathsConfig, one_of, positive
 from reward.vlm import LLM_LORA_TARGETS
 from reward.vlm_arch import VLM_ARCHITECTURES
 from reward.vlm_inputs import DEFAULT_INSTRUCTION
@@ -30,7 +31,7 @@ from reward.vlm_inputs import DEFAULT_INSTRUCTION
 @dataclass
 class RewardLoraConfig:
     enabled: bool = False
-    rank: int = 64
+    rank: int = positive(64)
     alpha: float = 128.0
     dropout: float = 0.0
     target_modules: List[str] = field(default_factory=lambda: list(LLM_LORA_TARGETS))
@@ -40,12 +41,12 @@ class RewardLoraConfig:
 class RewardModelConfig:
     # pretrained: the local Qwen2.5-VL directory `path` (or a trained reward model, `init_from`); random: `arch`
     # with random weights (tiny: the CPU model; qwen2.5-vl-3b: the real architecture, for rehearsals).
-    init: str = "pretrained"
+    init: str = one_of("pretrained", "random", default="pretrained")
     # ours: reward/vlm.py (<|reward|>, each frame an image at image_size, the prompt in `instruction`, our save
     # layout); official: the official Identity-GRPO reward model, input and checkpoint layout (reward/official.py:
     # <|SA_reward|>, the fixed subject-alignment instruction, Qwen's video path; model_config.json + checkpoint-N/),
     # which the GRPO presets' `reward.vlm.path` also loads.
-    format: str = "ours"
+    format: str = one_of("ours", "official", default="ours")
     arch: Optional[str] = None
     path: Optional[str] = None  # local Qwen2.5-VL directory (no hub downloads)
     init_from: Optional[str] = None  # a trained reward-model directory to start from (fine-tuning)
@@ -56,9 +57,9 @@ class RewardModelConfig:
     vision_layers: Optional[int] = None
     vocab: Optional[int] = None
     video_min_pixels: Optional[int] = None
-    dtype: str = "float32"  # float32 | bfloat16 (trainer.precision=bf16 trains in bf16)
-    image_size: int = 56  # multiple of 28
-    num_frames: int = 5
+    dtype: str = one_of("float32", "bfloat16", default="float32")  # trainer.precision=bf16 trains in bf16
+    image_size: int = positive(56)  # multiple of 28
+    num_frames: int = positive(5)
     max_frame_pixels: int = 399360  # format official: the video's and references' pixel limit (official value)
     video_fps: float = 10.0  # format official: the frame rate M-RoPE time assumes (official: 10)
     instruction: str = DEFAULT_INSTRUCTION  # must contain {prompt}
@@ -76,7 +77,7 @@ class RewardDataConfig:
     eval_sources: List[str] = field(default_factory=lambda: ["human", "auto", "synthetic"])
     shuffle_buffer: int = 16
     seed: int = 0
-    on_error: str = "raise"  # raise | skip
+    on_error: str = one_of("raise", "skip", default="raise")
     num_loader_workers: int = 0
 
 
@@ -84,7 +85,7 @@ class RewardDataConfig:
 class CurriculumConfig:
     """Weight of the auto pool at step t: end + (start - end) * 0.5 (1 + cos(pi min(t, T) / T))."""
 
-    schedule: str = "cosine"  # cosine | linear | constant (constant: always start)
+    schedule: str = one_of("cosine", "linear", "constant", default="cosine")  # constant: always start
     auto_weight_start: float = 1.0
     auto_weight_end: float = 0.0
     steps: Optional[int] = None  # T; None = trainer.steps
@@ -101,12 +102,12 @@ class TeacherConfig:
     train_steps: int = 100  # when checkpoint is None: steps of the teacher run (in <output_dir>/teacher)
     threshold: float = 0.5
     sources: List[str] = field(default_factory=lambda: ["auto"])  # label sources the filter applies to
-    batch_size: int = 8
+    batch_size: int = positive(8)
 
 
 @dataclass
 class RewardOptimConfig:
-    lr: float = 1e-3
+    lr: float = positive(1e-3)
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
@@ -115,29 +116,29 @@ class RewardOptimConfig:
 
 @dataclass
 class RewardTrainerConfig:
-    steps: int = 200
-    batch_size: int = 4  # pairs per micro-batch per rank (2x that many videos per forward)
-    grad_accum: int = 1
+    steps: int = positive(200)
+    batch_size: int = positive(4)  # pairs per micro-batch per rank (2x that many videos per forward)
+    grad_accum: int = positive(1)
     # rao_kupper: Bradley-Terry with ties (the official reward's `loss_type="btt"`, theta 5) | bradley_terry
-    loss: str = "rao_kupper"
+    loss: str = one_of("rao_kupper", "bradley_terry", default="rao_kupper")
     tie_theta: float = 5.0
     # bradley_terry only: a tie is the target (1/2, 1/2) ("half") or zero loss ("ignore": VideoAlign's "bt")
-    bt_ties: str = "half"
+    bt_ties: str = one_of("half", "ignore", default="half")
     seed: int = 0
-    device: str = "cpu"  # cpu | cuda
+    device: str = one_of("cpu", "cuda", default="cpu")
     # torch intra-op threads (null: torch's default). Tiny CPU models run several times faster with 1 thread
     # on a shared machine: with more, OpenMP threads spin-wait for cores other processes hold.
     num_threads: Optional[int] = None
-    zero_stage: int = 2
-    precision: str = "fp32"  # fp32 | bf16
+    zero_stage: int = one_of(0, 1, 2, 3, default=2)
+    precision: str = one_of("fp32", "bf16", default="fp32")
     output_dir: str = MISSING  # required
     resume: str = "auto"  # auto | never | <checkpoint dir>
     max_steps_per_run: Optional[int] = None  # stop (with a checkpoint) after this many steps: time-limited jobs
-    checkpoint_every: int = 50
-    keep_last: int = 2
+    checkpoint_every: int = positive(50)
+    keep_last: int = positive(2)
     eval_every: int = 0  # 0: evaluate only at the end
-    eval_batch_size: int = 8
-    log_every: int = 10
+    eval_batch_size: int = positive(8)
+    log_every: int = positive(10)
 
 
 @dataclass
@@ -157,21 +158,11 @@ class RewardTrainConfig:
     logging: RewardLoggingConfig = field(default_factory=RewardLoggingConfig)
 
 
-CHOICES = {
-    "model.init": {"pretrained", "random"},
-    "model.format": {"ours", "official"},
-    "model.dtype": {"float32", "bfloat16"},
-    "data.on_error": {"raise", "skip"},
-    "curriculum.schedule": {"cosine", "linear", "constant"},
-    "trainer.loss": {"rao_kupper", "bradley_terry"},
-    "trainer.bt_ties": {"half", "ignore"},
-    "trainer.device": {"cpu", "cuda"},
-    "trainer.zero_stage": {0, 1, 2, 3},
-    "trainer.precision": {"fp32", "bf16"},
-}
-POSITIVE = ["model.image_size", "model.num_frames", "model.lora.rank", "trainer.steps", "trainer.batch_size",
-            "trainer.grad_accum", "trainer.checkpoint_every", "trainer.keep_last", "trainer.eval_batch_size",
-            "trainer.log_every", "teacher.batch_size", "optim.lr"]
+# Keys that another key's value makes the trainer ignore (config/checks.py `check_ignored`).
+IGNORED_UNDER = (
+    ("model.path", "model.init", ("random",), "model.init=random builds model.arch with random weights and reads no "
+     "file", "pass model.init=pretrained to start from model.path, or drop it"),
+)
 SOURCES = {"human", "auto", "synthetic"}
 
 
@@ -179,12 +170,7 @@ def _check(cfg: DictConfig, source: str) -> None:
     def fail(key: str, why: str):
         raise ConfigError(f"{source}: '{key}' {why}")
 
-    for key, allowed in CHOICES.items():
-        if OmegaConf.select(cfg, key) not in allowed:
-            fail(key, f"is {OmegaConf.select(cfg, key)!r}; allowed: {sorted(allowed, key=str)}")
-    for key in POSITIVE:
-        if OmegaConf.select(cfg, key) <= 0:
-            fail(key, f"must be > 0, got {OmegaConf.select(cfg, key)}")
+    check_field_rules(cfg, RewardTrainConfig, source)
     if cfg.model.image_size % 28:
         fail("model.image_size", f"must be a multiple of 28 (patch 14 x merge 2), got {cfg.model.image_size}")
     if "{prompt}" not in cfg.model.instruction:
@@ -226,6 +212,7 @@ def _check(cfg: DictConfig, source: str) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{source}: missing required value(s): {', '.join(missing)}")
+    check_ignored(cfg, IGNORED_UNDER, source)
     m = cfg.model
     if m.init == "pretrained" and not (m.path or m.init_from):
         fail("model.path", "is not set (model.init is pretrained): give a local Qwen2.5-VL directory, a trained "

@@ -39,8 +39,15 @@ from torch import nn
 from reward.official import load_official_reward_model
 from reward.official_format import DTYPES, LLM_LINEARS, OFFICIAL_CONFIG_FILE, language_model_lora_pattern
 from reward.vlm_arch import published_vlm_config, tiny_vlm_config
-from reward.vlm_inputs import (DEFAULT_INSTRUCTION, REWARD_TOKEN, RewardInputBuilder, build_image_processor,
-                               batch_like, build_tiny_tokenizer, score_in_chunks)
+from reward.vlm_inputs import (
+    DEFAULT_INSTRUCTION,
+    REWARD_TOKEN,
+    RewardInputBuilder,
+    batch_like,
+    build_image_processor,
+    build_tiny_tokenizer,
+    score_in_chunks,
+)
 
 logger = logging.getLogger(__name__)
 FORMAT = "identity-reward-model"

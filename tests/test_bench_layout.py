@@ -5,6 +5,7 @@ import pytest
 from bench.gpu_wan_flops import flop_terms, latent_shape, video_tokens
 from bench.layout_seconds import layouts, main, step_flops
 from config import load_config
+from config.checks import RANDOM_POLICY
 from policy.arch import transformer_config
 
 
@@ -20,7 +21,7 @@ def test_layouts_closed_form():
 
 def test_preset_flops_follow_the_architecture_and_the_window(root):
     preset = root / "cluster_configs" / "vace_1.3b_8gpu.yaml"
-    cfg = load_config(preset, ["trainer.output_dir=x", "model.init=random"])
+    cfg = load_config(preset, ["trainer.output_dir=x", *RANDOM_POLICY])
     flops = step_flops(cfg)
     arch = transformer_config("wan2.1-vace-1.3b", "vace")
     shape = latent_shape(arch, 33, 240, 416)
@@ -28,7 +29,7 @@ def test_preset_flops_follow_the_architecture_and_the_window(root):
     per_pass = flop_terms(dict(arch, num_layers=30 + 15), n, 512, 32)["forward"]  # 15 VACE control blocks
     assert flops["sample_video"] == pytest.approx(25 * 2 * per_pass)
     assert flops["videos"] == 256 and flops["sample"] == pytest.approx(256 * flops["sample_video"])
-    windowed = step_flops(load_config(preset, ["trainer.output_dir=x", "model.init=random",
+    windowed = step_flops(load_config(preset, ["trainer.output_dir=x", *RANDOM_POLICY,
                                                "sampler.sde_window.size=4"]))
     assert windowed["sample"] == flops["sample"]  # the ODE steps are still sampled
     assert windowed["learn"] == pytest.approx(flops["learn"] * 3 / 24)  # int(4 x 0.99) = 3 of 24 trained steps

@@ -159,3 +159,30 @@ def test_cli_print_config_and_errors(root, capsys):
         with pytest.raises(SystemExit) as exit_:
             main(["--config", str(root / "cluster_configs" / "local_cpu.yaml"), override])
         assert exit_.value.code == 2 and key in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,mode_key", [
+    ("model.path=/models/Wan2.1-VACE-1.3B-diffusers", "model.init"),  # the CPU preset is random-init
+    ("model.phantom_checkpoint=/models/phantom.pth", "model.init"),
+    ("reward.vlm.path=/models/identity_reward", "reward.vlm.init"),
+    ("reward.vlm.base_path=/models/Qwen2.5-VL-3B-Instruct", "reward.vlm.init"),
+    ("reward.face.model_path=/models/arcface/w600k_r50.onnx", "reward.face.backend"),
+])
+def test_a_key_the_mode_ignores_is_an_error_naming_both(root, override, mode_key):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"local_cpu.yaml.*'{key}' is set .* but '{mode_key}' is .*would be ignored"):
+        load_config(root / "cluster_configs" / "local_cpu.yaml", ["trainer.output_dir=x", override])
+    # a preset made random-init together with its paths cleared loads (what rehearsals and memory plans do)
+    from config.checks import RANDOM_POLICY, RANDOM_REWARD_MODEL
+
+    cfg = load_config(root / "cluster_configs" / "vace_1.3b_8gpu.yaml",
+                      ["trainer.output_dir=x", *RANDOM_POLICY, *RANDOM_REWARD_MODEL])
+    assert cfg.model.init == cfg.reward.vlm.init == "random" and cfg.model.path is None
+
+
+def test_reward_trainer_refuses_a_path_its_random_init_ignores(tmp_path):
+    from reward.train_config import load_reward_config
+
+    with pytest.raises(ConfigError, match="'model.path' is set .* but 'model.init' is 'random'"):
+        load_reward_config(None, ["data.preference_shards=x", f"trainer.output_dir={tmp_path}", "model.init=random",
+                                  "model.arch=tiny", "model.path=/models/Qwen2.5-VL-3B-Instruct"])

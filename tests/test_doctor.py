@@ -31,6 +31,7 @@ def test_single_node_presets_check_everything_but_the_gpu_and_plan(root, places,
     assert "Wan2.1-" in checks["weights"] and "identity_reward" in checks["weights"]
     assert checks["device"].split()[1] == "FAIL" and "sees no CUDA GPU" in checks["device"]
     assert "GPUs on one node: 8" in out and "doctor: 1 check(s) failed: device" in out
+    assert "evaluation (make eval WORKERS=8, cluster_configs/slurm/evaluate.sbatch): one process per GPU, 1 GPU" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("  ") and
             line.split()[0] in ("rollout", "reward", "learner")}
     cfg = load_config(config, places)

@@ -127,6 +127,17 @@ class WorkerGroup:
             raise ValueError(f"{self.name}: {len(per_rank_args)} argument sets for {len(self.actors)} actors")
         return [getattr(a, method).remote(*args, **kwargs) for a, args in zip(self.actors, per_rank_args)]
 
+    def round_robin(self, method: str, calls: Sequence[Sequence[Any]], **kwargs) -> List[ray.ObjectRef]:
+        """One call per item, item i on actor i % n (`method(*calls[i], **kwargs)`); refs in item order."""
+        return [getattr(self.actors[i % len(self.actors)], method).remote(*args, **kwargs)
+                for i, args in enumerate(calls)]
+
+    def strided(self, method: str, items: Sequence[Any], *args) -> "Strided":
+        """One call per actor: actor r gets `method(*args, *items[r::n])` and returns one result per item it got;
+        `.get()` on the answer puts them back in item order. Items may be object refs: they pass actor to actor."""
+        n = len(self.actors)
+        return Strided([getattr(a, method).remote(*args, *items[r::n]) for r, a in enumerate(self.actors)], len(items))
+
     def map_ordered(self, items: Iterable[Any], call: Callable[[Any, Any], ray.ObjectRef],
                     in_flight_per_actor: int = 2) -> Iterator[Tuple[Any, Any]]:
         """Stream work through the group: `call(actor, item)` submits an item (round robin over the actors),
@@ -153,6 +164,21 @@ class WorkerGroup:
         """New actors on the same bundles (gang restart, e.g. the learner after a member died)."""
         self.kill()
         self.actors = [self._spawn(rank) for rank in range(len(self._placement.bundles))]
+
+
+@dataclass
+class Strided:
+    """The pending answer of `WorkerGroup.strided`: one ref per actor, each a list of results for items r, r + n, ..."""
+
+    refs: List[ray.ObjectRef]
+    num_items: int
+
+    def get(self) -> List[Any]:
+        out: List[Any] = [None] * self.num_items
+        for r, chunk in enumerate(ray.get(self.refs)):
+            for j, result in enumerate(chunk):
+                out[r + j * len(self.refs)] = result
+        return out
 
 
 def release(placements: Optional[Dict[str, Placement]]) -> None:
