@@ -15,13 +15,15 @@ from config.checks import (
                            PRECISION_OF_DTYPE,
                            RESUME_KEYS,
                            ConfigError,
+                           ExpectedError,
                            describe_error,
                            stored_config_mismatches,
 )
 from config.load import config_from_yaml_text, load_config, load_structured, to_yaml
 from config.schema import Config, DataConfig, FaceRewardConfig, LoraConfig, ModelConfig, RewardConfig, SamplerConfig
 
-__all__ = ["Config", "ConfigError", "DataConfig", "FaceRewardConfig", "LORA_KEYS", "LoraConfig", "ModelConfig",
+__all__ = ["Config", "ConfigError", "ExpectedError", "DataConfig", "FaceRewardConfig", "LORA_KEYS", "LoraConfig",
+           "ModelConfig",
            "PRECISION_OF_DTYPE", "RESUME_KEYS", "RewardConfig", "SamplerConfig",
            "config_from_yaml_text", "describe_error", "load_config", "load_structured", "stored_config_mismatches",
            "to_yaml"]

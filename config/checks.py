@@ -19,7 +19,13 @@ from omegaconf.errors import OmegaConfBaseException
 from config.schema import Config
 
 
-class ConfigError(ValueError):
+class ExpectedError(Exception):
+    """Bad input the user can fix (a config key, a path, a shard or sample, a checkpoint file); the message names the
+    culprit. Every entry point answers one in one line with exit status 2 (config/cli.py `expected_errors`): the
+    rooms' own error classes derive from it, so the boundary needs no list of them."""
+
+
+class ConfigError(ExpectedError, ValueError):
     """A config file or override is invalid; the message names the key and the source."""
 
 

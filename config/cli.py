@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import Callable, Iterator, NoReturn, Optional, Sequence
 
-from config import ConfigError, load_config, to_yaml
+from config import ConfigError, ExpectedError, load_config, to_yaml
 
 DEFAULT_CONFIG = "cluster_configs/local_cpu.yaml"
 
@@ -45,6 +46,24 @@ def report_expected(command: str, message: str) -> int:
 def exit_expected(command: str, message: str) -> NoReturn:
     """`report_expected`, then exit with its status."""
     raise SystemExit(report_expected(command, message))
+
+
+def expected_message(err: BaseException) -> str:
+    """The error's own message; for one raised inside a Ray actor (Ray's RayTaskError, an instance of its cause's
+    class too), the cause's message without the remote traceback."""
+    cause = getattr(err, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else err)
+
+
+@contextlib.contextmanager
+def expected_errors(command: str, *also: type) -> Iterator[None]:
+    """The entry points' one boundary for expected errors: an ExpectedError (config, paths, data, checkpoints: every
+    room's own class derives from it), a NotADirectoryError (an output path under an existing file; its message
+    names the path), or one of `also`, raised in the block is answered by `report_expected`."""
+    try:
+        yield
+    except (ExpectedError, NotADirectoryError, *also) as err:
+        exit_expected(command, expected_message(err))
 
 
 def build_parser(description: str, default_config: str = DEFAULT_CONFIG) -> argparse.ArgumentParser:

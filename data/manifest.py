@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from config import ExpectedError
 from data.schema import (
     KEY_RE,
     KINDS,
@@ -47,7 +48,7 @@ _REQUIRED = {"prompt": ["prompt", "refs"], "preference": ["prompt", "refs", "vid
 _FOLDER_REF = re.compile(r"^ref_(\d+)\.(png|jpg|jpeg)$", re.IGNORECASE)
 
 
-class ManifestError(ValueError):
+class ManifestError(ExpectedError, ValueError):
     """One or more input records are invalid; each line of the message names origin and field."""
 
     def __init__(self, problems: list[tuple[str, str, str]]):
@@ -162,7 +163,16 @@ def read_manifest(path: str | Path, kind: str, problems: list | None = None) -> 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise _problem(f"manifest {path}", "<file>", f"not UTF-8 text (byte {err.start}: {err.reason}); a manifest "
+                       "is JSON lines in UTF-8") from None
+    except OSError as err:
+        raise _problem(f"manifest {path}", "<file>", f"cannot be read ({err.strerror or err})") from None
+    if not any(line.strip() for line in lines):
+        raise _problem(f"manifest {path}", "<file>", "has no record (empty, or blank lines only); a manifest is "
+                       "one JSON object per line")
 
     def make(item):
         no, line = item

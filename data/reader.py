@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from config import ExpectedError
 from data.schema import KINDS, SampleError, decode_members
 from data.tarindex import SampleRef, expand_pattern, index_shard, read_members
 
@@ -41,13 +42,32 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
-class DataError(RuntimeError):
+class DataError(ExpectedError, RuntimeError):
     """A sample (or a whole shard) cannot be read; names the shard, the key and the field at fault."""
 
     def __init__(self, shard: str, key: str | None, reason: str, field: str | None = None):
         where = f"shard '{shard}'" + (f", key '{key}'" if key else " (whole shard)")
         super().__init__(f"{where}: " + (f"{field}: " if field else "") + reason)
         self.shard, self.key, self.reason, self.field = shard, key, reason, field
+
+
+def require_intact(cfg, keys, on_error: str) -> None:
+    """With `data.on_error=raise`, a damaged shard stops a run before anything starts: the shards of each of these
+    keys' patterns are scanned (headers only, no media read) and the first damaged sample or shard is a DataError
+    naming the shard and key. With `skip`, the reader counts and logs those samples instead (nothing to check)."""
+    from omegaconf import OmegaConf
+
+    if on_error != "raise":
+        return
+    for key in keys:
+        pattern = OmegaConf.select(cfg, key)
+        for path in expand_pattern(pattern) if pattern is not None else []:
+            index = index_shard(path)
+            if index.error:
+                raise DataError(path, None, f"{index.error} ({key})")
+            damaged = next((ref for ref in index.samples if ref.error), None)
+            if damaged is not None:
+                raise DataError(path, damaged.key, f"{damaged.error} ({key})")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from config import ExpectedError
 from data.video import (
     MediaError,
     VideoInfo,
@@ -51,7 +52,7 @@ _CANDIDATE_FIELDS = {"prompt_key", "generator", "checkpoint", "seed", "sampler",
 VIDEO_SLOTS = {"prompt": (), "preference": ("a", "b"), "candidate": ("video",)}
 
 
-class SampleError(ValueError):
+class SampleError(ExpectedError, ValueError):
     """A sample's content violates the schema; `field` names the member or JSON field at fault."""
 
     def __init__(self, field: str, reason: str):

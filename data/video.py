@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from config import ExpectedError
+
 ArrayLike = Union[np.ndarray, torch.Tensor]  # noqa: UP007 - runtime alias, keep 3.9-safe
 
 DEFAULT_FPS = 16  # Wan2.1 generates at 16 fps
@@ -32,7 +34,7 @@ DEFAULT_CRF = 4
 DEFAULT_PIX_FMT = "yuv444p"
 
 
-class MediaError(ValueError):
+class MediaError(ExpectedError, ValueError):
     """Bytes that should be an image or a video cannot be decoded, or have the wrong shape."""
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from webdataset import TarWriter
 
+from config import ExpectedError
 from config.cli import report_expected
 from data.manifest import (
-    ManifestError,
     Record,
     load_record,
     read_folder,
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                                        args.max_samples_per_shard, args.overwrite, problems,
                                        num_frames=args.num_frames, resample_frames=args.resample_frames,
                                        video_size=args.video_size, fps=args.fps)
-    except (ManifestError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (ExpectedError, FileExistsError, FileNotFoundError, NotADirectoryError, ValueError) as err:
         return report_expected("write_shards", str(err))
     print(f"wrote {len(records)} {args.kind} samples in {len(paths)} shard(s): {pattern}")
     return 0

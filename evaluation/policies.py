@@ -19,13 +19,13 @@ from typing import Dict, Optional
 import torch
 from omegaconf import OmegaConf
 
-from config import LORA_KEYS, stored_config_mismatches
+from config import LORA_KEYS, ExpectedError, stored_config_mismatches
 from runtime.checkpoint import CheckpointManager
 
 log = logging.getLogger("identity_grpo.evaluate")
 
 
-class EvalError(ValueError):
+class EvalError(ExpectedError, ValueError):
     """A policy to evaluate cannot be found or does not fit the config; the message names it."""
 
 
@@ -110,9 +110,9 @@ def check_compatible(spec: PolicySpec, cfg) -> None:
 
 def read_lora(path: Path) -> Dict[str, torch.Tensor]:
     """diffusers-format LoRA file -> peft state dict of the transformer (the `transformer.` prefix removed)."""
-    from safetensors.torch import load_file
+    from policy.lora import read_safetensors
 
-    state = load_file(str(path))
+    state = read_safetensors(path, "a transformer LoRA in diffusers format")
     foreign = [k for k in state if not k.startswith("transformer.")]
     if foreign:
         raise EvalError(f"{path}: not a transformer LoRA in diffusers format (keys like {foreign[:3]})")

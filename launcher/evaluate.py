@@ -35,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-from config.cli import at_least, build_parser, exit_expected, parse_config
+from config.cli import at_least, build_parser, expected_errors, parse_config, require_writable
 from evaluation.files import write_json, write_jsonl
 from evaluation.held_out import eval_seeds, load_prompts
 from evaluation.metrics import compare_records, summarize_records, trained_components
@@ -71,10 +71,8 @@ def _parser():
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg, args = parse_config(__doc__, argv, _parser(), loader=load_run_config, command="evaluate")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
+    with expected_errors("evaluate", FileNotFoundError):
         return run(cfg, args)
-    except (EvalError, FileNotFoundError) as err:
-        exit_expected("evaluate", str(err))
 
 
 def run(cfg, args) -> dict:
@@ -82,6 +80,7 @@ def run(cfg, args) -> dict:
 
     output_dir = Path(cfg.trainer.output_dir)
     out = Path(args.out) if args.out else output_dir / "eval"
+    require_writable("--out" if args.out else "trainer.output_dir", str(out))  # before any video is made
     specs = [resolve_policy(args.checkpoint, output_dir, args.weights)]
     if args.compare:
         baseline = resolve_policy(args.compare, output_dir, args.weights)

@@ -28,8 +28,9 @@ from typing import Dict, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from config.cli import at_least, exit_expected
-from policy.lora import LORA_FILE
+from config import ExpectedError
+from config.cli import at_least, expected_errors
+from policy.lora import LORA_FILE, read_safetensors
 from runtime.checkpoint import CheckpointManager
 from runtime.metrics import read_metrics
 
@@ -37,7 +38,7 @@ PIPELINES = {"vace": "WanVACEPipeline", "phantom": "WanPipeline", "t2v": "WanPip
 FIGURES_OVER = 10  # training reward: the mean over the last N logged steps up to the checkpoint
 
 
-class ExportError(ValueError):
+class ExportError(ExpectedError, ValueError):
     """An expected failure; the message names the run, checkpoint or path."""
 
 
@@ -157,6 +158,7 @@ def export(run_dir: str | Path, out: str | Path, weights: str = "ema", step: Opt
         "reward_weights": dict(cfg.reward.weights),
         "figures": training_figures(run_dir, step_done),
     }
+    read_safetensors(source, "the checkpoint's LoRA in diffusers format")  # exported only when it reads back
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, out / LORA_FILE)
     facts["sha256"] = hashlib.sha256((out / LORA_FILE).read_bytes()).hexdigest()
@@ -174,10 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--weights", choices=("ema", "live"), default="ema")
     parser.add_argument("--step", type=at_least(1), default=None, help="that step's checkpoint (default: latest)")
     args = parser.parse_args(argv)
-    try:
+    with expected_errors("export"):
         out = export(args.run_dir, args.out, args.weights, args.step)
-    except ExportError as err:
-        exit_expected("export", str(err))
     print(f"export: {out / LORA_FILE} ({args.weights} weights); model card {out / 'README.md'}")
 
 

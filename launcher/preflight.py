@@ -14,6 +14,7 @@ from typing import List
 
 from config import RESUME_KEYS, ConfigError, stored_config_mismatches
 from config.cli import require_writable
+from data.reader import require_intact
 from data.tarindex import require_shards
 from runtime.checkpoint import CheckpointManager
 
@@ -61,8 +62,10 @@ def check_resume(cfg) -> None:
 
 
 def preflight(cfg) -> None:
-    """All of the above, cheapest first. Raises ConfigError naming the key."""
+    """All of the above, cheapest first. Raises ConfigError naming the key (DataError for a damaged shard)."""
     check_output_dir(cfg)
     check_resume(cfg)
-    require_shards(cfg, ["data.prompt_shards"] + ["data.eval_prompt_shards"] * bool(cfg.logging.eval_every))
+    shard_keys = ["data.prompt_shards"] + ["data.eval_prompt_shards"] * bool(cfg.logging.eval_every)
+    require_shards(cfg, shard_keys)
     weight_files(cfg)
+    require_intact(cfg, shard_keys, cfg.data.on_error)  # reads every shard's headers: last

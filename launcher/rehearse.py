@@ -34,7 +34,7 @@ import yaml
 
 from config import ConfigError
 from config.checks import RANDOM_POLICY, RANDOM_REWARD_MODEL
-from config.cli import at_least, exit_expected
+from config.cli import at_least, expected_errors
 from workers.run_config import load_run_config
 
 GiB = 1024 ** 3
@@ -207,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raw = yaml.safe_load(Path(args.config).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise SystemExit(f"rehearse: cannot read {args.config}: {err}") from None
-    try:
+    with expected_errors("rehearse"):
         if "grpo" in raw or "sampler" in raw:
             rehearse_grpo(args.config, args.learner_ranks, args.overrides)
         else:
@@ -217,8 +217,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 rehearse_reward(args.config, args.overrides)
             finally:
                 end_process_group()
-    except ConfigError as err:
-        exit_expected("rehearse", f"config error: {err}")
 
 
 if __name__ == "__main__":

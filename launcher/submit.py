@@ -23,14 +23,15 @@ from typing import Callable, List, Optional, Sequence
 
 import yaml
 
-from config.cli import at_least, exit_expected
+from config import ExpectedError
+from config.cli import at_least, expected_errors
 
 NOT_READY = ("No available agent", "Failed to connect", "Connection refused", "ConnectionError",
              "Max retries exceeded")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class SubmitError(Exception):
+class SubmitError(ExpectedError):
     """An expected failure: the message names the address, the file or the job."""
 
 
@@ -119,10 +120,8 @@ def submit(argv: Optional[Sequence[str]] = None) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """The job's outcome (0 when it SUCCEEDED); an expected failure exits 2 with one line naming the culprit."""
-    try:
+    with expected_errors("submit"):
         return submit(argv)
-    except SubmitError as err:
-        exit_expected("submit", str(err))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from config import ConfigError, to_yaml
-from config.cli import exit_expected, parse_config
+from config import to_yaml
+from config.cli import expected_errors, parse_config
 from data.reader import ShardReader
 from evaluation.held_out import eval_seeds, load_prompts
 from launcher.cluster import Workers, build_workers, restart_learner, split_groups, start_learner, stop_ray
@@ -332,11 +332,9 @@ def run(cfg, handle_signals: bool = False) -> Trainer:
 def main(argv: Optional[Sequence[str]] = None) -> RunState:
     cfg, _ = parse_config(__doc__, argv, loader=load_run_config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
+    with expected_errors("train"):  # config, paths, shards, checkpoints: one line, exit 2 (config/cli.py)
         preflight(cfg)
-    except ConfigError as err:
-        exit_expected("train", str(err))
-    trainer = run(cfg, handle_signals=True)
+        trainer = run(cfg, handle_signals=True)
     state = trainer.state
     if trainer.stop_requested and state.step < cfg.trainer.steps:
         log.warning("interrupted at step %d of %d (checkpoint saved)", state.step, cfg.trainer.steps)

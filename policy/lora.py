@@ -15,8 +15,26 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from config import ExpectedError
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
 INIT = {"default": True, "gaussian": "gaussian"}  # both start with B = 0: a fresh adapter is a no-op
+
+
+class WeightFileError(ExpectedError, ValueError):
+    """A weights file the user named is missing or not what it should be; the message names the file."""
+
+
+def read_safetensors(path: str | Path, what: str = "a LoRA file") -> Dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a file that is not one (damaged, another format) is a WeightFileError naming
+    it and what it should be, not the library's own message alone ("header too large")."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise WeightFileError(f"{path}: not a readable safetensors file ({what}; safetensors says: {err})") from None
 
 
 def add_lora(transformer: torch.nn.Module, lora_cfg) -> None:

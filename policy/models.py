@@ -25,6 +25,7 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTran
 from diffusers import WanVACETransformer3DModel
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+from config import ExpectedError
 from policy.arch import (TINY_VOCAB, cast_like_pretrained, default_dtype, get_architecture, shape_differences,
                          text_encoder_config, transformer_config, vae_config)
 
@@ -50,7 +51,7 @@ _TOKENIZER_CORPUS = [
 ]
 
 
-class ModelPathError(FileNotFoundError):
+class ModelPathError(ExpectedError, FileNotFoundError):
     """A local model directory is missing or incomplete; the message says what is missing."""
 
 

@@ -15,6 +15,7 @@ needed because the original model's affine cross-attention norm is `norm3` and d
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Dict
 
@@ -72,19 +73,24 @@ def read_checkpoint(path: str | Path) -> Dict[str, torch.Tensor]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model.phantom_checkpoint: not found: {path}")
-    if path.suffix == ".json":
-        from safetensors.torch import load_file
+    from policy.lora import WeightFileError, read_safetensors
 
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+    what = "model.phantom_checkpoint: Phantom-Wan's released transformer"
+    if path.suffix == ".json":
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as err:
+            raise WeightFileError(f"{path}: not a safetensors index with a weight_map ({what}): {err}") from None
         state = {}
         for shard in shards:
-            state.update(load_file(path.parent / shard))
+            state.update(read_safetensors(path.parent / shard, what))
         return state
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return read_safetensors(path, what)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise WeightFileError(f"{path}: not a readable torch state dict ({what}): {err}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     return state

@@ -38,8 +38,9 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from config import ExpectedError
 from config.cli import report_expected
-from prefdata.annotate_store import LabelLog, PairSet, StoreError, export, left_slot, open_task, progress, report
+from prefdata.annotate_store import LabelLog, PairSet, export, left_slot, open_task, progress, report
 
 log = logging.getLogger("identity_grpo.annotate")
 PAGE = Path(__file__).with_name("annotate_page.html")
@@ -277,7 +278,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     e.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from data.reader import DataError
 
     try:
         if args.command == "serve":
@@ -295,7 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"({json.dumps({k: v for k, v in result.items() if k not in ('exported', 'pattern')})})")
         finally:
             label_log.close()
-    except (StoreError, DataError, FileNotFoundError, FileExistsError, ValueError, OSError) as err:
+    except (ExpectedError, FileNotFoundError, FileExistsError, ValueError, OSError) as err:
         return report_expected("annotate", str(err))
     return 0
 

@@ -22,13 +22,15 @@ from itertools import combinations
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from config import ExpectedError
+
 log = logging.getLogger("identity_grpo.annotate")
 CHOICES = ("a", "b", "tie", "skip")
 LABEL_FIELDS = ("seq", "time", "annotator", "session", "pair", "choice", "left")
 TASK_FILE, LOG_FILE = "task.json", "labels.jsonl"
 
 
-class StoreError(ValueError):
+class StoreError(ExpectedError, ValueError):
     """The annotation directory, its log or its pairs are not usable; the message names the file and line."""
 
 

@@ -145,15 +145,12 @@ def tool_main(run, doc: str, command: str, overwrite_help: str, argv: Optional[S
     import argparse
     import logging
 
-    from config.cli import build_parser, exit_expected, parse_config
-    from data.reader import DataError
+    from config.cli import build_parser, expected_errors, parse_config
 
     parser = build_parser(doc.split("\n")[0], default_config="cluster_configs/reward_data_demo.yaml")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
     cfg, args = parse_config(doc, argv, parser, loader=load_prefdata_config, command=command)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
+    with expected_errors(command, ValueError, FileNotFoundError, FileExistsError):
         return run(cfg, args.overwrite)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, DataError) as err:
-        exit_expected(command, str(err))

@@ -36,7 +36,8 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from config import ConfigError
-from config.cli import exit_expected, require_writable
+from config.cli import expected_errors, require_writable
+from data.reader import require_intact
 from data.tarindex import require_shards
 from reward.losses import label_indices, pairwise_accuracy, preference_loss
 from reward.official_format import OFFICIAL_CONFIG_FILE
@@ -279,18 +280,17 @@ def preflight(cfg) -> None:
         resume_target(cfg, Path(cfg.trainer.output_dir))
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
+    require_intact(cfg, ["data.preference_shards", "data.eval_shards"], cfg.data.on_error)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_args(argv, description=__doc__.splitlines()[0])
-    try:
+    with expected_errors("reward.train"):  # config, paths, shards, checkpoints: one line, exit 2 (config/cli.py)
         preflight(cfg)
-    except ConfigError as err:
-        exit_expected("reward.train", str(err))
-    try:
-        train(cfg)
-    finally:
-        end_process_group()
+        try:
+            train(cfg)
+        finally:
+            end_process_group()
 
 
 if __name__ == "__main__":

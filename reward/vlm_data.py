@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 import numpy as np
 
-from data.reader import ShardReader
+from data.reader import DataError, ShardReader
 from data.schema import LABEL, SampleError, check_label
 from data.tarindex import expand_pattern, index_shard
 
@@ -51,7 +51,7 @@ def scan_labels(pattern: str) -> List[PairInfo]:
     for path in expand_pattern(pattern):
         index = index_shard(path)
         if index.error is not None:
-            raise ValueError(f"shard '{path}': {index.error}")
+            raise DataError(path, None, index.error)
         with open(path, "rb") as f:
             for ref in index.samples:
                 if ref.error is not None or LABEL not in ref.members:

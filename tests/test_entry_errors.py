@@ -27,6 +27,8 @@ def files(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "pairs.tar").write_bytes(b"shard")  # exists: only the key under test is wrong
     (tmp_path / "bad.jsonl").write_text('{"key": "a"\n')
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "café"}\n'.encode("latin-1"))
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
     return tmp_path
 
 
@@ -101,6 +103,18 @@ CASES = [
      "broken.yaml: not valid YAML"),
     (submit, lambda f: ["--address", "http://127.0.0.1:9", "--agent-timeout-s", "0", "--", "true"],
      "argument --agent-timeout-s: must be >= 1.0"),
+    # third part (issue #31): data-layer errors, ignored keys, output paths under a file
+    (train_cli, lambda f: weight_args(f), "pairs.tar' (whole shard): not a readable tar file"),
+    (reward_train, lambda f: reward_args(f), "pairs.tar' (whole shard): not a readable tar file"),
+    (evaluate, lambda f: train_args(f, f"data.prompt_shards={f}/pairs.tar", "--checkpoint", "base"),
+     "pairs.tar' (whole shard): not a readable tar file"),
+    (evaluate, lambda f: train_args(f, "--checkpoint", "base", "--out", str(f / "a_file" / "eval")), "'--out'"),
+    (train_cli, lambda f: train_args(f, "model.path=/models/Wan2.1-VACE-1.3B-diffusers"),
+     "'model.path' is set ('/models/Wan2.1-VACE-1.3B-diffusers') but 'model.init' is 'random'"),
+    (write_shards, lambda f: ["--kind", "prompt", "--manifest", str(f / "latin1.jsonl"), "--out", str(f / "o")],
+     "latin1.jsonl: field '<file>': not UTF-8 text"),
+    (write_shards, lambda f: ["--kind", "prompt", "--manifest", str(f / "blank.jsonl"), "--out", str(f / "o")],
+     "blank.jsonl: field '<file>': has no record"),
     # nobody listens: retried, bounded, then one line naming the address
     (submit, lambda f: ["--address", "http://127.0.0.1:9", "--agent-timeout-s", "1", "--", "true"],
      "the Ray head at http://127.0.0.1:9 did not accept jobs within --agent-timeout-s 1"),

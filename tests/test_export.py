@@ -2,6 +2,7 @@
 user does with it), plus the model card's facts and the errors that name the culprit."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import torch
 
 from config import load_config, to_yaml
 from launcher.export import main as export_main
-from policy.lora import save_lora
+from policy.lora import LORA_FILE, save_lora
 from policy.models import build_components, save_pretrained
 from policy.policy import WanPolicy
 from runtime.checkpoint import CheckpointManager
@@ -118,15 +119,21 @@ def test_model_card_states_what_the_policy_was_trained_at(run):
                                                            "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("case", ["missing step", "non-empty out", "not a run"])
+@pytest.mark.parametrize("case", ["missing step", "non-empty out", "not a run", "out under a file", "damaged LoRA"])
 def test_bad_input_is_one_line_naming_it(run, capsys, case):
     tmp, _ = run
     (tmp / "full").mkdir(exist_ok=True)
     (tmp / "full" / "keep.txt").write_text("mine")
+    if not (tmp / "damaged").exists():  # the run, with its EMA LoRA file overwritten (a cut copy, another format)
+        shutil.copytree(tmp / "run", tmp / "damaged")
+        (tmp / "damaged" / "checkpoints" / "step_000003" / "lora_ema" / LORA_FILE).write_bytes(b"\x00junk" * 64)
     argv, culprit = {
         "missing step": ([str(tmp / "run"), "--out", str(tmp / "y"), "--step", "7"], "--step 7"),
         "non-empty out": ([str(tmp / "run"), "--out", str(tmp / "full")], f"--out {tmp / 'full'}"),
         "not a run": ([str(tmp / "base"), "--out", str(tmp / "y")], "no checkpoint"),
+        "out under a file": ([str(tmp / "run"), "--out", str(tmp / "full" / "keep.txt" / "y")], "keep.txt/y"),
+        "damaged LoRA": ([str(tmp / "damaged"), "--out", str(tmp / "y")],
+                         f"lora_ema/{LORA_FILE}: not a readable safetensors file"),
     }[case]
     with pytest.raises(SystemExit) as exit_:
         export_main(argv)
