@@ -294,9 +294,10 @@ class FaultsConfig:
     """Deliberate failures for tests and demos: each entry of `kills`, "role:rank:step", kills that process once
     (config/checks.py `parse_kill`). Several in one run test recoveries in sequence."""
 
-    # role: rollout | reward | learner (in the update) | publish (a learner rank, while publishing policy version
-    # `step`) | checkpoint (the driver, mid-commit of that step's checkpoint; rank 0) | eval (a `launcher.evaluate
-    # --num-workers` worker, on the prompt of index `step`, of the first policy evaluated)
+    # role: rollout | reward | learner (in the update of step `step`; step 0: while the group starts) | publish (a
+    # learner rank, while publishing policy version `step`) | checkpoint (the driver, mid-commit of that step's
+    # checkpoint; rank 0) | eval (a `launcher.evaluate --num-workers` worker, on the prompt of index `step`, of the
+    # first policy evaluated)
     kills: List[str] = field(default_factory=list)
 
 

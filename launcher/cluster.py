@@ -46,10 +46,16 @@ def build_workers(cfg) -> Workers:
 
 
 def start_learner(learner: WorkerGroup) -> int:
-    """Rank 0 picks the rendezvous address; every rank joins and builds its DeepSpeed engine."""
+    """Rank 0 picks the rendezvous address; every rank joins and builds its DeepSpeed engine. The ranks' answers are
+    taken as they come, so a rank that dies raises at once (RayActorError) while the others still wait for it in
+    the rendezvous, instead of the driver waiting on them forever; the caller gang-restarts the group."""
     addr, port = ray.get(learner.run_rank(0, "rendezvous"))
-    counts = ray.get(learner.run("setup", addr, port))
-    return counts[0]
+    refs = learner.run("setup", addr, port)
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done[0])
+    return ray.get(refs[0])
 
 
 def restart_learner(learner: WorkerGroup) -> None:

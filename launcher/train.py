@@ -80,7 +80,6 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.out, cfg.trainer.keep_last)
         self.started_ray = connect_ray(cfg)
         self.workers: Workers = build_workers(cfg)
-        start_learner(self.workers.learner)
         # Full weights go by broadcast (a group of learner rank 0 + rollout workers, built on the first
         # publish and rebuilt whenever a member is new); LoRA through the object store (workers.weight_sync).
         self.weight_sync = (WeightSync(self.workers, cfg.workers.weight_sync_timeout_s)
@@ -90,12 +89,26 @@ class Trainer:
         self.last_checkpoint = self.checkpoints.resolve(cfg.trainer.resume)
         self.learner_restarts = 0
         self.passes_per_video = transformer_passes(cfg)  # rollout_nfe, learn_passes: fixed by the config
-        self.state = self.restore(self.last_checkpoint)
+        self.state = self.start_learning()
         self.metrics = MetricsLogger(self.out, cfg.logging.tensorboard, resume_step=self.state.step)
         self.stop_requested = False
         self.eval_prompts = (load_prompts(cfg.data.eval_prompt_shards, cfg.logging.eval_num_prompts, cfg.data.on_error)
                              if cfg.logging.eval_every else [])
         self.eval_seeds = eval_seeds(cfg.trainer.seed, cfg.logging.eval_seeds_per_prompt)
+
+    def start_learning(self) -> RunState:
+        """The learner group up and the run restored (from the checkpoint, or fresh). A learner rank that dies
+        meanwhile (in the rendezvous, the engine's set-up, the checkpoint's load) gets the loop's recovery: a gang
+        restart and the restore again."""
+        try:
+            start_learner(self.workers.learner)
+            return self.restore(self.last_checkpoint)
+        except RayActorError as err:
+            if not self.is_learner_failure(err):
+                raise
+            log.warning("learner rank died while starting (%s); restarting the learner group", err)
+            self.recover_learner()
+            return self.state
 
     def request_stop(self, signum=None, frame=None) -> None:
         """SIGTERM/SIGUSR1 (Slurm preemption, scancel, requeue): checkpoint after the current step, exit."""
@@ -292,7 +305,8 @@ class Trainer:
                 if not self.is_learner_failure(err):
                     raise
                 log.warning("learner rank died while recovering (%s); restarting again", err)
-        self.metrics.truncate_after(self.state.step)
+        if getattr(self, "metrics", None) is not None:  # None while starting: nothing logged yet
+            self.metrics.truncate_after(self.state.step)
         return None
 
     def is_learner_failure(self, err: RayActorError) -> bool:

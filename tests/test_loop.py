@@ -100,9 +100,10 @@ def test_straight_run(straight):
     assert list((out / "tb").glob("events.*"))
 
 
-# Learner restarts first (each rolls the run back to step 2's checkpoint and replays step 3), then Ray's restarts
-# of a rollout and a reward worker at step 4, which no rollback replays: each recovery shows in the metrics.
-KILLS_IN_TURN = ["learner:1:3", "publish:1:3", "rollout:0:4", "reward:0:4"]
+# A learner rank dies while the group starts (a gang restart before step 1), learner restarts next (each rolls the
+# run back to step 2's checkpoint and replays step 3), then Ray's restarts of a rollout and a reward worker at step
+# 4, which no rollback replays: each recovery shows in the metrics.
+KILLS_IN_TURN = ["learner:1:0", "learner:1:3", "publish:1:3", "rollout:0:4", "reward:0:4"]
 
 
 def test_killed_workers_in_turn_give_the_same_metrics(root, shards, tmp_path, straight):

@@ -147,6 +147,7 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         from runtime.distributed import init_distributed
 
         cfg = self.cfg
+        maybe_fault(cfg, "learner", self.rank, 0)  # "learner:R:0": rank R dies while the group starts
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           LOCAL_RANK="0" if cfg.trainer.device == "cpu" else str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_WORLD_SIZE=str(self.world_size))
