@@ -34,7 +34,7 @@ import yaml
 
 from config import ConfigError
 from config.checks import RANDOM_POLICY, RANDOM_REWARD_MODEL
-from config.cli import at_least, expected_errors
+from config.cli import at_least, exit_expected, expected_errors
 from workers.run_config import load_run_config
 
 GiB = 1024 ** 3
@@ -206,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         raw = yaml.safe_load(Path(args.config).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise SystemExit(f"rehearse: cannot read {args.config}: {err}") from None
+        exit_expected("rehearse", f"--config {args.config}: cannot be read as YAML ({err})")
     with expected_errors("rehearse"):
         if "grpo" in raw or "sampler" in raw:
             rehearse_grpo(args.config, args.learner_ranks, args.overrides)

@@ -97,14 +97,36 @@ def official_base_path(directory: str | Path, cfg: Dict, base_path: Optional[str
 
 
 def official_weight_files(ckpt: Path, config_key: str) -> List[Path]:
-    """checkpoint-<step>/'s weights: the full model.pth, else the non-LoRA state and the adapter (both required)."""
+    """checkpoint-<step>/'s weights: the full model.pth, else the non-LoRA state and the adapter (both required),
+    each checked for its format from its first bytes (a torch zip archive; a safetensors header), so a damaged or
+    foreign file is named before any model is built."""
     if (ckpt / FULL_FILE).is_file():
-        return [ckpt / FULL_FILE]
+        return [check_weight_format(ckpt / FULL_FILE, config_key)]
     files = [ckpt / NON_LORA_FILE, ckpt / ADAPTER_FILE]
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"{config_key}: {ckpt} has neither {FULL_FILE} nor {f.name}")
-    return files
+    return [check_weight_format(f, config_key) for f in files]
+
+
+def check_weight_format(path: Path, config_key: str) -> Path:
+    """`path` if it is what its name says (a `.safetensors` header that parses, or a `torch.save` zip archive), else
+    a ValueError naming the file, what it should be and what is wrong. Reads a header only, never the weights."""
+    import zipfile
+
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{config_key}: {path} is not a readable safetensors file (the official LoRA adapter; "
+                             f"safetensors says: {err})") from None
+    elif not zipfile.is_zipfile(path):
+        raise ValueError(f"{config_key}: {path} is not a torch.save archive (the official checkpoint's {path.name}; "
+                         "damaged, cut short, or another format)")
+    return path
 
 
 def official_key_to_ours(key: str) -> Optional[str]:

@@ -9,6 +9,7 @@ import ray
 from config import load_config, to_yaml
 from data import write_shards
 from launcher import evaluate, rehearse, submit
+from prefdata import annotate, autolabel, candidates
 from launcher import train as train_cli
 from reward import train as reward_train
 
@@ -58,6 +59,7 @@ CASES = [
     (evaluate, lambda f: train_args(f, "--weights", "best"), "argument --weights: invalid choice"),
     (rehearse, lambda f: ["--config", "cluster_configs/vace_1.3b_8gpu.yaml", "--learner-ranks", "1"],
      "argument --learner-ranks: must be >= 2"),
+    (rehearse, lambda f: ["--config", str(f / "missing.yaml")], "rehearse: --config"),
     (write_shards, lambda f: ["--kind", "prompt", "--folder", str(f), "--out", str(f / "o"),
                               "--max-samples-per-shard", "0"], "argument --max-samples-per-shard: must be > 0"),
     (write_shards, lambda f: ["--kind", "prompt", "--folder", str(f), "--out", str(f / "o"), "--fps", "-1"],
@@ -115,6 +117,17 @@ CASES = [
      "latin1.jsonl: field '<file>': not UTF-8 text"),
     (write_shards, lambda f: ["--kind", "prompt", "--manifest", str(f / "blank.jsonl"), "--out", str(f / "o")],
      "blank.jsonl: field '<file>': has no record"),
+    # the preference-data tools: bad input named before any Ray cluster or server starts
+    (candidates, lambda f: [f"candidates.prompt_shards={f}/none.tar"], "candidates: shard '"),
+    (candidates, lambda f: [f"candidates.prompt_shards={f}/pairs.tar"], "pairs.tar' (whole shard): not a readable tar"),
+    (candidates, lambda f: [f"candidates.generators=[{{name: g, config: {f / 'missing.yaml'}, checkpoint: base}}]"],
+     "candidates.generators[0] (g): config file not found"),
+    (autolabel, lambda f: [f"autolabel.candidate_shards={f}/pairs.tar"],
+     "pairs.tar' (whole shard): not a readable tar"),
+    (annotate, lambda f: ["serve", "--pairs", f"{f}/pairs.tar", "--dir", str(f / "task")],
+     "pairs.tar: not a readable tar file"),
+    (annotate, lambda f: ["report", "--dir", str(f / "nowhere")], "no task.json"),
+    (annotate, lambda f: ["export", "--dir", str(f / "nowhere"), "--out", str(f / "o")], "no task.json"),
     # nobody listens: retried, bounded, then one line naming the address
     (submit, lambda f: ["--address", "http://127.0.0.1:9", "--agent-timeout-s", "1", "--", "true"],
      "the Ray head at http://127.0.0.1:9 did not accept jobs within --agent-timeout-s 1"),
@@ -179,3 +192,35 @@ def test_debug_lets_the_expected_error_propagate(files, monkeypatch):
         train_cli.main(train_args(files, f"trainer.resume={files}/nowhere"))
     with pytest.raises(ManifestError, match="bad.jsonl line 1"):
         write_shards.main(["--kind", "prompt", "--manifest", str(files / "bad.jsonl"), "--out", str(files / "o")])
+
+
+ERRORS_DOC = "docs/ERRORS.md"
+ERRORS_DOC_HEAD = """# What each entry point refuses, and how
+
+Every row is a case of `tests/test_entry_errors.py` (`CASES`), which runs it: exit status 2, the text in the last
+line of stderr, no traceback, no Ray cluster started. `F/` is the test's scratch folder, with an unreadable `pairs.tar`,
+a file `a_file`, a broken and a list-valued YAML, bad manifests and a checkpoint of another model shape. This table is
+generated from the cases (`python -c "from tests.test_entry_errors import errors_table; print(errors_table(), end='')"
+> docs/ERRORS.md`), and a test keeps the two equal. More rows with their own fixtures: `launcher.export` (a missing
+step, an out directory that is not empty or lies under a file, a damaged LoRA file: tests/test_export.py), the official
+reward checkpoint (a damaged adapter or non-LoRA file, a setting the loader does not read, a missing base:
+tests/test_reward_official.py), the preference-data tools on data they already wrote (tests/test_reward_data.py,
+test_prefdata_autolabel.py, test_prefdata_annotate.py).
+
+| entry point | input | the one line contains |
+|---|---|---|
+"""
+
+
+def errors_table() -> str:
+    from pathlib import Path
+
+    rows = []
+    for module, argv, culprit in CASES:
+        args = " ".join(str(a) for a in argv(Path("F"))).replace("|", "\\|")
+        rows.append(f"| `{module.__name__}` | `{args}` | {culprit.replace('|', chr(92) + '|')} |")
+    return ERRORS_DOC_HEAD + "\n".join(rows) + "\n"
+
+
+def test_errors_doc_is_the_cases(root):
+    assert (root / ERRORS_DOC).read_text() == errors_table(), f"regenerate {ERRORS_DOC} (see its first lines)"

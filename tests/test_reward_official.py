@@ -184,6 +184,17 @@ def test_steps_keys_and_errors(base_dir, tmp_path):
     torch.save(extra, root / "checkpoint-21" / "non_lora_state_dict.pth")
     with pytest.raises(KeyError, match=r"non_lora_state_dict.pth: key 'base_model.model.model.layers.0.unknown"):
         load_official_reward_model(str(root), str(base_dir), "float32", step=21)
+    # a damaged adapter or non-LoRA file is named, with what it should be, before any model is built
+    adapter = root / "checkpoint-42" / "adapter_model.safetensors"
+    non_lora = root / "checkpoint-42" / "non_lora_state_dict.pth"
+    kept = adapter.read_bytes()
+    adapter.write_bytes(kept[: len(kept) // 3])  # cut short, as an interrupted download leaves it
+    with pytest.raises(ValueError, match=r"checkpoint-42/adapter_model.safetensors is not a readable safetensors"):
+        load_official_reward_model(str(root), str(base_dir), "float32")
+    adapter.write_bytes(kept)
+    non_lora.write_bytes(b"not a torch archive")
+    with pytest.raises(ValueError, match=r"checkpoint-42/non_lora_state_dict.pth is not a torch.save archive"):
+        load_official_reward_model(str(root), str(base_dir), "float32")
     # a setting this loader does not read is refused by name
     cfg = json.loads((root / "model_config.json").read_text())
     cfg["peft_lora_config"]["vision_lora"] = True
