@@ -1,12 +1,15 @@
 """Stand-ins. Layouts for the files a GPU preset names: every directory and file in the place and layout the
-preset's config says, with the named architectures' config.json files, but empty weight files. What the checks
-before a run read (launcher/preflight.py, launcher/doctor.py: names, layouts, configs), never weights. And a
+preset's config says, with the named architectures' config.json files, but no weights (the official reward
+checkpoint's files in their formats, holding no tensor: the checks read their headers). What the checks before a
+run read (launcher/preflight.py, launcher/doctor.py: names, layouts, configs, file formats), never weights. And a
 trained policy's stand-in: the tiny policy with LoRA adapters that visibly change its videos."""
 
 import json
 from pathlib import Path
 
 import braceexpand
+import torch
+from safetensors.torch import save_file
 
 from policy.arch import transformer_config
 from policy.models import REQUIRED_SUBFOLDERS
@@ -45,8 +48,9 @@ def official_reward_stand_in(directory, base) -> None:
     directory, base = Path(directory), Path(base)
     (directory / "checkpoint-21").mkdir(parents=True, exist_ok=True)
     (directory / "model_config.json").write_text(json.dumps(OFFICIAL_MODEL_CONFIG))
-    for name in ("adapter_model.safetensors", "non_lora_state_dict.pth"):
-        (directory / "checkpoint-21" / name).write_bytes(b"")
+    # the files' formats (the loader's checks read their headers), with no tensor in them
+    save_file({}, str(directory / "checkpoint-21" / "adapter_model.safetensors"))
+    torch.save({}, directory / "checkpoint-21" / "non_lora_state_dict.pth")
     base.mkdir(parents=True, exist_ok=True)
     (base / "config.json").write_text("{}")
 
