@@ -173,13 +173,13 @@ def generate(section, generators: Sequence[Generator], prompts: Sequence[dict],
                      gen.lora_file or "base", len(todo), n, len(group))
             checkpoint = "base" if gen.lora_file is None else str(gen.lora_file)
 
-            def submit(actor, prompt, version=version, box=box):
-                seeds = candidate_seeds(section.seed, prompt["key"], n)
+            def submit(actor, item, version=version, box=box):
+                prompt, seeds = item
                 return actor.candidate_videos.remote({"prompt": prompt["prompt"], "refs": prompt["refs"]}, seeds,
                                                      section.sampler == "ode", section.fps, version, box)
 
-            for prompt, videos in group.map_ordered(todo, submit, IN_FLIGHT_PER_WORKER):
-                seeds = candidate_seeds(section.seed, prompt["key"], n)
+            items = ((prompt, candidate_seeds(section.seed, prompt["key"], n)) for prompt in todo)
+            for (prompt, seeds), videos in group.map_ordered(items, submit, IN_FLIGHT_PER_WORKER):
                 for k, (video, info) in enumerate(videos):
                     candidate = {"prompt_key": prompt["key"], "generator": gen.name, "checkpoint": checkpoint,
                                  "seed": seeds[k], "sampler": section.sampler,
