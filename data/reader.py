@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +35,10 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from config import ExpectedError
-from data.schema import KINDS, SampleError, decode_members
+from data.schema import CANDIDATE, KINDS, LABEL, META, PROMPT, SampleError, check_records, decode_members
 from data.tarindex import SampleRef, expand_pattern, index_shard, read_members
+
+RECORD_MEMBERS = (PROMPT, META, LABEL, CANDIDATE)  # what require_intact reads of each sample: text and JSON
 
 logger = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -51,23 +53,32 @@ class DataError(ExpectedError, RuntimeError):
         self.shard, self.key, self.reason, self.field = shard, key, reason, field
 
 
-def require_intact(cfg, keys, on_error: str) -> None:
-    """With `data.on_error=raise`, a damaged shard stops a run before anything starts: the shards of each of these
-    keys' patterns are scanned (headers only, no media read) and the first damaged sample or shard is a DataError
-    naming the shard and key. With `skip`, the reader counts and logs those samples instead (nothing to check)."""
+def require_intact(cfg, kinds: Mapping[str, str], on_error: str) -> None:
+    """With `data.on_error=raise`, a damaged shard stops a run before anything starts: the shards of each config key
+    in `kinds` (key -> sample kind) are scanned, headers and each sample's text and JSON members (its label, its meta:
+    data/schema.py check_records; no image or video decoded), and the first damaged sample or shard is a DataError
+    naming the shard, key and field. With `skip`, the reader counts and logs those samples instead."""
     from omegaconf import OmegaConf
 
     if on_error != "raise":
         return
-    for key in keys:
+    for key, kind in kinds.items():
         pattern = OmegaConf.select(cfg, key)
         for path in expand_pattern(pattern) if pattern is not None else []:
             index = index_shard(path)
             if index.error:
                 raise DataError(path, None, f"{index.error} ({key})")
-            damaged = next((ref for ref in index.samples if ref.error), None)
-            if damaged is not None:
-                raise DataError(path, damaged.key, f"{damaged.error} ({key})")
+            for ref in index.samples:
+                if ref.error:
+                    raise DataError(path, ref.key, f"{ref.error} ({key})")
+                members: dict = dict.fromkeys(ref.members, b"")
+                try:
+                    members.update(read_members(ref, RECORD_MEMBERS))
+                    check_records(kind, members)
+                except OSError as err:
+                    raise DataError(path, ref.key, f"{err} ({key})") from None
+                except SampleError as err:
+                    raise DataError(path, ref.key, f"{err.reason} ({key})", field=err.field) from None
 
 
 @dataclass(frozen=True)

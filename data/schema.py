@@ -14,7 +14,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 
 from config import ExpectedError
 from data.video import (
@@ -243,7 +242,8 @@ def _load_json(members: Mapping[str, bytes], name: str) -> Any:
         raise SampleError(name, f"invalid JSON ({err})") from None
 
 
-def _decode_refs(members: Mapping[str, bytes], num_people: int) -> list[np.ndarray]:
+def _ref_names(members: Mapping[str, Any], num_people: int) -> list[str]:
+    """The reference images' member names in order, one per person; a missing or extra one is a SampleError."""
     found = {}
     for name in members:
         m = REF_RE.match(name)
@@ -257,22 +257,14 @@ def _decode_refs(members: Mapping[str, bytes], num_people: int) -> list[np.ndarr
                                            f"{sorted(found.values())})")
     if len(found) != num_people:
         raise SampleError("meta.num_people", f"is {num_people} but the sample has {len(found)} references")
-    refs = []
-    for i in range(num_people):
-        try:
-            refs.append(decode_image(members[found[i]]))
-        except MediaError as err:
-            raise SampleError(found[i], str(err)) from None
-    return refs
+    return [found[i] for i in range(num_people)]
 
 
-def decode_members(kind: str, members: Mapping[str, bytes]) -> dict[str, Any]:
-    """Decode one sample's members (name -> bytes) into python values, validating the schema.
-
-    prompt -> {prompt, refs, meta}; preference -> also {video_a, video_b, label}; candidate -> also {video,
-    candidate}. Raises
-    SampleError naming the member or field at fault.
-    """
+def check_records(kind: str, members: Mapping[str, Any]) -> dict[str, Any]:
+    """One sample's text and JSON members validated and every image and video it must have present, nothing decoded:
+    what a run checks of every sample before it starts (data/reader.py require_intact); `members` maps each member
+    name to its bytes (only the text and JSON ones are read). Returns {prompt, meta, ref_names} and, by kind, the
+    label or the candidate info. Raises SampleError naming the member or field at fault."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if PROMPT not in members:
@@ -282,15 +274,35 @@ def decode_members(kind: str, members: Mapping[str, bytes]) -> dict[str, Any]:
     except UnicodeDecodeError as err:
         raise SampleError(PROMPT, f"not UTF-8 ({err})") from None
     meta = check_meta(_load_json(members, META), kind)
-    out: dict[str, Any] = {"prompt": prompt, "refs": _decode_refs(members, meta["num_people"]), "meta": meta}
+    out: dict[str, Any] = {"prompt": prompt, "meta": meta, "ref_names": _ref_names(members, meta["num_people"])}
     if kind == "preference":
         out["label"] = check_label(_load_json(members, LABEL))
     if kind == "candidate":
         out["candidate"] = check_candidate(_load_json(members, CANDIDATE))
     for slot in VIDEO_SLOTS[kind]:
+        if f"{slot}.mp4" not in members:
+            raise SampleError(f"{slot}.mp4", "missing")
+    return out
+
+
+def decode_members(kind: str, members: Mapping[str, bytes]) -> dict[str, Any]:
+    """Decode one sample's members (name -> bytes) into python values, validating the schema (check_records first).
+
+    prompt -> {prompt, refs, meta}; preference -> also {video_a, video_b, label}; candidate -> also {video,
+    candidate}. Raises SampleError naming the member or field at fault.
+    """
+    checked = check_records(kind, members)
+    meta = checked["meta"]
+    refs = []
+    for name in checked["ref_names"]:
+        try:
+            refs.append(decode_image(members[name]))
+        except MediaError as err:
+            raise SampleError(name, str(err)) from None
+    out: dict[str, Any] = {"prompt": checked["prompt"], "refs": refs, "meta": meta}
+    out.update({k: checked[k] for k in ("label", "candidate") if k in checked})
+    for slot in VIDEO_SLOTS[kind]:
         name = f"{slot}.mp4"
-        if name not in members:
-            raise SampleError(name, "missing")
         try:
             out[f"video_{slot}" if slot != "video" else "video"] = decode_video(
                 members[name], meta["videos"][slot]["num_frames"])

@@ -280,7 +280,7 @@ def preflight(cfg) -> None:
         resume_target(cfg, Path(cfg.trainer.output_dir))
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
-    require_intact(cfg, ["data.preference_shards", "data.eval_shards"], cfg.data.on_error)
+    require_intact(cfg, {"data.preference_shards": "preference", "data.eval_shards": "preference"}, cfg.data.on_error)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -1,8 +1,13 @@
 """Bad input to the entry points: exit status 2, the culprit named in the last line of stderr, no traceback,
 no cluster started, and nothing on disk touched (issue #17's table, first part)."""
 
+import io
+import json
+import shutil
+import tarfile
 import time
 
+import numpy as np
 import pytest
 import ray
 
@@ -16,8 +21,42 @@ from reward import train as reward_train
 CPU = "cluster_configs/local_cpu.yaml"
 
 
+def write_tar(path, samples):
+    """A shard written member by member, no checks: what a damaged or foreign writer leaves."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for name, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def damaged_shards(tmp_path_factory):
+    """A preference shard whose second pair's label is outside its choices, and a prompt shard whose second sample
+    lacks the second person's photo (both intact as tars: only reading their records finds the fault)."""
+    from data.demo import write_mixed_pairs
+    from data.schema import make_meta, prompt_members
+    from data.tarindex import expand_pattern, index_shard, read_members
+
+    out = tmp_path_factory.mktemp("damaged")
+    pairs = {}
+    for ref in index_shard(expand_pattern(write_mixed_pairs(out / "src", 2, frames=2, size=56))[0]).samples:
+        pairs[ref.key] = read_members(ref)
+    label = json.loads(pairs["pair00001"]["label.json"])
+    pairs["pair00001"]["label.json"] = json.dumps({**label, "preference": "left"}).encode()
+    write_tar(out / "badlabel.tar", pairs)
+    photo = np.full((32, 32, 3), 128, np.uint8)
+    prompts = {f"p{i}": prompt_members("two people talk", [photo, photo], make_meta(2, None, "test")) for i in (0, 1)}
+    del prompts["p1"]["ref_1.png"]
+    write_tar(out / "noref.tar", prompts)
+    return out
+
+
 @pytest.fixture
-def files(tmp_path):
+def files(tmp_path, damaged_shards):
+    for name in ("badlabel.tar", "noref.tar"):
+        shutil.copy(damaged_shards / name, tmp_path / name)
     (tmp_path / "broken.yaml").write_text("model:\n  kind: vace\n  height: [1,\n")
     (tmp_path / "list.yaml").write_text("- model\n- sampler\n")
     ckpt = tmp_path / "run" / "checkpoints" / "step_000001"
@@ -111,6 +150,10 @@ CASES = [
     (evaluate, lambda f: train_args(f, f"data.prompt_shards={f}/pairs.tar", "--checkpoint", "base"),
      "pairs.tar' (whole shard): not a readable tar file"),
     (evaluate, lambda f: train_args(f, "--checkpoint", "base", "--out", str(f / "a_file" / "eval")), "'--out'"),
+    (reward_train, lambda f: reward_args(f, f"data.preference_shards={f}/badlabel.tar"),
+     "badlabel.tar', key 'pair00001': label.preference: must be one of ['a', 'b', 'tie'], got 'left'"),
+    (train_cli, lambda f: weight_args(f, f"data.prompt_shards={f}/noref.tar"),
+     "noref.tar', key 'p1': ref_1.png: missing (meta.num_people = 2"),
     (train_cli, lambda f: train_args(f, "model.path=/models/Wan2.1-VACE-1.3B-diffusers"),
      "'model.path' is set ('/models/Wan2.1-VACE-1.3B-diffusers') but 'model.init' is 'random'"),
     (write_shards, lambda f: ["--kind", "prompt", "--manifest", str(f / "latin1.jsonl"), "--out", str(f / "o")],
@@ -199,7 +242,9 @@ ERRORS_DOC_HEAD = """# What each entry point refuses, and how
 
 Every row is a case of `tests/test_entry_errors.py` (`CASES`), which runs it: exit status 2, the text in the last
 line of stderr, no traceback, no Ray cluster started. `F/` is the test's scratch folder, with an unreadable `pairs.tar`,
-a file `a_file`, a broken and a list-valued YAML, bad manifests and a checkpoint of another model shape. This table is
+a preference shard with a label outside its choices (`badlabel.tar`), a prompt shard missing a person's photo
+(`noref.tar`), a file `a_file`, a broken and a list-valued YAML, bad manifests and a checkpoint of another model
+shape. This table is
 generated from the cases (`python -c "from tests.test_entry_errors import errors_table; print(errors_table(), end='')"
 > docs/ERRORS.md`), and a test keeps the two equal. More rows with their own fixtures: `launcher.export` (a missing
 step, an out directory that is not empty or lies under a file, a damaged LoRA file: tests/test_export.py), the official
