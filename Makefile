@@ -93,7 +93,8 @@ EXPORT ?= exports/$(notdir $(RUN))
 export-lora: install
 	$(PY) -m launcher.export $(RUN) --out $(EXPORT) $(ARGS)
 
-BENCHES := bench/loop_overhead.py bench/data_throughput.py bench/gpu_wan.py bench/layout_seconds.py
+BENCHES := bench/loop_overhead.py bench/data_throughput.py bench/gpu_wan.py bench/layout_seconds.py \
+           bench/annotate_load.py
 bench: install
 	for b in $(BENCHES); do $(PY) $$b || exit 1; done
 

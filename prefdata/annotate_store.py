@@ -5,7 +5,8 @@ written and fsync'ed, so a crash, a killed server or a closed tab loses nothing 
 restart replays the log to know where each annotator stopped. A line cut short by a crash mid-write (never
 acknowledged) is cut off on the next start, with a warning; any other unreadable line is an error naming
 the line, never skipped. A later label of the same annotator for the same pair replaces the earlier one
-(both stay in the log).
+(both stay in the log); an `undo` record takes the annotator's label of that pair back (the pair is theirs to
+label again, and the label they give then is the one that counts).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from config import ExpectedError
 
 log = logging.getLogger("identity_grpo.annotate")
-CHOICES = ("a", "b", "tie", "skip")
+CHOICES = ("a", "b", "tie", "skip", "undo")
 LABEL_FIELDS = ("seq", "time", "annotator", "session", "pair", "choice", "left")
 TASK_FILE, LOG_FILE = "task.json", "labels.jsonl"
 
@@ -99,6 +100,10 @@ class LabelLog:
     def __init__(self, directory: str | Path, read_only: bool = False):
         self.path = Path(directory) / LOG_FILE
         self.records: List[dict] = []
+        # per annotator: the pairs whose label is in force, oldest label first (a relabel moves its pair last, an
+        # undo drops it), and their last record: what each request asks, kept as records come, not rescanned
+        self._in_force: Dict[str, Dict[str, int]] = defaultdict(dict)
+        self._last: Dict[str, dict] = {}
         self._lock = threading.Lock()
         if self.path.exists():
             self._replay(read_only)
@@ -123,10 +128,17 @@ class LabelLog:
                     raise ValueError(f"needs the fields {list(LABEL_FIELDS)}")
             except ValueError as err:
                 raise StoreError(f"{self.path} line {n}: unreadable label ({err}); fix or remove that line") from None
-            self.records.append(record)
+            self._add(record)
 
     def append(self, annotator: str, session: str, pair: str, choice: str, left: str) -> dict:
         """Write one label durably (written, flushed, fsync'ed) and return it; only then may it be acknowledged."""
+        record = self.write(annotator, session, pair, choice, left)
+        self.sync()
+        return record
+
+    def write(self, annotator: str, session: str, pair: str, choice: str, left: str) -> dict:
+        """Write one label to the file (flushed to the OS, not yet durable: `sync` makes every label written before
+        it durable, so one sync can cover many; prefdata/annotate_io.py GroupCommit)."""
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {list(CHOICES)}, got {choice!r}")
         if self._file is None:
@@ -136,13 +148,31 @@ class LabelLog:
                       "pair": pair, "choice": choice, "left": left}
             self._file.write((json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
             self._file.flush()
-            os.fsync(self._file.fileno())
-            self.records.append(record)
+            self._add(record)
         return record
 
+    def sync(self) -> None:
+        os.fsync(self._file.fileno())
+
+    def _add(self, record: dict) -> None:
+        self.records.append(record)
+        mine = self._in_force[record["annotator"]]
+        mine.pop(record["pair"], None)
+        if record["choice"] != "undo":
+            mine[record["pair"]] = record["seq"]
+        self._last[record["annotator"]] = record
+
     def latest(self) -> Dict[Tuple[str, str], dict]:
-        """{(annotator, pair): that annotator's latest label of the pair}."""
-        return {(r["annotator"], r["pair"]): r for r in self.records}
+        """{(annotator, pair): that annotator's latest label of the pair}, labels taken back by `undo` left out."""
+        latest = {(r["annotator"], r["pair"]): r for r in self.records}
+        return {key: r for key, r in latest.items() if r["choice"] != "undo"}
+
+    def in_force(self, annotator: str) -> List[str]:
+        """The pairs this annotator's labels are in force for, the most recently labelled last."""
+        return list(self._in_force.get(annotator, {}))
+
+    def last_record(self, annotator: str) -> Optional[dict]:
+        return self._last.get(annotator)
 
     def close(self) -> None:
         if self._file is not None:
@@ -179,8 +209,12 @@ def open_task(directory: str | Path, pairs: Optional[str], read_only: bool = Fal
 
 
 def progress(pairs: PairSet, label_log: LabelLog, annotator: str) -> Tuple[Optional[str], int]:
-    """(next pair this annotator has not labelled yet, or None when done; how many they labelled or skipped)."""
-    done = {pair for (who, pair) in label_log.latest() if who == annotator}
+    """(next pair this annotator has not labelled yet, or None when done; how many they labelled or skipped).
+    Right after an undo, the next pair is the one taken back, wherever it is in the order."""
+    done = set(label_log.in_force(annotator))
+    last = label_log.last_record(annotator)
+    if last is not None and last["choice"] == "undo" and last["pair"] not in done:
+        return last["pair"], len(done)
     return next((k for k in pairs.order if k not in done), None), len(done)
 
 
@@ -219,14 +253,15 @@ def report(pairs: PairSet, label_log: LabelLog) -> dict:
     the pairs both labelled), and agreement with the pairs' stored `auto` labels (per annotator and majority)."""
     humans = human_labels(label_log)
     latest = label_log.latest()
-    annotators = sorted({who for who, _ in latest})
+    annotators = sorted({r["annotator"] for r in label_log.records})
     per = {}
     for who in annotators:
         mine = [r for (w, _), r in latest.items() if w == who]
-        sessions = Counter(r["session"] for r in label_log.records if r["annotator"] == who)
+        written = [r for r in label_log.records if r["annotator"] == who]
         skipped = sum(r["choice"] == "skip" for r in mine)
         per[who] = {"labelled": len(mine) - skipped, "skipped": skipped,
-                    "sessions": len(sessions), "labels_written": sum(sessions.values())}
+                    "undone": sum(r["choice"] == "undo" for r in written),
+                    "sessions": len({r["session"] for r in written}), "labels_written": len(written)}
     between = {}
     for x, y in combinations(annotators, 2):
         both = [p for p, votes in humans.items() if x in votes and y in votes]

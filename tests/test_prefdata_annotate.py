@@ -268,7 +268,8 @@ def test_report_and_export(tmp_path, pairs):
         log.append("bob", "s2", key, "tie" if i == 0 else bob, "a")
     log.append("alice", "s3", pair_set.order[1], "skip", "a")  # alice changes her mind: skip replaces her label
     result = report(pair_set, log)
-    assert result["annotators"]["alice"] == {"labelled": 7, "skipped": 1, "sessions": 2, "labels_written": 9}
+    assert result["annotators"]["alice"] == {"labelled": 7, "skipped": 1, "undone": 0, "sessions": 2,
+                                             "labels_written": 9}
     between = result["between_annotators"]["alice|bob"]
     assert between["pairs"] == 7 and between["agreement"] == pytest.approx(4 / 7)
     x = [truth[k] for k in pair_set.order if k != pair_set.order[1]]
@@ -294,6 +295,81 @@ def test_report_and_export(tmp_path, pairs):
     assert split[pair_set.order[0]]["extra"]["agreement"] == 0.5  # alice a or b, bob tie: half said tie
     with pytest.raises(FileExistsError):
         export(pair_set, log, tmp_path / "out2")
+
+
+def test_undo_guidelines_and_every_reference_captioned(tmp_path, pairs, serve):
+    """Undo takes labels back, the most recent first, and shows their pairs again; the log keeps every label and the
+    later one counts (report, export). The guidelines show above every pair, across restarts; every person's photo
+    of a two-person pair is captioned with its identity."""
+    guide = tmp_path / "guide.txt"
+    guide.write_text("Judge the faces only.\nIgnore the background.\n")
+    directory = tmp_path / "ann"
+    server = serve(directory, pairs, "--guidelines", str(guide))
+    base = server.base
+
+    def undo(who="alice"):
+        return requests.post(f"{base}/api/undo", json={"annotator": who, "session": "s"}, timeout=10)
+
+    try:
+        view = requests.get(f"{base}/api/next", params={"annotator": "alice"}, timeout=10).json()
+        assert view["guidelines"] == "Judge the faces only.\nIgnore the background." and not view["can_undo"]
+        assert undo().status_code == 409 and "no label to undo" in undo().json()["error"]
+        post(base, annotator="alice", session="s", pair="pair00000", choice="left")
+        view = post(base, annotator="alice", session="s", pair="pair00001", choice="tie").json()
+        assert view["pair"] == "pair00002" and view["labelled"] == 2
+        back = undo().json()
+        assert (back["undone"], back["pair"], back["labelled"]) == ("pair00001", "pair00001", 1)
+        meta = json.loads(PairSet.open(pairs).members("pair00001")["meta.json"])
+        assert meta["num_people"] == 2 and [r["caption"] for r in back["refs"]] == [
+            f"Person {i + 1}: {identity}" for i, identity in enumerate(meta["identity_ids"])]
+        assert all(requests.get(base + r["src"], timeout=10).content[:4] == b"\x89PNG" for r in back["refs"])
+        back = undo().json()
+        assert (back["undone"], back["pair"], back["labelled"]) == ("pair00000", "pair00000", 0)
+        assert not back["can_undo"]
+        post(base, annotator="bob", session="t", pair="pair00000", choice="tie")  # bob on the same pair: his own
+        view = post(base, annotator="alice", session="s", pair="pair00000", choice="right").json()
+        assert view["pair"] == "pair00001" and view["labelled"] == 1  # the first pair she has no label for
+        assert requests.get(f"{base}/report", timeout=10).headers["Content-Type"].startswith("text/html")
+    finally:
+        server.stop()
+    log = LabelLog(directory, read_only=True)
+    assert [(r["annotator"], r["pair"], r["choice"]) for r in log.records] == [
+        ("alice", "pair00000", left_slot("pair00000", "alice")), ("alice", "pair00001", "tie"),
+        ("alice", "pair00001", "undo"), ("alice", "pair00000", "undo"), ("bob", "pair00000", "tie"),
+        ("alice", "pair00000", "b" if left_slot("pair00000", "alice") == "a" else "a")]
+    pair_set = PairSet.open(pairs)
+    assert report(pair_set, log)["annotators"]["alice"] == {"labelled": 1, "skipped": 0, "undone": 2, "sessions": 1,
+                                                            "labels_written": 5}
+    exported = export(pair_set, log, tmp_path / "out", on_conflict="tie")
+    labels = {s["key"]: s["label"] for s in ShardReader(exported["pattern"], kind="preference", shuffle=False,
+                                                         epochs=1)}
+    assert list(labels) == ["pair00000"]  # pair00001's label was taken back
+    assert labels["pair00000"]["extra"]["annotators"] == {"alice": log.records[-1]["choice"], "bob": "tie"}
+    again = serve(directory)  # no --guidelines: the task's are kept
+    try:
+        view = requests.get(f"{again.base}/api/next", params={"annotator": "carol"}, timeout=10).json()
+        assert view["guidelines"].startswith("Judge the faces only.")
+    finally:
+        again.stop()
+    guide.write_bytes(b"caf\xe9 au lait")  # Latin-1, not UTF-8
+    bad = subprocess.run([sys.executable, "-m", "prefdata.annotate", "serve", "--dir", str(directory), "--port", "0",
+                          "--guidelines", str(guide)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and f"--guidelines {guide}: not UTF-8 text" in bad.stderr, bad.stderr
+    assert (directory / "guidelines.txt").read_text().startswith("Judge the faces only.")  # kept as it was
+
+
+@pytest.mark.tools
+def test_many_annotators_at_once_lose_nothing_through_a_kill(tmp_path):
+    """bench/annotate_load.py small: 6 annotators on the same pairs at once, as fast as the server answers, the
+    server kill -9'ed with requests in flight, restarted, and run to the end: every acknowledged label (undos too)
+    is in the log at its sequence number, and each annotator's label in force is the last they were answered."""
+    from bench.annotate_load import measure
+
+    result = measure(annotators=6, num_pairs=4, kill_after_acks=8, undo_rate=0.2, work=tmp_path)
+    figures = result["figures"]
+    assert result["problems"] == [] and figures["lost"] == 0
+    assert figures["killed_mid_run"] == 1 and figures["acknowledged_before_kill"] >= 8
+    assert figures["undos"] > 0 and len(LabelLog(tmp_path / "ann", read_only=True).latest()) == 6 * 4  # all done
 
 
 def test_cohen_kappa_closed_form():
@@ -332,15 +408,19 @@ def open_browser():
 
 
 def test_page_in_a_headless_browser(tmp_path, pairs, serve):
-    """Label with clicks and keys, close the tab midway, reopen (the name and the place are remembered), finish;
-    the exported shards hold exactly the labels given, mapped from left/right to the stored a/b."""
+    """Label with clicks and keys, undo (key and button), close the tab midway, reopen (the name and the place are
+    remembered), finish; the guidelines and every person's captioned photo are on screen, the report page shows the
+    counts; the exported shards hold exactly the labels given (the later one after an undo), mapped from left/right
+    to the stored a/b."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = open_browser()  # first: without a browser the test skips (or fails) before any server starts
     directory = tmp_path / "ann"
-    server = serve(directory, pairs)
+    guide = tmp_path / "guide.txt"
+    guide.write_text("Judge the faces only.")
+    server = serve(directory, pairs, "--guidelines", str(guide))
     given = {}  # pair -> a | b | tie | skip
 
     def wait_for(condition, what):
@@ -377,8 +457,16 @@ def test_page_in_a_headless_browser(tmp_path, pairs, serve):
         wait_for(lambda: driver.execute_script("const l = document.getElementById('left'), r = document.getElementById"
                                                "('right'); return !l.paused && !r.paused;"), "both videos play")
         assert "0 / 8" in driver.find_element(By.ID, "progress").text
+        assert driver.find_element(By.ID, "guidelines").text == "Judge the faces only."
         label("click", "left")
+        meta = json.loads(PairSet.open(pairs).members("pair00001")["meta.json"])
+        captions = [f.text for f in driver.find_elements(By.CSS_SELECTOR, "#refs figcaption")]
+        assert len(captions) == 2
+        assert captions == [f"Person {i + 1}: {who}" for i, who in enumerate(meta["identity_ids"])]
         label("2", "right")
+        driver.find_element(By.TAG_NAME, "body").send_keys("u")  # undo: pair00001 again, relabelled
+        wait_for(lambda: on_screen() == "pair00001", "undo shows the last labelled pair again")
+        label("3", "tie")
         label(Keys.ARROW_LEFT, "left")
         label("t", "tie")
         label("s", "skip")
@@ -394,6 +482,14 @@ def test_page_in_a_headless_browser(tmp_path, pairs, serve):
         label("3", "tie")
         label("click", "left")
         assert on_screen() is None and "All 8 pairs" in driver.find_element(By.ID, "done-text").text
+        driver.find_element(By.ID, "undo-done").click()
+        wait_for(lambda: on_screen() == "pair00007", "the button undoes the last label")
+        label("click", "right")
+        assert on_screen() is None
+        driver.get(server.base + "/report")
+        wait_for(lambda: "alice" in driver.find_element(By.ID, "annotators").text, "the report lists alice")
+        cells = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#annotators td")]
+        assert cells[:3] == ["alice", "7", "1"] and cells[4] == "2"  # labelled, skipped, ..., undone
     finally:
         driver.quit()
         server.stop()
