@@ -7,6 +7,8 @@ first, so the file always reads as one clean run.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Dict, List
 
@@ -15,6 +17,8 @@ import torch
 
 REQUIRED = ("step", "reward_mean", "reward_std", "ratio_mean", "clip_frac", "kl", "policy_loss",
             "policy_version", "staleness_max", "rollout_s", "reward_s", "learn_s", "sync_s", "step_s")
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
@@ -30,11 +34,26 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(self.dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after `step` (a resumed or rolled-back run logs them again). The file is
+        replaced whole, so a driver killed meanwhile leaves the old file or the new one, never a cut one; a last
+        line cut by a crash mid-append is dropped (its step is logged again), not fatal."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise ValueError(f"{self.path}: line {number} is not a JSON record") from None
+                log.warning("%s: dropping its cut last line (%d characters)", self.path, len(line))
+                continue
+            if record["step"] <= step:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def log(self, record: Dict[str, float]) -> None:
         missing = [k for k in REQUIRED if k not in record]

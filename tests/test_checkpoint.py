@@ -1,9 +1,13 @@
-"""Checkpoint retention (runtime/checkpoint.py): never the checkpoint `latest` names, never all of them."""
+"""Checkpoint retention (runtime/checkpoint.py): never the checkpoint `latest` names, never all of them; the metrics
+log a resume rolls back (runtime/metrics.py)."""
+
+import json
 
 import pytest
 
 from config import ConfigError, load_config
 from runtime.checkpoint import CheckpointManager
+from runtime.metrics import MetricsLogger
 
 
 def save(manager, step):
@@ -36,3 +40,17 @@ def test_keep_last_below_one_is_refused(root, tmp_path, keep_last):
         CheckpointManager(tmp_path, keep_last=keep_last)
     with pytest.raises(ConfigError, match="'trainer.keep_last' must be > 0"):
         load_config(root / "cluster_configs" / "local_cpu.yaml", [f"trainer.keep_last={keep_last}"])
+
+
+def test_resumed_metrics_drop_later_steps_and_a_cut_last_line(tmp_path):
+    """A driver killed mid-append leaves a cut last line: the resume drops it with the steps after its checkpoint
+    (they are logged again); a damaged line before the last is not a crash's doing and is refused, naming the file."""
+    lines = [json.dumps({"step": step}) for step in (1, 2, 3)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(lines) + "\n" + lines[2][:7])
+    MetricsLogger(tmp_path, tensorboard=False, resume_step=2)
+    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # replaced whole: no temp file left
+    path.write_text(lines[0] + "\n{cut\n" + lines[1] + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON record"):
+        MetricsLogger(tmp_path, tensorboard=False, resume_step=2)

@@ -52,17 +52,29 @@ def ray_cluster():
     ray.shutdown()
 
 
-def config(root, shards, out, *overrides):
-    return load_config(root / "cluster_configs" / "local_cpu.yaml", [
-        f"data.prompt_shards={shards}", f"trainer.output_dir={out}", "trainer.steps=2",
-        "trainer.checkpoint_every=1", "logging.progress_bar=false", "logging.video_every=2",
-        "sampler.num_steps=3", "grpo.group_size=3", *overrides])
+def overrides(shards, out, *extra):
+    return [f"data.prompt_shards={shards}", f"trainer.output_dir={out}", "trainer.steps=2",
+            "trainer.checkpoint_every=1", "logging.progress_bar=false", "logging.video_every=2",
+            "sampler.num_steps=3", "grpo.group_size=3", *extra]
 
 
-def straight_config(root, shards, out, *overrides):
+def straight_overrides(shards, out, *extra):
     """The reference: 4 steps, checkpoint and held-out monitor every 2."""
-    return config(root, shards, out, "trainer.steps=4", "trainer.checkpoint_every=2", "logging.eval_every=2",
-                  f"data.eval_prompt_shards={shards}", "logging.eval_num_prompts=1", *overrides)
+    return overrides(shards, out, "trainer.steps=4", "trainer.checkpoint_every=2", "logging.eval_every=2",
+                     f"data.eval_prompt_shards={shards}", "logging.eval_num_prompts=1", *extra)
+
+
+def config(root, shards, out, *extra):
+    return load_config(root / "cluster_configs" / "local_cpu.yaml", overrides(shards, out, *extra))
+
+
+def straight_config(root, shards, out, *extra):
+    return load_config(root / "cluster_configs" / "local_cpu.yaml", straight_overrides(shards, out, *extra))
+
+
+def train_command(args):
+    """The driver as its own process (`python -m launcher.train`), on the local CPU preset."""
+    return [sys.executable, "-m", "launcher.train", "--config", "cluster_configs/local_cpu.yaml", *args]
 
 
 def run(cfg):
@@ -117,12 +129,8 @@ def test_killed_workers_in_turn_give_the_same_metrics(root, shards, tmp_path, st
 def test_kill_during_checkpoint_write_keeps_previous_and_resumes_exactly(root, shards, tmp_path, straight, ray_cluster):
     """The driver (its own process, on this module's cluster) dies while committing step 4's checkpoint: step 2's
     stays the latest, the half-written one is never renamed; the rerun resumes from step 2, not from the start."""
-    args = [f"data.prompt_shards={shards}", f"trainer.output_dir={tmp_path}", "trainer.steps=4",
-            "trainer.checkpoint_every=2", "logging.eval_every=2", f"data.eval_prompt_shards={shards}",
-            "logging.eval_num_prompts=1", "logging.progress_bar=false", "logging.video_every=2", "sampler.num_steps=3",
-            "grpo.group_size=3", f"workers.ray_address={ray_cluster}", "faults.kills=[checkpoint:0:4]"]
-    proc = subprocess.run([sys.executable, "-m", "launcher.train", "--config", "cluster_configs/local_cpu.yaml",
-                           *args], cwd=root, capture_output=True, text=True, timeout=600)
+    args = straight_overrides(shards, tmp_path, f"workers.ray_address={ray_cluster}", "faults.kills=[checkpoint:0:4]")
+    proc = subprocess.run(train_command(args), cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and (tmp_path / "faults" / "checkpoint_0_step4.done").exists(), proc.stderr[-3000:]
     manager = CheckpointManager(tmp_path)
     assert manager.latest().name == "step_000002"
@@ -314,6 +322,36 @@ def test_workers_killed_from_outside_give_same_metrics(root, shards, tmp_path, s
         assert kill.killed_pid is not None, f"{kill.title} was never seen (seen {kill.seen}x)"
         assert not psutil.pid_exists(kill.killed_pid) or psutil.Process(kill.killed_pid).status() == "zombie"
     assert records == straight[1]
+
+
+# Kills at moments drawn from a seed (tests/process_killer.py random_kills): a worker of a random role, a node
+# (rollout, reward and learner processes at once), the driver (the same command run again resumes) and a random role
+# while that rerun starts and resumes from the checkpoint. Each seed's schedule is printed with the test's output.
+RANDOM_KILL_SEEDS = [1, 2, 3]
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("seed", RANDOM_KILL_SEEDS)
+def test_random_kills_of_every_role_and_the_driver_give_same_metrics(root, shards, tmp_path, straight, ray_cluster,
+                                                                    seed):
+    from tests.process_killer import ProcessKiller, random_kills
+
+    kills = random_kills(seed, tmp_path / "metrics.jsonl", steps=4, checkpoint_every=2)
+    print(f"seed {seed}:", *kills, sep="\n  ")
+    command = train_command(straight_overrides(shards, tmp_path, f"workers.ray_address={ray_cluster}"))
+    exits, logs = [], []
+    with ProcessKiller(kills) as killer:
+        while not exits or exits[-1] != 0 and len(exits) < 3:  # the driver killed once: the same command again
+            log = tmp_path / f"driver_{len(exits)}.log"
+            with open(log, "w") as out:
+                driver = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT)
+                killer.driver_pid = driver.pid
+                exits.append(driver.wait(timeout=600))
+            logs.append(log.read_text()[-3000:])
+    assert exits == [-9, 0], (exits, logs)
+    for kill in kills:
+        assert kill.killed_at is not None, f"seed {seed}: never happened: {kill} (title entered {kill.seen}x)"
+    assert strip(read_metrics(tmp_path)) == straight[1]
 
 
 @pytest.mark.faults
