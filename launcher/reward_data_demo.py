@@ -45,7 +45,7 @@ def scripted_annotator(base_url: str, name: str, flip: float) -> int:
     with requests.Session() as http:
         view = http.get(f"{base_url}/api/next", params={"annotator": name}, timeout=30).json()
         while view.get("pair") is not None:
-            refs = [decode_image(http.get(base_url + url, timeout=30).content) for url in view["refs"]]
+            refs = [decode_image(http.get(base_url + ref["src"], timeout=30).content) for ref in view["refs"]]
             left, right = (decode_video(http.get(base_url + view[side], timeout=30).content)
                            for side in ("left", "right"))
             diff = float(demo_reference_color([left], [refs])[0] - demo_reference_color([right], [refs])[0])
