@@ -3,12 +3,13 @@
     .venv/bin/python bench/layout_seconds.py [--preset cluster_configs/vace_1.3b_8gpu.yaml] [--mfu 0.35]
         [--peak-tflops 989] [--window 0]
 
-Per step the preset samples P x G videos (T steps, every step a CFG pass of 2 rows), scores them, and trains
-on the trained steps of each (2 rows per step: a forward and backward through both CFG rows, plus the
-reference's forward for the KL). FLOPs come from bench/gpu_wan_flops.py's formula on the preset's real
-architecture; a VACE model's control blocks are counted as extra blocks on the same tokens (they have the
-main blocks' width), and each reference person adds one latent frame of tokens. The reward models' cost (a
-3B VLM on 4 frames, about 0.4% of the sampling) and the VAE are left out. Seconds = FLOPs / (GPUs x peak x MFU).
+Per step the preset samples P x G videos (T steps, every step a guided pass: 2 rows with CFG, Phantom's 3, 1
+without guidance), scores them, and trains on the trained steps of each (the same rows per step: a forward and
+backward through them, plus the reference's forward for the KL). FLOPs come from bench/gpu_wan_flops.py's
+formula on the preset's real architecture; a VACE model's control blocks are counted as extra blocks on the same
+tokens (they have the main blocks' width), and each reference person adds one latent frame of tokens. The reward
+models' cost (a 3B VLM on 4 frames, about 0.4% of the sampling) and the VAE are left out. Seconds = FLOPs / (GPUs x
+peak x MFU).
 
 Layouts, for the same GPUs:
     split sync    rollout, reward and learner pools apart (the preset's numbers): the learners wait for the
@@ -36,11 +37,9 @@ from bench.gpu_wan_flops import flop_terms, latent_shape, train_step_flops, vide
 from config import load_config  # noqa: E402
 from config.checks import RANDOM_POLICY  # noqa: E402
 from policy.arch import transformer_config  # noqa: E402
+from policy.policy import guided_passes  # noqa: E402
 from policy.window import window_size  # noqa: E402
 from workers.learner import trained_timesteps  # noqa: E402
-
-CFG_ROWS = 2  # conditional + unconditional, one batched pass (policy/policy.py)
-
 
 def step_flops(cfg, text_len: int = 512, people: int = 1) -> Dict[str, float]:
     """Model FLOPs of one GRPO step of the preset: sampling, learning, and per video."""
@@ -54,8 +53,9 @@ def step_flops(cfg, text_len: int = 512, people: int = 1) -> Dict[str, float]:
     mode = "lora" if cfg.model.lora.enabled else "full"
     train_row, _ = train_step_flops(terms, mode, kl=cfg.grpo.kl_beta > 0, ckpt=False)
     videos = cfg.grpo.prompts_per_step * cfg.grpo.group_size
-    sample_video = cfg.sampler.num_steps * CFG_ROWS * terms["forward"]
-    learn_video = trained_timesteps(cfg) * cfg.grpo.num_inner_epochs * CFG_ROWS * train_row
+    rows = guided_passes(cfg.model.kind, cfg.sampler)  # rows per step: CFG's 2 (Phantom's 3), or 1 without guidance
+    sample_video = cfg.sampler.num_steps * rows * terms["forward"]
+    learn_video = trained_timesteps(cfg) * cfg.grpo.num_inner_epochs * rows * train_row
     return {"videos": videos, "sample_video": sample_video, "learn_video": learn_video,
             "sample": videos * sample_video, "learn": videos * learn_video}
 

@@ -18,7 +18,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 # A key's allowed values stand beside its field, in the field's metadata (config/checks.py `check_field_rules`
-# reads them on every load): one of a few choices, > 0 (None allowed where the field is Optional), or >= 0.
+# reads them on every load): one of a few choices, > 0 (None allowed where the field is Optional), >= 0, or >= a
+# bound.
 
 
 def one_of(*choices, default):
@@ -31,6 +32,10 @@ def positive(default):
 
 def non_negative(default):
     return field(default=default, metadata={"min": 0, "exclusive": False})
+
+
+def at_least(low, default):
+    return field(default=default, metadata={"min": low, "exclusive": False})
 
 
 # ----------------------------------------------------------------------------- model
@@ -98,7 +103,9 @@ class SdeWindowConfig:
 @dataclass
 class SamplerConfig:
     num_steps: int = positive(4)
-    guidance_scale: float = 4.5
+    # Classifier-free guidance (text): 1 = none, one transformer pass per step in rollout and learner alike (CFG-free
+    # training, Flow-GRPO's; policy/policy.py guided_passes). The official recipe: 4.5.
+    guidance_scale: float = at_least(1.0, 4.5)
     shift: float = 3.0  # Wan's flow shift of the sigma schedule
     # Sigmas and transformer timesteps (policy/schedule.py): "unipc" = Wan's shipped UniPC flow schedule
     # (official Identity-GRPO), "euler" = FlowMatchEulerDiscreteScheduler's (Flow-GRPO).
@@ -110,8 +117,9 @@ class SamplerConfig:
     # Numbers, or "schedule": std_max = the schedule's sigmas[1], std_min = its last sigma (official).
     std_min: Any = "schedule"
     std_max: Any = "schedule"
-    # Phantom's image guidance (its CFG has text and image terms; guidance_scale is the text one).
-    image_guidance_scale: float = 5.0
+    # Phantom's image guidance (its CFG has text and image terms; guidance_scale is the text one). Phantom runs
+    # one pass per step only with both at 1.
+    image_guidance_scale: float = at_least(1.0, 5.0)
     negative_prompt: str = ""
     max_sequence_length: int = 32
     sde_window: SdeWindowConfig = field(default_factory=SdeWindowConfig)

@@ -108,6 +108,15 @@ def check_compatible(spec: PolicySpec, cfg) -> None:
                         f"pass {key}={theirs} or the training config")
 
 
+def trained_guidance(spec: PolicySpec) -> Optional[float]:
+    """The text guidance scale the checkpoint was trained at (its stored config; 1: CFG-free), None when unknown
+    (the base model, a bare LoRA file)."""
+    stored = spec.checkpoint / "config.yaml" if spec.checkpoint is not None else None
+    if stored is None or not stored.is_file():
+        return None
+    return float(OmegaConf.create(stored.read_text()).sampler.guidance_scale)
+
+
 def read_lora(path: Path) -> Dict[str, torch.Tensor]:
     """diffusers-format LoRA file -> peft state dict of the transformer (the `transformer.` prefix removed)."""
     from policy.lora import read_safetensors

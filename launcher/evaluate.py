@@ -39,7 +39,7 @@ from config.cli import at_least, build_parser, expected_errors, parse_config, re
 from evaluation.files import write_json, write_jsonl
 from evaluation.held_out import eval_seeds, load_prompts
 from evaluation.metrics import compare_records, summarize_records, trained_components
-from evaluation.policies import EvalError, check_compatible, resolve_policy
+from evaluation.policies import EvalError, check_compatible, resolve_policy, trained_guidance
 from launcher.evaluate_where import evaluator
 from workers.run_config import load_run_config
 
@@ -103,8 +103,14 @@ def run(cfg, args) -> dict:
             log.info("evaluating %s (%s) on %d prompts x %d seeds", spec.tag, spec.source, len(prompts), len(seeds))
             records, kept = evaluate(spec, prompts, seeds, args.grid_prompts,
                                      out / spec.tag / "videos" if args.save_videos else None)
+            trained_at = trained_guidance(spec)
+            if trained_at is not None and trained_at != cfg.sampler.guidance_scale:
+                log.warning("%s was trained at sampler.guidance_scale=%g and is evaluated at %g (pass "
+                            "sampler.guidance_scale=%g to evaluate it as trained)", spec.source, trained_at,
+                            cfg.sampler.guidance_scale, trained_at)
             summary = {"policy": spec.tag, "source": spec.source, "lora_file": str(spec.lora_file or ""),
-                       "step": spec.step, **setup, **summarize_records(records)}
+                       "step": spec.step, "trained_guidance_scale": trained_at, **setup,
+                       **summarize_records(records)}
             write_jsonl(out / spec.tag / "samples.jsonl", records)
             write_json(out / spec.tag / "summary.json", summary)
             runs.append(report.EvalRun(spec.tag, spec.source, spec.step, records, summary, kept))

@@ -37,12 +37,23 @@ from policy.sde import host_to_device
 
 
 
+def guided_passes(kind: str, sampler_cfg) -> int:
+    """Transformer passes per denoising step: 2 with classifier-free guidance (conditional and unconditional), 3 for
+    Phantom's text + image guidance, 1 without guidance (`sampler.guidance_scale` 1, and for Phantom also
+    `sampler.image_guidance_scale` 1: CFG-free training, Flow-GRPO's; at 1 the guided velocity *is* the conditional
+    one, so the single pass computes it exactly, as diffusers' Wan pipelines do for a guidance scale of 1)."""
+    image = float(sampler_cfg.image_guidance_scale) > 1.0 if kind == "phantom" else False
+    if float(sampler_cfg.guidance_scale) <= 1.0 and not image:
+        return 1
+    return 3 if kind == "phantom" else 2
+
+
 @dataclass
 class Condition:
     """Everything besides latents and sigma that the transformer needs, for one prompt (batch 1)."""
 
     prompt_embeds: torch.Tensor  # (1, L, D)
-    negative_embeds: torch.Tensor  # (1, L, D)
+    negative_embeds: Optional[torch.Tensor]  # (1, L, D); None without classifier-free guidance
     latent_shape: tuple  # (C, F, h, w) of the SDE state
     control: Optional[torch.Tensor] = None  # VACE (1, 96, F, h, w)
     ref_latents: Optional[torch.Tensor] = None  # Phantom (1, C, K, h, w)
@@ -70,6 +81,7 @@ class WanPolicy:
         self.kind = components.kind
         self.components = components
         self.model_cfg, self.sampler_cfg = model_cfg, sampler_cfg
+        self.passes_per_step = guided_passes(self.kind, sampler_cfg)
         self.device = torch.device(device)
         self.transformer = components.transformer.to(self.device)
         for part in (components.text_encoder, components.vae):
@@ -105,7 +117,8 @@ class WanPolicy:
         cfg = self.model_cfg
         self._needs("text_encoder")
         prompt_embeds, negative_embeds = self.pipeline.encode_prompt(
-            prompt=prompt, negative_prompt=self.sampler_cfg.negative_prompt, do_classifier_free_guidance=True,
+            prompt=prompt, negative_prompt=self.sampler_cfg.negative_prompt,
+            do_classifier_free_guidance=self.passes_per_step > 1,
             max_sequence_length=self.sampler_cfg.max_sequence_length, device=self.device,
             dtype=self.transformer.dtype)
         z = self.components.vae.config.z_dim
@@ -174,8 +187,16 @@ class WanPolicy:
         x = latents.to(dtype)
         timestep = host_to_device(torch.as_tensor(timestep, dtype=torch.float32), x.device).expand(batch)
         pos = cond.prompt_embeds.expand(batch, -1, -1)
-        neg = cond.negative_embeds.expand(batch, -1, -1)
         w = self.sampler_cfg.guidance_scale
+        if self.passes_per_step == 1:  # no guidance: the conditional velocity, one pass
+            kwargs = {}
+            if self.kind == "phantom":
+                x = torch.cat([x, cond.ref_latents.expand(batch, -1, -1, -1, -1).to(dtype)], dim=2)
+            elif cond.control is not None:
+                kwargs["control_hidden_states"] = cond.control.expand(batch, -1, -1, -1, -1)
+            out = model(hidden_states=x, timestep=timestep, encoder_hidden_states=pos, return_dict=False, **kwargs)[0]
+            return out[:, :, : latents.shape[2]].float()
+        neg = cond.negative_embeds.expand(batch, -1, -1)
         if self.kind == "phantom":
             refs = cond.ref_latents.expand(batch, -1, -1, -1, -1).to(dtype)
             with_refs = torch.cat([x, refs], dim=2)

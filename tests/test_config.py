@@ -121,6 +121,8 @@ def test_overrides_are_typed(root):
     ("faults.kills=[driver:0:1]", "faults.kills"),
     ("faults.kills=[learner:1]", "faults.kills"),
     ("workers.learner_engine.micro_batch_size=3", "workers.learner_engine.micro_batch_size"),
+    ("sampler.guidance_scale=0.5", "'sampler.guidance_scale' must be >= 1.0"),
+    ("sampler.image_guidance_scale=0", "'sampler.image_guidance_scale' must be >= 1.0"),
 ])
 def test_bad_override_names_the_key(root, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

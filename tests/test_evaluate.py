@@ -167,6 +167,9 @@ def test_checkpoint_vs_base_report(root, shards, tmp_path):
         got = [json.loads(line) for line in (ev / tag / "samples.jsonl").read_text().splitlines()][:2]
         assert [g["reward_demo_reference_color"] for g in got] == pytest.approx(expected.tolist(), abs=1e-9), tag
     assert result["comparison"]["deltas"]["reward_total"]["delta"] != 0.0
+    summaries = {s["policy"]: s for s in result["summaries"]}  # the guidance each was trained at: known, unknown
+    assert summaries["step_000002"]["trained_guidance_scale"] == cfg.sampler.guidance_scale
+    assert summaries["base"]["trained_guidance_scale"] is None
 
 
 def test_held_out_monitor_is_deterministic_and_leaves_state(root, shards, tmp_path):

@@ -12,7 +12,7 @@ from policy.models import build_components, pipeline_for, save_pretrained
 from policy.policy import WanPolicy
 from policy.sampler import initial_noise, sample_group, score_step
 from policy.schedule import sampling_schedule
-from policy.sde import NoiseRule
+from policy.sde import NoiseRule, sde_step_with_logprob
 
 PROMPT = "two people talk in a sunny park"
 EULER_2, EULER_3 = sampling_schedule("euler", 2, 3.0), sampling_schedule("euler", 3, 3.0)  # local_cpu: euler
@@ -28,9 +28,11 @@ def refs(n=2):
     return [rng.randint(0, 255, (40, 28, 3), dtype=np.uint8) for _ in range(n)]
 
 
-@pytest.mark.parametrize("kind", ["t2v", "vace"])
-def test_zero_noise_trajectory_equals_diffusers_pipeline(root, kind):
-    policy, cfg = make_policy(root, kind)
+@pytest.mark.parametrize("kind,guidance", [("t2v", 4.5), ("vace", 4.5), ("t2v", 1.0), ("vace", 1.0)])
+def test_zero_noise_trajectory_equals_diffusers_pipeline(root, kind, guidance):
+    """With CFG, and without (guidance 1: one pass per step here, and in diffusers' pipeline, which skips the
+    unconditional pass at a guidance scale of 1): the stock pipeline reproduces the policy's deterministic sample."""
+    policy, cfg = make_policy(root, kind, f"sampler.guidance_scale={guidance}")
     references = refs() if kind == "vace" else []
     cond = policy.encode_condition(PROMPT, references)
     noise, _ = initial_noise([7], cond.latent_shape)
@@ -46,6 +48,46 @@ def test_zero_noise_trajectory_equals_diffusers_pipeline(root, kind):
     theirs = pipe(**kwargs).frames
     torch.testing.assert_close(ours.final_latents, theirs, rtol=1e-4, atol=1e-4)
     assert ours.log_probs is None
+
+
+CFG_FREE = {"t2v": ["sampler.guidance_scale=1"], "vace": ["sampler.guidance_scale=1"],
+            "phantom": ["sampler.guidance_scale=1", "sampler.image_guidance_scale=1"]}
+
+
+@pytest.mark.parametrize("kind", ["t2v", "vace", "phantom"])
+def test_cfg_free_velocity_is_one_conditional_pass_and_its_log_probs_the_closed_form(root, kind):
+    """Guidance 1 (Phantom: text and image): no negative prompt encoded, one transformer pass of the batch per
+    velocity, equal bit for bit to the conditional pass called by hand; each recorded log-prob is the Gaussian
+    log-density of the next latent around the SDE mean of that velocity, and the first ratio is exactly 1."""
+    policy, cfg = make_policy(root, kind, *CFG_FREE[kind])
+    cond = policy.encode_condition(PROMPT, refs() if kind != "t2v" else [])
+    assert policy.passes_per_step == 1 and cond.negative_embeds is None
+    traj = sample_group(policy, cond, [1, 2], NoiseRule.from_config(cfg.sampler), EULER_3)
+    rows = []
+    hook = policy.transformer.register_forward_hook(lambda m, args, kw, out: rows.append(kw["hidden_states"].shape[0]),
+                                                    with_kwargs=True)
+    try:
+        x, t = traj.latents[:, 1], traj.timesteps[1].expand(2)
+        v = policy.velocity(x, t, cond)
+    finally:
+        hook.remove()
+    assert rows == [2]  # one pass: the two samples, not four rows
+    kwargs, hidden = {}, x
+    if kind == "vace":
+        kwargs["control_hidden_states"] = cond.control.expand(2, -1, -1, -1, -1)
+    if kind == "phantom":
+        hidden = torch.cat([x, cond.ref_latents.expand(2, -1, -1, -1, -1)], dim=2)
+    with torch.no_grad():
+        by_hand = policy.transformer(hidden_states=hidden, timestep=t, encoder_hidden_states=cond.prompt_embeds.expand(
+            2, -1, -1), **kwargs).sample[:, :, : x.shape[2]].float()
+    assert torch.equal(v, by_hand)
+    s, s_next = traj.sigmas[1], traj.sigmas[2]
+    step = sde_step_with_logprob(x, by_hand, s, s_next, traj.rule, prev_sample=traj.latents[:, 2])
+    normal = torch.distributions.Normal(step.mean, step.scale.view(-1, 1, 1, 1, 1))
+    density = normal.log_prob(traj.latents[:, 2].double()).mean(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(traj.log_probs[:, 1], density, rtol=0, atol=1e-10)
+    for k in range(3):
+        assert torch.equal(score_step(policy, traj, k).log_prob.detach(), traj.log_probs[:, k])
 
 
 def test_decode_matches_pipeline_video(root):

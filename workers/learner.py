@@ -28,7 +28,7 @@ from policy.ema import Ema
 from policy.grpo import grpo_loss, select_timesteps, trained_step_count
 from policy.lora import save_lora
 from policy.models import TRANSFORMER_ONLY, build_components
-from policy.policy import WanPolicy
+from policy.policy import WanPolicy, guided_passes
 from policy.sampler import forward_chunks, score_step
 from policy.sde import host_to_device
 from policy.window import window_size
@@ -83,11 +83,11 @@ def trained_timesteps(cfg) -> int:
 
 
 def transformer_passes(cfg) -> Dict[str, int]:
-    """What one video costs in transformer passes (each a batched CFG forward: 2 for VACE and T2V, 3 for
-    Phantom's text + image guidance): `rollout_nfe` to sample it (every step; an SDE window does not change it),
-    `learn_passes` to learn from it (the trained steps of every inner epoch, each a policy forward + backward,
-    and with a KL term the reference's forward too)."""
-    guided = 3 if cfg.model.kind == "phantom" else 2
+    """What one video costs in transformer passes (per step, policy/policy.py guided_passes: 2 with CFG for VACE and
+    T2V, 3 for Phantom's text + image guidance, 1 without guidance): `rollout_nfe` to sample it (every step; an SDE
+    window does not change it), `learn_passes` to learn from it (the trained steps of every inner epoch, each a
+    policy forward + backward, and with a KL term the reference's forward too)."""
+    guided = guided_passes(cfg.model.kind, cfg.sampler)
     learn = trained_timesteps(cfg) * cfg.grpo.num_inner_epochs * guided * (2 if cfg.grpo.kl_beta > 0 else 1)
     return {"rollout_nfe": cfg.sampler.num_steps * guided, "learn_passes": learn}
 
