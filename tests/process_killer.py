@@ -124,6 +124,10 @@ EVERY_STEP = {"RolloutWorker": ("generate", "set_weights", ""), "RewardWorker": 
               "LearnerWorker": ("update", "publish", "")}
 STARTING = {"RolloutWorker": ("__init__", "set_weights"), "RewardWorker": ("__init__",),
             "LearnerWorker": ("__init__", "setup", "load")}
+# A step the rerun replays also enters these (every `logging.eval_every` and `trainer.checkpoint_every` steps: the
+# held-out monitor and the checkpoint's write, which tests/test_loop.py's runs do at steps 2 and 4).
+REPLAYED = {**EVERY_STEP, "RolloutWorker": EVERY_STEP["RolloutWorker"] + ("held_out",),
+            "LearnerWorker": EVERY_STEP["LearnerWorker"] + ("save",)}
 # What the driver runs only after the previous step's checkpoint is committed (its waits may come before it).
 DRIVER_AFTER_COMMIT = {"RolloutWorker": ("generate", "set_weights"), "RewardWorker": ("score",),
                        "LearnerWorker": ("update", "publish")}
@@ -133,8 +137,9 @@ def random_kills(seed: int, metrics: Path, steps: int, checkpoint_every: int) ->
     """Four kills in turn at moments drawn from `seed`, for a sync run of `steps` steps that checkpoints every
     `checkpoint_every`: a worker of a random role, or a node (rollout, reward and a learner rank at once), in one of
     the steps before the first checkpoint; the driver, in a step after it (the rerun resumes from it); a random
-    role while the rerun starts and resumes; then the other of worker and node, in a step the rerun replays. Each
-    at a random call or wait of its step, a random fraction of a second into it: every kill's moment comes."""
+    role while the rerun starts and resumes; then the other of worker and node, in a step the rerun replays (also
+    while it monitors or checkpoints, which the last step does). Each at a random call or wait of its step, a random
+    fraction of a second into it: every kill's moment comes."""
     rng = random.Random(seed)
 
     def title(cls: str, name: str) -> str:
@@ -153,7 +158,7 @@ def random_kills(seed: int, metrics: Path, steps: int, checkpoint_every: int) ->
     driver = Kill(pick(DRIVER_AFTER_COMMIT), after_records=rng.randrange(checkpoint_every, steps), metrics=metrics,
                   delay_s=delay(), driver=True, after=before)
     resume = Kill(pick(STARTING), delay_s=delay(), after=driver)
-    replayed = Kill(pick(EVERY_STEP), after_records=rng.randrange(checkpoint_every, steps), metrics=metrics,
+    replayed = Kill(pick(REPLAYED), after_records=rng.randrange(checkpoint_every, steps), metrics=metrics,
                     delay_s=delay(), with_classes=second, after=resume)
     return [before, driver, resume, replayed]
 
