@@ -1,22 +1,28 @@
-"""Transformer passes and wall time to the same reward: every step stochastic vs MixGRPO's SDE window (issue #18).
+"""Transformer passes and wall time to the same reward, per variant against the official recipe (issues #18, #32).
 
     .venv/bin/python bench/fast_grpo.py [--seeds 0 1 2] [--steps 120] [--window 1] [--smooth 10]
+                                        [--variants window window_cfg_free]
 
 Per seed, the demo task (cluster_configs/demo_cpu.yaml: tiny VACE with the demo VAE, LoRA, `demo_brightness`
-reward, Ray + 2 DeepSpeed ZeRO-2 learner ranks on this CPU) is trained twice from the same base model, data
-order and seed:
-- full:   every sampling step is an SDE step, recorded and trained (Flow-GRPO, the official recipe);
-- window: `sampler.sde_window.size=W`, progressive (policy/window.py): W SDE steps, ODE steps elsewhere, only
-          the window's steps trained.
+reward, Ray + 2 DeepSpeed ZeRO-2 learner ranks on this CPU) is trained from the same base model, data order and
+seed once per variant, and once as the reference:
+- full:            every sampling step an SDE step, recorded and trained, CFG (the official recipe; the reference);
+- window:          `sampler.sde_window.size=W`, progressive (policy/window.py): W SDE steps, ODE steps elsewhere,
+                   only the window's steps trained;
+- window_cfg_free: the window, and no classifier-free guidance (`sampler.guidance_scale=1`): one transformer
+                   pass per step instead of two, in rollout and learner.
 Target = the full run's mean reward over its last quarter. A run reaches it at the first step where the mean
 of `reward_mean` over the last `--smooth` steps is at least the target; its cost to get there is the sum of
 its per-step transformer passes ((rollout_nfe + learn_passes) x videos per step, from metrics.jsonl) and of
-its step times (`step_s`: start-up not counted, the same for both). Ratios are window / full per seed;
-the last line gives their medians:
+its step times (`step_s`: start-up not counted, the same for all). Ratios are variant / full per seed, and the
+final reward delta is the variant's last-quarter mean minus the full run's. One line per variant with the
+medians, then the best variant (the lowest median time ratio among those whose median final reward delta is
+not below 0; else the lowest overall, marked):
 
-    fast_grpo: passes_ratio=<r> time_ratio=<r> seeds=<n>
+    fast_grpo: <variant> passes_ratio=<r> time_ratio=<r> final_reward_delta=<d> seeds=<n>
+    fast_grpo: best=<variant> passes_ratio=<r> time_ratio=<r> final_reward_delta=<d> seeds=<n>
 
-A window run that never reaches the target gets ratio inf (and the median says so).
+A variant run that never reaches the target gets ratio inf (and the median says so).
 """
 
 from __future__ import annotations
@@ -38,17 +44,21 @@ from config import load_config  # noqa: E402
 DEMO = ROOT / "cluster_configs" / "demo_cpu.yaml"
 
 
-def run_variant(out: Path, seed: int, steps: int, window: int) -> List[dict]:
+VARIANTS = {
+    "window": lambda window: [f"sampler.sde_window.size={window}", "sampler.sde_window.strategy=progressive",
+                              "sampler.sde_window.roll_back=true"],
+    "window_cfg_free": lambda window: VARIANTS["window"](window) + ["sampler.guidance_scale=1"],
+}
+
+
+def run_variant(out: Path, seed: int, steps: int, overrides: List[str]) -> List[dict]:
     from launcher.demo import ensure_demo_model, ensure_demo_shards
     from launcher.train import run
     from runtime.metrics import read_metrics
 
     overrides = [f"trainer.seed={seed}", f"trainer.steps={steps}", f"trainer.output_dir={out}",
                  f"trainer.checkpoint_every={steps}", "trainer.resume=never", "logging.tensorboard=false",
-                 "logging.video_every=0", "logging.progress_bar=false"]
-    if window:
-        overrides += [f"sampler.sde_window.size={window}", "sampler.sde_window.strategy=progressive",
-                      "sampler.sde_window.roll_back=true"]
+                 "logging.video_every=0", "logging.progress_bar=false", *overrides]
     cfg = load_config(DEMO, overrides)  # its model.path and shards are relative to the repository root (main)
     ensure_demo_shards(cfg.data.prompt_shards)
     ensure_demo_model(cfg.model)
@@ -72,52 +82,63 @@ def cost_to_reach(records: List[dict], target: float, smooth: int) -> Optional[D
     return None
 
 
+def compare(full: List[dict], variant: List[dict], smooth: int) -> dict:
+    """One variant against the full run of the same seed: its cost to the full run's last-quarter reward, as ratios."""
+    quarter = max(1, len(full) // 4)
+    target = statistics.fmean(r["reward_mean"] for r in full[-quarter:])
+    # a trailing mean reaches the last quarter's mean somewhere in it, except by rounding: then the whole run
+    reach_full = cost_to_reach(full, target, smooth) or {
+        "step": full[-1]["step"], "passes": sum(r["passes"] for r in full), "seconds": sum(r["step_s"] for r in full)}
+    reach = cost_to_reach(variant, target, smooth)
+    last_quarter = statistics.fmean(r["reward_mean"] for r in variant[-quarter:])
+    return {"target": target, "full": reach_full, "variant": reach, "last_quarter": last_quarter,
+            "final_reward_delta": last_quarter - target,
+            "passes_per_video": variant[0]["rollout_nfe"] + variant[0]["learn_passes"],
+            "passes_ratio": reach["passes"] / reach_full["passes"] if reach else float("inf"),
+            "time_ratio": reach["seconds"] / reach_full["seconds"] if reach else float("inf")}
+
+
+def summary_line(name: str, rows: List[dict]) -> str:
+    med = {k: statistics.median(r[k] for r in rows) for k in ("passes_ratio", "time_ratio", "final_reward_delta")}
+    return (f"{name} passes_ratio={med['passes_ratio']:.3f} time_ratio={med['time_ratio']:.3f} "
+            f"final_reward_delta={med['final_reward_delta']:+.4f} seeds={len(rows)}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--window", type=int, default=1, help="SDE window size (the demo samples 4 steps)")
     parser.add_argument("--smooth", type=int, default=10, help="steps in the trailing mean of the reward")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=sorted(VARIANTS))
     parser.add_argument("--out", default=None, help="where the runs go (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="write every run's summary here")
     args = parser.parse_args(argv)
     base = Path(args.out or tempfile.mkdtemp(prefix="fast_grpo_")).resolve()
     os.chdir(ROOT)  # as `make demo`: the demo config's paths (outputs/demo_model, outputs/demo_data) are relative
-    passes_ratios, time_ratios, rows = [], [], []
+    rows: Dict[str, List[dict]] = {name: [] for name in args.variants}
     for seed in args.seeds:
-        full = run_variant(base / f"seed{seed}_full", seed, args.steps, 0)
-        windowed = run_variant(base / f"seed{seed}_window{args.window}", seed, args.steps, args.window)
-        quarter = max(1, len(full) // 4)
-        target = statistics.fmean(r["reward_mean"] for r in full[-quarter:])
-        # a trailing mean reaches the last quarter's mean somewhere in it, except by rounding: then the whole run
-        reach_full = cost_to_reach(full, target, args.smooth) or {
-            "step": full[-1]["step"], "passes": sum(r["passes"] for r in full),
-            "seconds": sum(r["step_s"] for r in full)}
-        reach_window = cost_to_reach(windowed, target, args.smooth)
-        if reach_window is None:
-            passes_ratio = time_ratio = float("inf")
-        else:
-            passes_ratio = reach_window["passes"] / reach_full["passes"]
-            time_ratio = reach_window["seconds"] / reach_full["seconds"]
-        passes_ratios.append(passes_ratio)
-        time_ratios.append(time_ratio)
-        row = {"seed": seed, "target": target, "full": reach_full, "window": reach_window,
-               "full_last_quarter": target,
-               "window_last_quarter": statistics.fmean(r["reward_mean"] for r in windowed[-quarter:]),
-               "passes_per_video": {"full": full[0]["rollout_nfe"] + full[0]["learn_passes"],
-                                    "window": windowed[0]["rollout_nfe"] + windowed[0]["learn_passes"]},
-               "passes_ratio": passes_ratio, "time_ratio": time_ratio}
-        rows.append(row)
-        print(f"seed {seed}: target {target:.4f}; full reaches it at step {reach_full['step']}; window "
-              + (f"at step {reach_window['step']}" if reach_window else "never")
-              + f"; last-quarter reward full {target:.4f} window {row['window_last_quarter']:.4f}; "
-              f"passes ratio {passes_ratio:.3f}, time ratio {time_ratio:.3f}", flush=True)
+        full = run_variant(base / f"seed{seed}_full", seed, args.steps, [])
+        print(f"seed {seed}: full: {full[0]['rollout_nfe'] + full[0]['learn_passes']} passes per video, "
+              f"mean step {statistics.fmean(r['step_s'] for r in full):.2f} s", flush=True)
+        for name in args.variants:
+            records = run_variant(base / f"seed{seed}_{name}", seed, args.steps, VARIANTS[name](args.window))
+            row = {"seed": seed, "variant": name, **compare(full, records, args.smooth),
+                   "mean_step_s": statistics.fmean(r["step_s"] for r in records)}
+            rows[name].append(row)
+            print(f"seed {seed}: {name}: target {row['target']:.4f}; full reaches it at step {row['full']['step']}, "
+                  f"{name} " + (f"at step {row['variant']['step']}" if row["variant"] else "never")
+                  + f"; last-quarter reward {row['last_quarter']:.4f} (delta {row['final_reward_delta']:+.4f}); "
+                  f"{row['passes_per_video']} passes per video, mean step {row['mean_step_s']:.2f} s; "
+                  f"passes ratio {row['passes_ratio']:.3f}, time ratio {row['time_ratio']:.3f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
-    print(f"spread over seeds: passes_ratio {min(passes_ratios):.3f}-{max(passes_ratios):.3f}, "
-          f"time_ratio {min(time_ratios):.3f}-{max(time_ratios):.3f}")
-    print(f"fast_grpo: passes_ratio={statistics.median(passes_ratios):.3f} "
-          f"time_ratio={statistics.median(time_ratios):.3f} seeds={len(args.seeds)}")
+    for name in args.variants:
+        print("fast_grpo: " + summary_line(name, rows[name]))
+    medians = {name: statistics.median(r["time_ratio"] for r in rows[name]) for name in args.variants}
+    kept = [n for n in args.variants if statistics.median(r["final_reward_delta"] for r in rows[n]) >= 0]
+    best = min(kept or args.variants, key=medians.get)
+    print(f"fast_grpo: best={summary_line(best, rows[best])}" + ("" if kept else " (every variant ends below full)"))
 
 
 if __name__ == "__main__":
