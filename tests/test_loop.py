@@ -98,6 +98,7 @@ def straight(root, shards, tmp_path_factory):
     return out, strip(run(straight_config(root, shards, out)))
 
 
+@pytest.mark.faults  # runs with the kills it is the reference of, and takes its run's time there, not a seed's test
 def test_straight_run(straight):
     out, records = straight
     assert [r["step"] for r in records] == [1, 2, 3, 4]
