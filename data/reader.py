@@ -68,17 +68,18 @@ def require_intact(cfg, kinds: Mapping[str, str], on_error: str) -> None:
             index = index_shard(path)
             if index.error:
                 raise DataError(path, None, f"{index.error} ({key})")
-            for ref in index.samples:
-                if ref.error:
-                    raise DataError(path, ref.key, f"{ref.error} ({key})")
-                members: dict = dict.fromkeys(ref.members, b"")
-                try:
-                    members.update(read_members(ref, RECORD_MEMBERS))
-                    check_records(kind, members)
-                except OSError as err:
-                    raise DataError(path, ref.key, f"{err} ({key})") from None
-                except SampleError as err:
-                    raise DataError(path, ref.key, f"{err.reason} ({key})", field=err.field) from None
+            with open(path, "rb") as shard:  # one open per shard, not per sample
+                for ref in index.samples:
+                    if ref.error:
+                        raise DataError(path, ref.key, f"{ref.error} ({key})")
+                    members: dict = dict.fromkeys(ref.members, b"")
+                    try:
+                        members.update(read_members(ref, RECORD_MEMBERS, shard))
+                        check_records(kind, members)
+                    except OSError as err:
+                        raise DataError(path, ref.key, f"{err} ({key})") from None
+                    except SampleError as err:
+                        raise DataError(path, ref.key, f"{err.reason} ({key})", field=err.field) from None
 
 
 @dataclass(frozen=True)

@@ -153,18 +153,21 @@ def index_shard(path: str) -> ShardIndex:
         return ShardIndex(path, samples)
 
 
-def read_members(ref: SampleRef, names: Sequence[str] | None = None) -> dict[str, bytes]:
-    """Read the bytes of every member of one sample, or of the named ones that it has (by seeking). Raises OSError
-    if a read is short."""
+def read_members(ref: SampleRef, names: Sequence[str] | None = None, shard=None) -> dict[str, bytes]:
+    """Read the bytes of every member of one sample, or of the named ones that it has (by seeking), from `shard` (the
+    shard's file opened in binary mode, for callers reading many samples of it) or a fresh open. Raises OSError if a
+    read is short."""
+    if shard is None:
+        with open(ref.shard, "rb") as f:
+            return read_members(ref, names, f)
     out: dict[str, bytes] = {}
-    with open(ref.shard, "rb") as f:
-        for ext, (offset, size) in ref.members.items():
-            if names is not None and ext not in names:
-                continue
-            f.seek(offset)
-            data = f.read(size)
-            if len(data) != size:
-                raise OSError(f"short read of member {ref.key}.{ext}: got {len(data)} of {size} bytes "
-                              "(shard changed or truncated since it was indexed)")
-            out[ext] = data
+    for ext, (offset, size) in ref.members.items():
+        if names is not None and ext not in names:
+            continue
+        shard.seek(offset)
+        data = shard.read(size)
+        if len(data) != size:
+            raise OSError(f"short read of member {ref.key}.{ext}: got {len(data)} of {size} bytes "
+                          "(shard changed or truncated since it was indexed)")
+        out[ext] = data
     return out

@@ -109,7 +109,7 @@ async def _pair_view(request: web.Request, annotator: str) -> dict:
     if nxt is not None:
         media_cache: PairMedia = request.app[MEDIA_KEY]
         members = await media_cache.get(nxt)
-        following = pairs.order.index(nxt) + 1
+        following = pairs.position[nxt] + 1
         if following < len(pairs.order):
             media_cache.get(pairs.order[following])  # most annotators go there next: ready when they do
         left = left_slot(nxt, annotator)

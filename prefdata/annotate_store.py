@@ -46,6 +46,9 @@ class PairSet:
     refs: Dict[str, object]  # key -> data.tarindex.SampleRef
     order: List[str]
 
+    def __post_init__(self):
+        self.position = {key: i for i, key in enumerate(self.order)}  # key -> its place in `order`
+
     @classmethod
     def open(cls, pattern: str) -> "PairSet":
         from data.tarindex import expand_pattern, index_shard
