@@ -10,7 +10,9 @@ seed once per variant, and once as the reference:
 - window:          `sampler.sde_window.size=W`, progressive (policy/window.py): W SDE steps, ODE steps elsewhere,
                    only the window's steps trained;
 - window_cfg_free: the window, and no classifier-free guidance (`sampler.guidance_scale=1`): one transformer
-                   pass per step instead of two, in rollout and learner.
+                   pass per step instead of two, in rollout and learner;
+- window_cfg_free_dpm: that, and MixGRPO-Flash's ODE outside the window (`sampler.ode_solver=dpm2m`,
+                   `sampler.ode_steps_ratio=0.4`, policy/ode.py): fewer, second-order ODE steps.
 Target = the full run's mean reward over its last quarter. A run reaches it at the first step where the mean
 of `reward_mean` over the last `--smooth` steps is at least the target; its cost to get there is the sum of
 its per-step transformer passes ((rollout_nfe + learn_passes) x videos per step, from metrics.jsonl) and of
@@ -48,7 +50,10 @@ VARIANTS = {
     "window": lambda window: [f"sampler.sde_window.size={window}", "sampler.sde_window.strategy=progressive",
                               "sampler.sde_window.roll_back=true"],
     "window_cfg_free": lambda window: VARIANTS["window"](window) + ["sampler.guidance_scale=1"],
+    "window_cfg_free_dpm": lambda window: VARIANTS["window_cfg_free"](window) + [
+        "sampler.ode_solver=dpm2m", "sampler.ode_steps_ratio=0.4"],
 }
+PHASES = ("rollout_s", "reward_s", "learn_s", "sync_s")
 
 
 def run_variant(out: Path, seed: int, steps: int, overrides: List[str]) -> List[dict]:
@@ -93,7 +98,8 @@ def compare(full: List[dict], variant: List[dict], smooth: int) -> dict:
     last_quarter = statistics.fmean(r["reward_mean"] for r in variant[-quarter:])
     return {"target": target, "full": reach_full, "variant": reach, "last_quarter": last_quarter,
             "final_reward_delta": last_quarter - target,
-            "passes_per_video": variant[0]["rollout_nfe"] + variant[0]["learn_passes"],
+            "passes_per_video": statistics.fmean(r["rollout_nfe"] + r["learn_passes"] for r in variant),
+            "phase_s": {p: statistics.fmean(r.get(p, 0.0) for r in variant) for p in PHASES},
             "passes_ratio": reach["passes"] / reach_full["passes"] if reach else float("inf"),
             "time_ratio": reach["seconds"] / reach_full["seconds"] if reach else float("inf")}
 
@@ -129,7 +135,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(f"seed {seed}: {name}: target {row['target']:.4f}; full reaches it at step {row['full']['step']}, "
                   f"{name} " + (f"at step {row['variant']['step']}" if row["variant"] else "never")
                   + f"; last-quarter reward {row['last_quarter']:.4f} (delta {row['final_reward_delta']:+.4f}); "
-                  f"{row['passes_per_video']} passes per video, mean step {row['mean_step_s']:.2f} s; "
+                  f"{row['passes_per_video']:.2f} passes per video, mean step {row['mean_step_s']:.2f} s ("
+                  + ", ".join(f"{p} {t:.2f}" for p, t in row["phase_s"].items()) + "); "
                   f"passes ratio {row['passes_ratio']:.3f}, time ratio {row['time_ratio']:.3f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

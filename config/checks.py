@@ -122,6 +122,8 @@ def check_values(cfg: DictConfig, source: str) -> None:
                           f"use noise_rule=linear with unipc (official) or schedule=euler with eta (Flow-GRPO)")
     if not 0.0 < cfg.grpo.timestep_fraction <= 1.0:
         raise ConfigError(f"{source}: 'grpo.timestep_fraction' must be in (0, 1]")
+    if not 0.0 < cfg.sampler.ode_steps_ratio <= 1.0:
+        raise ConfigError(f"{source}: 'sampler.ode_steps_ratio' must be in (0, 1], got {cfg.sampler.ode_steps_ratio}")
     if not 0.0 <= cfg.optim.ema.decay < 1.0:
         raise ConfigError(f"{source}: 'optim.ema.decay' must be in [0, 1), got {cfg.optim.ema.decay}")
     if cfg.optim.ema.enabled and cfg.workers.learner_engine.zero_stage == 3:

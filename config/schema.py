@@ -123,6 +123,11 @@ class SamplerConfig:
     negative_prompt: str = ""
     max_sequence_length: int = 32
     sde_window: SdeWindowConfig = field(default_factory=SdeWindowConfig)
+    # The deterministic steps outside the SDE window (policy/ode.py; training rollouts only, evaluation keeps
+    # Euler on every step): "euler" (official) or "dpm2m" (DPM-Solver++(2M), MixGRPO-Flash's), and the fraction of
+    # each ODE stretch's steps kept (1 = all; MixGRPO-Flash: 0.4).
+    ode_solver: str = one_of("euler", "dpm2m", default="euler")
+    ode_steps_ratio: float = positive(1.0)
 
 
 # ----------------------------------------------------------------------------- GRPO

@@ -52,9 +52,15 @@ def _finite_mean(values: torch.Tensor) -> float:
     return float(values.mean()) if values.numel() else float("nan")
 
 
+def measured_rollout_nfe(scored: List[dict], passes_per_step: int) -> float:
+    """Transformer passes per video of this step's rollouts, as sampled: the ODE solver's compression
+    (policy/ode.py) makes the step count depend on where the SDE window is."""
+    return passes_per_step * sum(s["rollout_steps"] for s in scored) / len(scored)
+
+
 def step_record(*, step: int, scored: List[dict], advantages: Advantages, learner: Dict[str, float],
                 staleness: Sequence[int], timer: StepTimer, policy_version: int, data_skipped: int,
-                passes_per_video: Dict[str, float]) -> Dict[str, float]:
+                passes_per_step: int, learn_passes: int) -> Dict[str, float]:
     """The step's record: reward mean/std/failures and per component (failed scores are NaN and left out), the
     learner's statistics, advantages, staleness, each phase's seconds and the whole step's, data skips."""
     totals = torch.stack([s["scores"]["total"] for s in scored]).flatten()
@@ -64,7 +70,8 @@ def step_record(*, step: int, scored: List[dict], advantages: Advantages, learne
         "reward_std": float(finite.std()) if finite.numel() > 1 else 0.0,
         "reward_failed": int((~torch.isfinite(totals)).sum()), "policy_version": policy_version,
         "staleness_max": max(staleness), "rollout_s": max(s["rollout_s"] for s in scored),
-        **timer.seconds, "step_s": timer.elapsed(), "data_skipped": data_skipped, **passes_per_video,
+        **timer.seconds, "step_s": timer.elapsed(), "data_skipped": data_skipped,
+        "rollout_nfe": measured_rollout_nfe(scored, passes_per_step), "learn_passes": learn_passes,
     }
     for name in scored[0]["scores"]:
         if name != "total":

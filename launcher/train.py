@@ -39,6 +39,7 @@ from launcher.preflight import preflight
 from launcher.progress import Progress
 from launcher.step_metrics import StepTimer, reduce_learner_stats, step_record
 from policy.grpo import group_advantages
+from policy.policy import guided_passes
 from policy.window import sde_steps
 from runtime.checkpoint import CheckpointManager
 from runtime.metrics import MetricsLogger
@@ -88,7 +89,10 @@ class Trainer:
         # directory's `latest`, which may be another run's when trainer.resume=never)
         self.last_checkpoint = self.checkpoints.resolve(cfg.trainer.resume)
         self.learner_restarts = 0
-        self.passes_per_video = transformer_passes(cfg)  # rollout_nfe, learn_passes: fixed by the config
+        # what a video costs: passes per sampled step (rollout_nfe is measured: policy/ode.py may skip steps) and
+        # passes to learn from it (fixed by the config)
+        self.passes_per_step = guided_passes(cfg.model.kind, cfg.sampler)
+        self.learn_passes = transformer_passes(cfg)["learn_passes"]
         self.state = self.start_learning()
         self.metrics = MetricsLogger(self.out, cfg.logging.tensorboard, resume_step=self.state.step)
         self.stop_requested = False
@@ -149,7 +153,8 @@ class Trainer:
                 # 7. log, held-out monitor, checkpoint
                 record = step_record(step=step, scored=scored, advantages=adv, learner=learner, staleness=staleness,
                                      timer=timer, policy_version=self.state.version,
-                                     data_skipped=self.prompts.num_skipped, passes_per_video=self.passes_per_video)
+                                     data_skipped=self.prompts.num_skipped, passes_per_step=self.passes_per_step,
+                                     learn_passes=self.learn_passes)
                 if self.eval_prompts and step % cfg.logging.eval_every == 0:
                     record.update(self.held_out_monitor())
                 self.metrics.log(record)

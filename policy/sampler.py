@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from policy.ode import EULER, OdeSolver, data_prediction, dpm2m_step
 from policy.policy import Condition, WanPolicy
 from policy.schedule import Schedule
 from policy.sde import NoiseRule, host_to_device, kl_to_reference, sde_step_with_logprob
@@ -30,7 +31,7 @@ class Trajectory:
     latents: torch.Tensor
     # (G, T) float64 at the SDE steps, NaN at the ODE steps outside an SDE window; None for a deterministic run
     log_probs: Optional[torch.Tensor]
-    sigmas: torch.Tensor  # (T+1,) float64, s_0 = 1 ... s_T = 0
+    sigmas: torch.Tensor  # (T+1,) float64, s_0 = 1 ... s_T = 0: the sigmas visited (see `grid_points`)
     timesteps: torch.Tensor  # (T,) float32: the transformer's timestep at each step (policy/schedule.py)
     seeds: List[int]
     cond: Condition
@@ -44,6 +45,10 @@ class Trajectory:
     rollout_s: float = 0.0
     sde_steps: Optional[List[int]] = None  # the stochastic (recorded, trainable) steps; None: every step
     forward_rows: Optional[List[List[int]]] = None  # the rows of each transformer forward (forward_chunks)
+    # the schedule's grid points visited (policy/ode.py: ODE stretches may skip some); None: every one. T, the
+    # steps above (and `sde_steps`) count visited points, so the learner reads the trajectory as it is.
+    grid_points: Optional[List[int]] = None
+    ode_solver: str = "euler"
 
     @property
     def num_steps(self) -> int:
@@ -81,39 +86,51 @@ def initial_noise(seeds: Sequence[int], shape: tuple, device="cpu") -> tuple[tor
 def sample_group(policy: WanPolicy, cond: Condition, seeds: Sequence[int], rule: NoiseRule,
                  schedule: Schedule, deterministic: bool = False, decode: bool = True,
                  policy_version: int = 0, latents: Optional[torch.Tensor] = None,
-                 sde_steps: Optional[Sequence[int]] = None, rows_per_forward: int = 0) -> Trajectory:
-    """Run the SDE (or, deterministic, the Euler ODE) from s = 1 to 0 for len(seeds) samples.
+                 sde_steps: Optional[Sequence[int]] = None, rows_per_forward: int = 0,
+                 ode: OdeSolver = EULER) -> Trajectory:
+    """Run the SDE (or, deterministic, the ODE) from s = 1 to 0 for len(seeds) samples.
 
     `sde_steps` (an SDE window, policy/window.py): only those steps are stochastic and get a log-prob; the
     others take the ODE step and draw no noise. None: every step (with every step listed, the same samples).
-    `rows_per_forward`: the transformer's batch (`forward_chunks`; 0: the whole group), recorded in the trajectory
-    for the learner's recompute."""
-    sigmas, timesteps, num_steps = schedule.sigmas, schedule.timesteps, schedule.num_steps
-    rule = rule.resolve(sigmas)
-    stochastic = set(range(num_steps) if sde_steps is None or deterministic else sde_steps)
+    `ode` (policy/ode.py): the ODE steps' solver and how many of them each ODE stretch keeps; the default, Euler
+    on every grid point, is the official sampler's ODE step. `rows_per_forward`: the transformer's batch
+    (`forward_chunks`; 0: the whole group), recorded in the trajectory for the learner's recompute."""
+    num_steps = schedule.num_steps
+    stochastic = set() if deterministic else set(range(num_steps) if sde_steps is None else sde_steps)
+    points = ode.visited(num_steps, sorted(stochastic))
+    rule = rule.resolve(schedule.sigmas)  # the official "schedule" bounds are the whole grid's, skipped or not
+    sigmas, timesteps = schedule.sigmas[points], schedule.timesteps[points[:-1]]
+    sde_positions = [j for j in range(len(points) - 1) if points[j] in stochastic]
     chunks = forward_chunks(len(seeds), rows_per_forward)
     noise, generators = initial_noise(seeds, cond.latent_shape, policy.device)
     x = noise if latents is None else latents.to(policy.device, torch.float32)
-    states, log_probs = [x], []
-    for k in range(num_steps):
-        v = torch.cat([policy.velocity(x[rows[0]:rows[-1] + 1], timesteps[k].expand(len(rows)), cond)
+    states, log_probs, history = [x], [], None
+    for j in range(len(points) - 1):
+        v = torch.cat([policy.velocity(x[rows[0]:rows[-1] + 1], timesteps[j].expand(len(rows)), cond)
                        for rows in chunks])
-        step_noise, ode = None, deterministic or k not in stochastic
-        if not ode:
-            step_noise = host_to_device(torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32)
-                                                 for g in generators]), x.device)
-        step = sde_step_with_logprob(x, v, sigmas[k], sigmas[k + 1], rule, noise=step_noise, deterministic=ode)
-        x = step.prev_sample
+        is_ode = j not in sde_positions
+        if is_ode and ode.kind == "dpm2m":
+            x, x0 = dpm2m_step(x, v, sigmas[j], sigmas[j + 1], history)
+        else:
+            step_noise = None
+            if not is_ode:
+                step_noise = host_to_device(torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32)
+                                                         for g in generators]), x.device)
+            step = sde_step_with_logprob(x, v, sigmas[j], sigmas[j + 1], rule, noise=step_noise, deterministic=is_ode)
+            x0 = None if ode.kind == "euler" else data_prediction(x, v, sigmas[j])  # dpm2m: history across the window
+            x = step.prev_sample
+            if not is_ode:
+                log_probs.append(step.log_prob)
+        if is_ode and not deterministic:
+            log_probs.append(torch.full((len(seeds),), torch.nan, dtype=torch.float64, device=x.device))
+        history = None if x0 is None else (x0, float(sigmas[j]))
         states.append(x)
-        if not deterministic:
-            log_probs.append(step.log_prob if not ode else torch.full((len(seeds),), torch.nan, dtype=torch.float64,
-                                                                     device=x.device))
-    window = None if sde_steps is None or deterministic else sorted(stochastic)
+    window = None if sde_steps is None or deterministic else sde_positions
     trajectory = Trajectory(
         latents=torch.stack(states, dim=1).cpu(), log_probs=torch.stack(log_probs, 1).cpu() if log_probs else None,
         sigmas=sigmas, timesteps=timesteps, seeds=[int(s) for s in seeds], cond=cond.to("cpu"), rule=rule,
         guidance_scale=float(policy.sampler_cfg.guidance_scale), policy_version=policy_version, sde_steps=window,
-        forward_rows=chunks)
+        forward_rows=chunks, grid_points=None if len(points) == num_steps + 1 else points, ode_solver=ode.kind)
     if decode:
         trajectory.videos = policy.decode(x, cond)
     return trajectory

@@ -149,20 +149,23 @@ def test_kill_during_checkpoint_write_keeps_previous_and_resumes_exactly(root, s
 WINDOW = ["trainer.steps=4", "trainer.checkpoint_every=2", "grpo.timestep_fraction=1.0", "sampler.sde_window.size=1",
           "sampler.sde_window.shift_every=1", "sampler.sde_window.roll_back=true", "model.dtype=bfloat16",
           "workers.learner_engine.precision=bf16", "workers.learner_engine.zero_stage=3", "logging.video_every=0",
-          "sampler.guidance_scale=1"]
+          "sampler.guidance_scale=1", "sampler.ode_solver=dpm2m", "sampler.ode_steps_ratio=0.5"]
 
 
 def test_moving_sde_window_in_bf16_zero3_trains_its_steps_and_resumes_exactly(root, shards, tmp_path, straight):
     """A one-step SDE window moving every step (MixGRPO, policy/window.py), CFG-free (guidance 1: one transformer
-    pass per step, rollout and learner): the learner trains the window's step only (a third of the full run's
-    passes here), in bf16 on a ZeRO-3 LoRA learner with log-probs recomputed exactly (nothing in the learner, e.g.
-    DeepSpeed's process-wide F.linear, rounds otherwise than the rollout); resumed from step 2's checkpoint into a
-    new directory, the run sees the same windows and ends the same."""
+    pass per step, rollout and learner), DPM-Solver++(2M) on half the ODE steps outside it (MixGRPO-Flash,
+    policy/ode.py): the learner trains the window's step only (a third of the full run's passes here), in bf16 on
+    a ZeRO-3 LoRA learner with log-probs recomputed exactly (nothing in the learner, e.g. DeepSpeed's process-wide
+    F.linear, rounds otherwise than the rollout); resumed from step 2's checkpoint into a new directory, the run
+    sees the same windows and ends the same."""
     whole_dir, resumed_dir = tmp_path / "whole", tmp_path / "resumed"
     whole = strip(run(config(root, shards, whole_dir, *WINDOW)))
     assert_exact_ratio(whole)
-    for r in whole:
-        assert r["rollout_nfe"] == straight[1][0]["rollout_nfe"] // 2 == 3  # every step sampled, one pass each
+    assert straight[1][0]["rollout_nfe"] == 2 * 3  # the 3 grid steps, two passes each with CFG
+    # measured, one pass per visited step: windows at steps 0, 1, 2, 0 (rolling back) with the ODE stretches
+    # beside them halved (rounded up): [0, 1, 3], [0, 1, 2, 3], [0, 2, 3], [0, 1, 3]
+    assert [r["rollout_nfe"] for r in whole] == [2, 3, 2, 2]
     assert whole[0]["learn_passes"] * 3 == trained_passes(root, shards, tmp_path)
     resumed = strip(run(config(root, shards, resumed_dir, *WINDOW,
                                f"trainer.resume={whole_dir / 'checkpoints' / 'step_000002'}")))

@@ -84,9 +84,10 @@ def trained_timesteps(cfg) -> int:
 
 def transformer_passes(cfg) -> Dict[str, int]:
     """What one video costs in transformer passes (per step, policy/policy.py guided_passes: 2 with CFG for VACE and
-    T2V, 3 for Phantom's text + image guidance, 1 without guidance): `rollout_nfe` to sample it (every step; an SDE
-    window does not change it), `learn_passes` to learn from it (the trained steps of every inner epoch, each a
-    policy forward + backward, and with a KL term the reference's forward too)."""
+    T2V, 3 for Phantom's text + image guidance, 1 without guidance): `rollout_nfe` to sample it on every grid step
+    (the train loop logs it as sampled: `sampler.ode_steps_ratio` skips ODE steps), `learn_passes` to learn from it
+    (the trained steps of every inner epoch, each a policy forward + backward, and with a KL term the reference's
+    forward too)."""
     guided = guided_passes(cfg.model.kind, cfg.sampler)
     learn = trained_timesteps(cfg) * cfg.grpo.num_inner_epochs * guided * (2 if cfg.grpo.kl_beta > 0 else 1)
     return {"rollout_nfe": cfg.sampler.num_steps * guided, "learn_passes": learn}

@@ -27,7 +27,8 @@ class RewardWorker(WorkerBase):
 
     def score(self, step: int, *trajectories) -> List[Dict]:
         """Per trajectory: {"scores": {component: (G,), "total": weighted sum (NaN where a score failed)},
-        plus the trajectory's policy version and rollout time, so the driver never fetches trajectories."""
+        plus the trajectory's policy version, rollout time and sampled steps, so the driver never fetches
+        trajectories."""
         from runtime.cpu_bf16 import bf16_matmuls_in_fp32
 
         maybe_fault(self.cfg, "reward", self.rank, step)
@@ -37,5 +38,6 @@ class RewardWorker(WorkerBase):
             with bf16_matmuls_in_fp32(self.cfg.trainer.device, self.cfg.reward.vlm.dtype):  # AVX2 CPUs: rehearsals
                 scores = self.reward.score(videos, [traj.references] * len(videos), [traj.prompt] * len(videos))
             out.append({"scores": {k: v.detach().cpu().double() for k, v in scores.items()},
-                        "policy_version": traj.policy_version, "rollout_s": traj.rollout_s})
+                        "policy_version": traj.policy_version, "rollout_s": traj.rollout_s,
+                        "rollout_steps": traj.num_steps})
         return out

@@ -16,6 +16,7 @@ import torch
 
 from policy.lora import load_lora_state_dict
 from policy.models import build_components
+from policy.ode import OdeSolver
 from policy.policy import WanPolicy
 from policy.precision import dtype_map
 from policy.sampler import Trajectory, sample_group
@@ -38,6 +39,7 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         self.policy.transformer.eval()
         self.rule = NoiseRule.from_config(cfg.sampler)
         self.schedule = schedule_from_config(cfg.sampler)
+        self.ode = OdeSolver.from_config(cfg.sampler)  # training rollouts' ODE steps (candidates and evaluation: Euler)
         self.version = -1
         self.fetched_versions: List[int] = []  # versions installed from the object-store copy (recovery)
 
@@ -102,7 +104,7 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
             cond = self.policy.encode_condition(sample["prompt"], sample.get("refs", []))
             # in the learner's micro-batches: its recompute then sees this forward's shapes (policy/sampler.py)
             trajectory = sample_group(self.policy, cond, seeds, self.rule, self.schedule, deterministic=deterministic,
-                                      policy_version=version, sde_steps=sde_steps,
+                                      policy_version=version, sde_steps=sde_steps, ode=self.ode,
                                       rows_per_forward=self.cfg.workers.learner_engine.micro_batch_size)
         trajectory.prompt, trajectory.key = sample["prompt"], sample.get("key", "")
         trajectory.references = list(sample.get("refs", []))
