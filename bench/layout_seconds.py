@@ -39,7 +39,7 @@ from config.checks import RANDOM_POLICY  # noqa: E402
 from policy.arch import transformer_config  # noqa: E402
 from policy.policy import guided_passes  # noqa: E402
 from policy.window import window_size  # noqa: E402
-from workers.learner import trained_timesteps  # noqa: E402
+from workers.update_plan import trained_timesteps  # noqa: E402
 
 def step_flops(cfg, text_len: int = 512, people: int = 1) -> Dict[str, float]:
     """Model FLOPs of one GRPO step of the preset: sampling, learning, and per video."""

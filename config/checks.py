@@ -56,6 +56,20 @@ RANDOM_REWARD_MODEL = ("reward.vlm.init=random", "reward.vlm.path=null", "reward
                        "reward.vlm.checkpoint_step=null")
 
 
+def check_nft(cfg: DictConfig, source: str) -> None:
+    """What grpo.objective=nft (policy/nft.py) cannot be combined with."""
+    if cfg.sampler.sde_window.size:
+        raise ConfigError(f"{source}: 'sampler.sde_window.size' ({cfg.sampler.sde_window.size}) is set but "
+                          "'grpo.objective' is nft, whose rollouts are deterministic (no SDE steps); drop the window")
+    if cfg.grpo.nft_old_decay_rate:
+        raise NotImplementedError(f"{source}: 'grpo.nft_old_decay_rate' {cfg.grpo.nft_old_decay_rate} (DiffusionNFT's "
+                                  "slowly moving sampling policy) is not implemented; 0 samples with the last weights")
+    if cfg.trainer.mode == "async" and cfg.trainer.max_staleness >= 1:
+        raise NotImplementedError(f"{source}: 'trainer.mode' async with 'grpo.objective' nft is not implemented (its "
+                                  "loss needs the sampling policy's velocity, which the learner has only on-policy); "
+                                  "use trainer.mode=sync or trainer.max_staleness=0")
+
+
 def check_ignored(cfg: DictConfig, rules, source: str) -> None:
     """A ConfigError for the first key that is set while its mode key makes the run ignore it (`IGNORED_UNDER`)."""
     for key, mode_key, modes, why, fix in rules:
@@ -146,6 +160,8 @@ def check_values(cfg: DictConfig, source: str) -> None:
                           f"{window.size} in {steps} steps (at most {steps - window.size})")
     if cfg.grpo.group_size < 2:
         raise ConfigError(f"{source}: 'grpo.group_size' must be >= 2 (advantages are relative)")
+    if cfg.grpo.objective == "nft":
+        check_nft(cfg, source)
     if cfg.logging.eval_every < 0 or (cfg.logging.eval_every and not cfg.data.eval_prompt_shards):
         raise ConfigError(f"{source}: 'logging.eval_every' must be >= 0 and, when > 0, needs 'data.eval_prompt_shards'")
     if cfg.model.num_frames % 4 != 1:

@@ -150,6 +150,15 @@ class GrpoConfig:
     # Optimizer steps per update, each over an equal share of every learner rank's groups (official: 2 per
     # epoch of 32 prompts). 1 = one step over all groups (on-policy: every ratio starts at exactly 1).
     optimizer_steps_per_update: int = positive(1)
+    # "grpo": the clipped-ratio loss on the sampler's recorded steps (official). "nft": DiffusionNFT's loss on the
+    # forward process (policy/nft.py): deterministic rollouts (sampler.ode_solver), only their final latents and
+    # rewards, trained at `timestep_fraction` of the sampler's grid with fresh noise; clip_range unused, kl_beta
+    # weighs the velocity-space KL (DiffusionNFT: 1e-4).
+    objective: str = one_of("grpo", "nft", default="grpo")
+    nft_beta: float = positive(1.0)  # the implicit policies' step b (DiffusionNFT: 1; 0.1 for its OCR task)
+    # DiffusionNFT moves its sampling policy slowly (old <- d old + (1 - d) theta, d = min(rate * step, 0.5));
+    # here the sampling policy is the last update's weights (d = 0). Other values: not implemented.
+    nft_old_decay_rate: float = non_negative(0.0)
 
 
 @dataclass

@@ -109,7 +109,7 @@ def model_card(facts: dict) -> str:
         + (f", image guidance {s['image_guidance_scale']}" if m["kind"] == "phantom" else "")
         + f", {s['num_steps']} steps, shift {s['shift']}, {s['height']}x{s['width']}x{s['num_frames']}, "
         f"negative prompt {s['negative_prompt']!r}",
-        f"- rewards: {facts['reward_weights']}",
+        f"- rewards: {facts['reward_weights']}; objective: {facts['objective']}",
         "",
         "## Load it",
         "",
@@ -156,6 +156,7 @@ def export(run_dir: str | Path, out: str | Path, weights: str = "ema", step: Opt
                      "num_steps": s.num_steps, "shift": s.shift, "negative_prompt": s.negative_prompt,
                      "height": m.height, "width": m.width, "num_frames": m.num_frames},
         "reward_weights": dict(cfg.reward.weights),
+        "objective": cfg.grpo.objective,  # grpo (clipped ratio) or nft (DiffusionNFT, policy/nft.py)
         "figures": training_figures(run_dir, step_done),
     }
     read_safetensors(source, "the checkpoint's LoRA in diffusers format")  # exported only when it reads back

@@ -13,8 +13,10 @@ class Progress:
 
     def update(self, step: int, record: Dict[str, float]) -> None:
         self.bar.n = step
-        self.bar.set_postfix(reward=f"{record['reward_mean']:.4f}", kl=f"{record['kl']:.2e}",
-                             ratio=f"{record['ratio_mean']:.4f}", refresh=False)
+        # GRPO's mean importance ratio, or (NFT) the velocity's deviation from the sampling policy's
+        last = {"ratio": f"{record['ratio_mean']:.4f}"} if "ratio_mean" in record else {
+            "old_dev": f"{record.get('old_deviation', 0.0):.2e}"}
+        self.bar.set_postfix(reward=f"{record['reward_mean']:.4f}", kl=f"{record['kl']:.2e}", **last, refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:

@@ -32,18 +32,22 @@ class StepTimer:
 
 
 def reduce_learner_stats(per_rank: Sequence[Dict[str, float]]) -> Dict[str, float]:
-    """The learner ranks' sums (workers/learner.py `update`) -> the step's means. Ratios and clip fraction are over
-    trained elements only; a step with nothing trained logs ratio 1. Gradient norm and learning rate are rank 0's
-    (equal on every rank after the all-reduce)."""
+    """The learner ranks' sums (workers/learner.py `update`) -> the step's means. GRPO: ratios and clip fraction are
+    over trained elements only; a step with nothing trained logs ratio 1. NFT (no ratio): the velocity's mean
+    squared deviation from the sampling policy's. Gradient norm and learning rate are rank 0's (equal on every rank
+    after the all-reduce)."""
     summed = {k: sum(r[k] for r in per_rank) for k in per_rank[0]}
     micro, trained = max(1, summed["micro_steps"]), summed["num_trained"]
     stats = {k: summed[k] / micro for k in ("policy_loss", "kl", "loss")}
+    stats.update(grad_norm=per_rank[0]["grad_norm"], lr=per_rank[0]["lr"])
+    if "old_deviation" in summed:
+        stats["old_deviation"] = summed["old_deviation"] / micro
+        return stats
     low, high = min(r["ratio_min"] for r in per_rank), max(r["ratio_max"] for r in per_rank)
     stats.update(ratio_mean=summed["ratio_mean"] / trained if trained else 1.0,
                  clip_frac=summed["clip_frac"] / trained if trained else 0.0,
                  ratio_min=low if trained else 1.0, ratio_max=high if trained else 1.0,
-                 first_epoch_logprob_dev=max(r["first_epoch_logprob_dev"] for r in per_rank),
-                 grad_norm=per_rank[0]["grad_norm"], lr=per_rank[0]["lr"])
+                 first_epoch_logprob_dev=max(r["first_epoch_logprob_dev"] for r in per_rank))
     return stats
 
 

@@ -45,7 +45,7 @@ from runtime.checkpoint import CheckpointManager
 from runtime.metrics import MetricsLogger
 from workers.common import maybe_fault, sample_seed
 from workers.group import Strided
-from workers.learner import transformer_passes
+from workers.update_plan import transformer_passes
 from workers.ray_cluster import connect_ray
 from workers.run_config import load_run_config
 from workers.weight_sync import WeightSync, sync_mode
@@ -197,11 +197,13 @@ class Trainer:
         samples = [next(stream) for _ in range(cfg.grpo.prompts_per_step)]
         reader_state = self.prompts.state_dict()
         weights_box = [self.state.weights[version]]
-        # the SDE window at this step (policy/window.py): a function of the step, so replays see the same one
+        # the SDE window at this step (policy/window.py): a function of the step, so replays see the same one;
+        # the NFT objective (policy/nft.py) learns from deterministic rollouts' final latents
         window = sde_steps(cfg.sampler.sde_window, cfg.sampler.num_steps, step, cfg.trainer.seed)
         calls = [(step, _light(sample), [sample_seed(cfg.trainer.seed, step, g, i) for i in range(cfg.grpo.group_size)],
                   version, weights_box) for g, sample in enumerate(samples)]
-        trajectories = self.workers.rollout.round_robin("generate", calls, sde_steps=window)
+        trajectories = self.workers.rollout.round_robin("generate", calls, sde_steps=window,
+                                                        deterministic=cfg.grpo.objective == "nft")
         return Rollouts(trajectories, self.workers.reward.strided("score", trajectories, step), reader_state)
 
     def check_staleness(self, scored: List[dict]) -> List[int]:

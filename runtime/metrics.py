@@ -15,7 +15,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-REQUIRED = ("step", "reward_mean", "reward_std", "ratio_mean", "clip_frac", "kl", "policy_loss",
+REQUIRED = ("step", "reward_mean", "reward_std", "kl", "policy_loss",
             "policy_version", "staleness_max", "rollout_s", "reward_s", "learn_s", "sync_s", "step_s")
 
 log = logging.getLogger(__name__)

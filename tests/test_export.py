@@ -115,6 +115,7 @@ def test_model_card_states_what_the_policy_was_trained_at(run):
     assert facts["figures"]["heldout_step"] == 2 and facts["figures"]["heldout_face_mean"] == 0.5
     card = (out / "README.md").read_text()
     assert "guidance scale 4.5" in card and "WanVACEPipeline.from_pretrained" in card and "step 3" in card
+    assert facts["objective"] == "grpo" and "objective: grpo" in card
     assert (out / "training_config.yaml").read_text() == (tmp / "run" / "checkpoints" / "step_000003" /
                                                            "config.yaml").read_text()
 

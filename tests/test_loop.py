@@ -175,7 +175,7 @@ def test_moving_sde_window_in_bf16_zero3_trains_its_steps_and_resumes_exactly(ro
 
 def trained_passes(root, shards, tmp_path):
     """learn_passes of the same config without a window (every one of the 3 steps trained), CFG-free."""
-    from workers.learner import transformer_passes
+    from workers.update_plan import transformer_passes
 
     return transformer_passes(config(root, shards, tmp_path, "grpo.timestep_fraction=1.0",
                                      "sampler.guidance_scale=1"))["learn_passes"]

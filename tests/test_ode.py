@@ -8,12 +8,11 @@ import torch
 
 from config import load_config
 from config.checks import ConfigError
-from policy.models import build_components
 from policy.ode import OdeSolver, compressed_stretch, data_prediction, dpm2m_step
-from policy.policy import WanPolicy
 from policy.sampler import sample_group, score_step
 from policy.schedule import sampling_schedule
 from policy.sde import NoiseRule
+from tests.test_window import policy  # noqa: F401  (the tiny T2V policy fixture)
 
 PROMPT = "two people talk in a sunny park"
 
@@ -109,14 +108,7 @@ def test_data_prediction_of_a_step_from_sigma_one_is_the_euler_step():
         dpm2m_step(x, v, 0.5, 0.5)
 
 
-@pytest.fixture(scope="module")
-def policy(root):
-    cfg = load_config(root / "cluster_configs" / "local_cpu.yaml", ["trainer.output_dir=x", "model.kind=t2v"])
-    torch.manual_seed(0)
-    return WanPolicy(build_components(cfg.model), cfg.model, cfg.sampler), cfg
-
-
-def test_compressed_dpm2m_rollout_keeps_the_window_exact(policy):
+def test_compressed_dpm2m_rollout_keeps_the_window_exact(policy):  # noqa: F811
     """Window at the start: the window's latents and log-probs are those of the Euler run, bit for bit; the tail
     visits fewer grid points, each step the solver's own from the stored states; the learner's recompute of the
     window's steps equals the recorded log-probs (first ratio 1)."""
@@ -147,7 +139,7 @@ def test_compressed_dpm2m_rollout_keeps_the_window_exact(policy):
     assert (fast.latents[:, -1] - euler.latents[:, -1]).abs().max() < 0.5 * euler.latents[:, -1].abs().max()
 
 
-def test_a_window_in_the_middle_is_scored_where_it_was_sampled(policy):
+def test_a_window_in_the_middle_is_scored_where_it_was_sampled(policy):  # noqa: F811
     policy, cfg = policy
     rule, schedule = NoiseRule.from_config(cfg.sampler), sampling_schedule("unipc", 8, cfg.sampler.shift)
     cond = policy.encode_condition(PROMPT, [])

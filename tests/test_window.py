@@ -15,7 +15,7 @@ from policy.sampler import sample_group, score_step
 from policy.schedule import sampling_schedule
 from policy.sde import NoiseRule
 from policy.window import sde_steps, window_size
-from workers.learner import trained_timesteps, transformer_passes
+from workers.update_plan import trained_timesteps, transformer_passes
 
 PROMPT = "two people talk in a sunny park"
 

@@ -25,16 +25,18 @@ import ray
 import torch
 
 from policy.ema import Ema
-from policy.grpo import grpo_loss, select_timesteps, trained_step_count
+from policy.grpo import grpo_loss, select_timesteps
 from policy.lora import save_lora
 from policy.models import TRANSFORMER_ONLY, build_components
-from policy.policy import WanPolicy, guided_passes
-from policy.sampler import forward_chunks, score_step
+from policy.nft import nft_loss, noised
+from policy.policy import WanPolicy
+from policy.sampler import score_step
+from policy.schedule import schedule_from_config
 from policy.sde import host_to_device
-from policy.window import window_size
 from runtime.cpu_bf16 import bf16_matmuls_in_fp32
 from runtime.distributed import free_port
 from workers.common import WorkerBase, maybe_fault, published_weights, sample_seed
+from workers.update_plan import micro_steps_per_optimizer_step, nft_needs_old_pass, recorded_chunks
 from workers.weight_sync import WeightGroupMember, sync_tensors
 
 ENGINE_TAG = "engine"
@@ -43,6 +45,8 @@ EMA_FILE = "ema.pt"
 # clip_frac are summed weighted by the trained elements (the driver divides by their total), so fully
 # masked groups do not pull them to 1 and 0; ratio_min and ratio_max are reduced by min and max.
 SUMMED_STATS = ("policy_loss", "kl", "loss", "num_trained")
+NFT_SUMMED_STATS = ("policy_loss", "kl", "loss", "num_trained", "old_deviation")
+NFT_NOISE_DOMAIN = 0x4E_4654  # keeps the NFT objective's training noise apart from every rollout seed stream
 TRAINED_WEIGHTED_STATS = ("ratio_mean", "clip_frac")
 
 
@@ -75,46 +79,6 @@ def deepspeed_config(cfg, grad_accum: int) -> dict:
             "warmup_min_lr": 0.0, "warmup_max_lr": float(cfg.optim.lr),
             "warmup_num_steps": int(cfg.optim.warmup_steps), "warmup_type": "linear"}}
     return config
-
-
-def trained_timesteps(cfg) -> int:
-    """Steps trained per trajectory: the `grpo.timestep_fraction` of its SDE steps (all, or the SDE window's)."""
-    return trained_step_count(window_size(cfg.sampler.sde_window, cfg.sampler.num_steps), cfg.grpo.timestep_fraction)
-
-
-def transformer_passes(cfg) -> Dict[str, int]:
-    """What one video costs in transformer passes (per step, policy/policy.py guided_passes: 2 with CFG for VACE and
-    T2V, 3 for Phantom's text + image guidance, 1 without guidance): `rollout_nfe` to sample it on every grid step
-    (the train loop logs it as sampled: `sampler.ode_steps_ratio` skips ODE steps), `learn_passes` to learn from it
-    (the trained steps of every inner epoch, each a policy forward + backward, and with a KL term the reference's
-    forward too)."""
-    guided = guided_passes(cfg.model.kind, cfg.sampler)
-    learn = trained_timesteps(cfg) * cfg.grpo.num_inner_epochs * guided * (2 if cfg.grpo.kl_beta > 0 else 1)
-    return {"rollout_nfe": cfg.sampler.num_steps * guided, "learn_passes": learn}
-
-
-def micro_steps_per_optimizer_step(cfg, world_size: int) -> int:
-    """DeepSpeed's gradient_accumulation_steps: a rank's micro-steps of one update, over the optimizer steps."""
-    groups_per_rank = cfg.grpo.prompts_per_step // world_size
-    micro_steps = groups_per_rank * trained_timesteps(cfg) * len(row_chunks(cfg))
-    return micro_steps // cfg.grpo.optimizer_steps_per_update
-
-
-def row_chunks(cfg) -> List[List[int]]:
-    """Rows of a group per micro-step, and per rollout transformer forward: the whole group, or chunks of
-    `workers.learner_engine.micro_batch_size`."""
-    return forward_chunks(cfg.grpo.group_size, cfg.workers.learner_engine.micro_batch_size)
-
-
-def recorded_chunks(cfg, trajectory) -> List[List[int]]:
-    """The rollout's forward chunks, which the learner's micro-steps follow; an error if they are not the ones
-    the engine's accumulation count was set for (a rollout made under another config)."""
-    if trajectory.forward_rows != row_chunks(cfg):
-        raise ValueError(f"trajectory {trajectory.key!r} was sampled in transformer batches of rows "
-                         f"{trajectory.forward_rows}, the learner's 'workers.learner_engine.micro_batch_size' "
-                         f"({cfg.workers.learner_engine.micro_batch_size}) cuts {row_chunks(cfg)}: the recomputed "
-                         "log-probs would not be the rollout's")
-    return trajectory.forward_rows
 
 
 class _StateTensors(torch.nn.Module):
@@ -164,6 +128,7 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
             model=self.policy.transformer, model_parameters=params,
             config=deepspeed_config(cfg, micro_steps_per_optimizer_step(cfg, self.world_size)))
         self.policy.transformer = self.engine.module
+        self.schedule = schedule_from_config(cfg.sampler)  # the NFT objective trains at its grid's levels
         ema = cfg.optim.ema
         if ema.enabled:  # after deepspeed.initialize: the parameters it trains (ZeRO <= 2: whole on every rank)
             self.ema = Ema(self._trainable(), ema.decay, ema.update_interval, ema.repeats)
@@ -201,9 +166,18 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
     def _update(self, step: int, group_ids: List[int], advantages: List[torch.Tensor], masks: List[torch.Tensor],
                 *trajectories) -> Dict[str, float]:
         maybe_fault(self.cfg, "learner", self.rank, step)
-        cfg, engine = self.cfg, self.engine
-        engine.train()
+        self.engine.train()
         start = time.perf_counter()
+        if self.cfg.grpo.objective == "nft":
+            out = self._nft_update(step, group_ids, advantages, masks, trajectories)
+        else:
+            out = self._grpo_update(step, group_ids, advantages, masks, trajectories)
+        out.update(learn_s=time.perf_counter() - start, lr=float(self.engine.get_lr()[0]),
+                   grad_norm=float(self.engine.get_global_grad_norm() or 0.0))
+        return out
+
+    def _grpo_update(self, step: int, group_ids, advantages, masks, trajectories) -> Dict[str, float]:
+        cfg = self.cfg
         sums: Dict[str, torch.Tensor] = {}
         lows, highs, deviations = [], [], []  # stats stay tensors until the end: no per-micro-step sync
         # Micro-steps before this update's first optimizer step: their recomputed log-probs must equal the
@@ -225,11 +199,7 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
                     rows_ = slice(rows[0], rows[-1] + 1)  # row_chunks are contiguous: a slice, no index copy
                     loss, stats = grpo_loss(score.log_prob, old_log_probs[rows_, k], adv[rows_], cfg.grpo.clip_range,
                                             kl=score.kl, kl_beta=cfg.grpo.kl_beta, mask=mask[rows_])
-                    engine.backward(loss)
-                    optimizer_steps = engine.global_steps
-                    engine.step()
-                    if self.ema is not None and engine.global_steps != optimizer_steps:  # the optimizer stepped
-                        self.ema.step(self._trainable(), engine.global_steps)
+                    self._micro_step(loss)
                     if epoch == 0 and len(lows) < on_policy:
                         deviations.append((score.log_prob.detach() - old_log_probs[rows_, k]).abs().max())
                     for name in SUMMED_STATS:
@@ -242,10 +212,69 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         low = float(torch.stack(lows).min()) if lows else float("inf")
         high = float(torch.stack(highs).max()) if highs else float("-inf")
         out.update(micro_steps=len(lows), ratio_min=low, ratio_max=high,  # +-inf: nothing trained here
-                   first_epoch_logprob_dev=float(torch.stack(deviations).max()) if deviations else 0.0,
-                   learn_s=time.perf_counter() - start, lr=float(engine.get_lr()[0]),
-                   grad_norm=float(engine.get_global_grad_norm() or 0.0))
+                   first_epoch_logprob_dev=float(torch.stack(deviations).max()) if deviations else 0.0)
         return out
+
+    def _nft_update(self, step: int, group_ids, advantages, masks, trajectories) -> Dict[str, float]:
+        """DiffusionNFT's update (policy/nft.py): per micro-step, a group's row chunk at one grid step of the
+        sampler's schedule, its final latents noised afresh (each row's noise from its own seed, so a replay is
+        exact). The sampling policy's velocity is the current one, detached, while no optimizer step has been
+        taken in this update; when the update spans several, it is computed first, for every micro-step, before
+        any (one more forward each, counted in learn_passes)."""
+        cfg = self.cfg
+        plan = []
+        for epoch in range(cfg.grpo.num_inner_epochs):
+            for index, (gid, traj) in enumerate(zip(group_ids, trajectories)):
+                if traj.guidance_scale != float(cfg.sampler.guidance_scale):  # v_old would not be the sampler's
+                    raise ValueError(f"sampler.guidance_scale {cfg.sampler.guidance_scale} differs from the rollout's "
+                                     f"{traj.guidance_scale} (trajectory {traj.key!r})")
+                gen = torch.Generator().manual_seed(sample_seed(cfg.trainer.seed, step, gid, 10_000 + epoch))
+                for k in select_timesteps(self.schedule.num_steps, cfg.grpo.timestep_fraction,
+                                          cfg.grpo.timestep_order, gen).tolist():
+                    plan += [(index, epoch, k, rows) for rows in recorded_chunks(cfg, traj)]
+        old = None
+        if nft_needs_old_pass(cfg):
+            with torch.no_grad():
+                old = [self._nft_forward(trajectories[i], rows, k, epoch)[2] for i, epoch, k, rows in plan]
+        sums: Dict[str, torch.Tensor] = {}
+        for n, (index, epoch, k, rows) in enumerate(plan):
+            traj, rows_ = trajectories[index], slice(rows[0], rows[-1] + 1)
+            x0, x_t, velocity, reference = self._nft_forward(traj, rows, k, epoch, with_reference=cfg.grpo.kl_beta > 0)
+            old_velocity = velocity.detach() if old is None else old[n]
+            loss, stats = nft_loss(velocity, old_velocity, x_t, x0, self.schedule.sigmas[k], advantages[index][rows_],
+                                   cfg.grpo.nft_beta, cfg.grpo.adv_clip, ref_velocity=reference,
+                                   kl_beta=cfg.grpo.kl_beta, mask=masks[index][rows_])
+            self._micro_step(loss)
+            for name in NFT_SUMMED_STATS:
+                sums[name] = sums.get(name, 0.0) + stats[name]
+        out = {name: float(value) for name, value in sums.items()}
+        out.update(micro_steps=len(plan))
+        return out
+
+    def _nft_forward(self, traj, rows: List[int], k: int, epoch: int, with_reference: bool = False):
+        """(x0, x_t, velocity, reference velocity or None) for rows of `traj` at grid step k of the schedule."""
+        device = self.policy.device
+        x0 = host_to_device(traj.final_latents[rows[0]:rows[-1] + 1], device).float()
+        noise = torch.stack([torch.randn(x0.shape[1:], dtype=torch.float32, generator=torch.Generator().manual_seed(
+            sample_seed(traj.seeds[i], NFT_NOISE_DOMAIN, epoch, k))) for i in rows])
+        x_t = noised(x0, host_to_device(noise, device), float(self.schedule.sigmas[k]))
+        timestep = self.schedule.timesteps[k].expand(len(rows))
+        cond = traj.cond.to(device)
+        velocity = self.policy.velocity(x_t, timestep, cond)
+        reference = None
+        if with_reference:
+            with torch.no_grad():
+                reference = self.policy.velocity(x_t, timestep, cond, reference=True)
+        return x0, x_t, velocity, reference
+
+    def _micro_step(self, loss: torch.Tensor) -> None:
+        """Backward and DeepSpeed's step (the optimizer steps at each accumulation boundary), then the EMA."""
+        engine = self.engine
+        engine.backward(loss)
+        optimizer_steps = engine.global_steps
+        engine.step()
+        if self.ema is not None and engine.global_steps != optimizer_steps:  # the optimizer stepped
+            self.ema.step(self._trainable(), engine.global_steps)
 
     # ------------------------------------------------------------------ weights and checkpoints
 
