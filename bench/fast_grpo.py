@@ -46,7 +46,6 @@ sys.path.insert(0, str(ROOT))
 from config import load_config  # noqa: E402
 
 DEMO = ROOT / "cluster_configs" / "demo_cpu.yaml"
-DEMO_LR = 1.5e-3  # demo_cpu.yaml's optim.lr
 
 
 VARIANTS = {
@@ -61,10 +60,15 @@ VARIANTS = {
                            "grpo.kl_beta=0.0001", "grpo.std_mode=global", "grpo.timestep_fraction=0.99"],
     # Without CFG a LoRA step moves the sampled velocity less (CFG multiplies the conditional branch's change by
     # the guidance scale): the same variants at 3x the demo's learning rate
-    "window_cfg_free_dpm_lr3x": lambda window: VARIANTS["window_cfg_free_dpm"](window) + [f"optim.lr={3 * DEMO_LR}"],
-    "nft_lr3x": lambda window: VARIANTS["nft"](window) + [f"optim.lr={3 * DEMO_LR}"],
+    "window_cfg_free_dpm_lr3x": lambda window: VARIANTS["window_cfg_free_dpm"](window) + [triple_lr()],
+    "nft_lr3x": lambda window: VARIANTS["nft"](window) + [triple_lr()],
 }
 PHASES = ("rollout_s", "reward_s", "learn_s", "sync_s")
+
+
+def triple_lr() -> str:
+    """The override for 3x the demo config's learning rate."""
+    return f"optim.lr={3 * load_config(DEMO).optim.lr}"
 
 
 def run_variant(out: Path, seed: int, steps: int, overrides: List[str], reuse: bool = False) -> List[dict]:

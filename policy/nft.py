@@ -45,7 +45,7 @@ def optimality_probability(advantages: torch.Tensor, adv_clip: float) -> torch.T
     """r = clamp(0.5 + 0.5 A / A_max, 0, 1): 1 for the best samples of a group, 0 for the worst, 1/2 for average."""
     if adv_clip <= 0:
         raise ValueError(f"grpo.adv_clip must be > 0 for the NFT objective, got {adv_clip}")
-    return (advantages.clamp(-adv_clip, adv_clip) / adv_clip / 2.0 + 0.5).clamp(0.0, 1.0)
+    return advantages.clamp(-adv_clip, adv_clip) / adv_clip / 2.0 + 0.5
 
 
 def noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
