@@ -70,6 +70,41 @@ def check_nft(cfg: DictConfig, source: str) -> None:
                                   "use trainer.mode=sync or trainer.max_staleness=0")
 
 
+def context_degree(cfg: DictConfig) -> int:
+    """Ranks one video's sequence is split across (`model.context_parallel`: ulysses x ring; 1 = off)."""
+    return int(cfg.model.context_parallel.ulysses) * int(cfg.model.context_parallel.ring)
+
+
+def data_parallel_size(cfg: DictConfig) -> int:
+    """The learner's context groups: how many shares the prompt groups are split into."""
+    return cfg.workers.learner.num_workers // context_degree(cfg)
+
+
+def check_context_parallel(cfg: DictConfig, source: str) -> None:
+    """What `model.context_parallel` (policy/context_parallel.py) needs: whole context groups of GPUs in both pools, a
+    video size whose every latent frame splits evenly, and for ring attention a GPU attention kernel that returns the
+    log-sum-exp (diffusers' cuDNN one, bf16); what the heads allow is policy/checks.py's."""
+    degree, cp = context_degree(cfg), cfg.model.context_parallel
+    if degree == 1:
+        return
+    for pool in ("rollout", "learner"):
+        n = cfg.workers[pool].num_workers
+        if n % degree:
+            raise ConfigError(f"{source}: 'workers.{pool}.num_workers' ({n}) must be a multiple of the "
+                              f"context-parallel degree ('model.context_parallel' ulysses x ring = {degree}): each "
+                              f"video takes {degree}")
+    per_frame = (cfg.model.height // 16) * (cfg.model.width // 16)
+    if per_frame % degree:
+        raise ConfigError(f"{source}: a latent frame of 'model.height' x 'model.width' ({cfg.model.height}x"
+                          f"{cfg.model.width}) has {per_frame} tokens, which do not split into {degree} equal parts "
+                          f"('model.context_parallel' ulysses x ring)")
+    if cp.ring > 1 and not (cfg.trainer.device.startswith("cuda") and cfg.model.dtype == "bfloat16"):
+        raise ConfigError(f"{source}: 'model.context_parallel.ring' > 1 needs 'trainer.device' cuda and "
+                          f"'model.dtype' bfloat16: ring attention merges blocks by their log-sum-exp, which "
+                          f"diffusers' CPU attention does not return (its cuDNN kernel does); use "
+                          f"'model.context_parallel.ulysses' on CPU")
+
+
 def check_ignored(cfg: DictConfig, rules, source: str) -> None:
     """A ConfigError for the first key that is set while its mode key makes the run ignore it (`IGNORED_UNDER`)."""
     for key, mode_key, modes, why, fix in rules:
@@ -143,13 +178,16 @@ def check_values(cfg: DictConfig, source: str) -> None:
     if cfg.optim.ema.enabled and cfg.workers.learner_engine.zero_stage == 3:
         raise NotImplementedError(f"{source}: 'optim.ema.enabled' with 'workers.learner_engine.zero_stage' 3 (the EMA "
                                   "of partitioned parameters) is not implemented; use ZeRO stage 0-2")
-    if cfg.grpo.prompts_per_step % cfg.workers.learner.num_workers:
-        raise ConfigError(f"{source}: 'grpo.prompts_per_step' ({cfg.grpo.prompts_per_step}) must be a multiple of "
-                          f"'workers.learner.num_workers' ({cfg.workers.learner.num_workers}): groups split evenly")
-    per_rank, steps = cfg.grpo.prompts_per_step // cfg.workers.learner.num_workers, cfg.grpo.optimizer_steps_per_update
+    check_context_parallel(cfg, source)
+    shares = data_parallel_size(cfg)
+    if cfg.grpo.prompts_per_step % shares:
+        raise ConfigError(f"{source}: 'grpo.prompts_per_step' ({cfg.grpo.prompts_per_step}) must be a multiple of the "
+                          f"learner's data-parallel size ({shares}: 'workers.learner.num_workers' / "
+                          f"'model.context_parallel' degree): groups split evenly")
+    per_rank, steps = cfg.grpo.prompts_per_step // shares, cfg.grpo.optimizer_steps_per_update
     if per_rank % steps:
         raise ConfigError(f"{source}: 'grpo.optimizer_steps_per_update' ({steps}) must divide each learner rank's "
-                          f"groups ('grpo.prompts_per_step' / 'workers.learner.num_workers' = {per_rank})")
+                          f"groups ('grpo.prompts_per_step' / the learner's data-parallel size = {per_rank})")
     mb = cfg.workers.learner_engine.micro_batch_size
     if mb < 0 or (mb and cfg.grpo.group_size % mb):
         raise ConfigError(f"{source}: 'workers.learner_engine.micro_batch_size' ({mb}) must be 0 (whole group) "

@@ -74,6 +74,12 @@ def _file_chain(path: str | Path, seen: Sequence[Path] = ()) -> List[tuple]:
     return chain + [(str(path), tree)]
 
 
+def sections(path: str | Path) -> set:
+    """The top-level sections a config file sets, with those of the files it builds on (`base:`): which tree it is
+    (a GRPO run's `grpo`/`sampler`, or the reward trainer's) before it is loaded as either."""
+    return {key for _, tree in _file_chain(path) for key in tree}
+
+
 def _mapping_keys(node: DictConfig, prefix: str = "") -> List[str]:
     """Dotted keys of the free-form mappings in a structured tree (e.g. `reward.weights`), not dataclasses."""
     out = []

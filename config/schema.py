@@ -54,6 +54,17 @@ class LoraConfig:
 
 
 @dataclass
+class ContextParallelConfig:
+    """One video's token sequence split across `ulysses x ring` GPUs, in rollout and learner alike
+    (policy/context_parallel.py, diffusers' Ulysses and ring attention). 1 x 1 = off. A rollout worker with degree N
+    is N actors sampling one video together; the learner's ranks form context groups of N inside DeepSpeed's world.
+    `workers.rollout.num_workers` and `workers.learner.num_workers` count GPUs (actors) and must be multiples of N."""
+
+    ulysses: int = positive(1)  # all-to-all of heads: must divide the attention heads
+    ring: int = positive(1)  # key/value blocks passed around the ring: needs a GPU (cuDNN attention, bf16)
+
+
+@dataclass
 class ModelConfig:
     # t2v: Wan2.1 text-to-video; vace: Wan2.1 VACE (refs as control); phantom: refs concatenated.
     kind: str = one_of("t2v", "vace", "phantom", default="vace")
@@ -82,6 +93,7 @@ class ModelConfig:
     max_references: int = 3
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    context_parallel: ContextParallelConfig = field(default_factory=ContextParallelConfig)
 
 
 # ----------------------------------------------------------------------------- sampler

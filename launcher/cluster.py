@@ -9,11 +9,12 @@ from typing import Dict, List, Optional
 import ray
 
 from config import to_yaml
+from config.checks import context_degree, data_parallel_size
 from workers.group import Placement, WorkerGroup, plan_placements, release
 from workers.learner import LearnerWorker
 from workers.ray_cluster import RESTARTABLE
 from workers.reward_worker import RewardWorker
-from workers.rollout import RolloutWorker
+from workers.rollout import rollout_group
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def build_workers(cfg) -> Workers:
     cfg_yaml = to_yaml(cfg)
     placements = plan_placements(cfg.workers, device_is_gpu=cfg.trainer.device.startswith("cuda"))
     return Workers(
-        rollout=WorkerGroup("rollout", RolloutWorker, placements["rollout"], (cfg_yaml,), **RESTARTABLE),
+        rollout=rollout_group("rollout", placements["rollout"], cfg),
         reward=WorkerGroup("reward", RewardWorker, placements["reward"], (cfg_yaml,), **RESTARTABLE),
         learner=WorkerGroup("learner", LearnerWorker, placements["learner"], (cfg_yaml,)),
         placements=placements,
@@ -68,6 +69,18 @@ def split_groups(num_groups: int, world: int) -> List[List[int]]:
     """Contiguous, equal shares of prompt groups per learner rank."""
     per = num_groups // world
     return [list(range(r * per, (r + 1) * per)) for r in range(world)]
+
+
+def learner_shares(num_groups: int, cfg) -> List[List[int]]:
+    """The prompt groups of each learner rank: equal shares per data-parallel rank, the same share for every rank of
+    a context group (`model.context_parallel`: consecutive ranks split each video between them)."""
+    degree = context_degree(cfg)
+    return [ids for ids in split_groups(num_groups, data_parallel_size(cfg)) for _ in range(degree)]
+
+
+def context_leaders(per_rank: List, cfg) -> List:
+    """The answers of each context group's first rank: its other ranks trained on the same share and say the same."""
+    return per_rank[::context_degree(cfg)]
 
 
 def pool_nodes(group: WorkerGroup) -> List[str]:

@@ -35,6 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
+from config.checks import context_degree
 from config.cli import at_least, build_parser, expected_errors, parse_config, require_writable
 from evaluation.files import write_json, write_jsonl
 from evaluation.held_out import eval_seeds, load_prompts
@@ -78,6 +79,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 def run(cfg, args) -> dict:
     from evaluation import report
 
+    if context_degree(cfg) > 1:
+        raise NotImplementedError("model.context_parallel: launcher.evaluate samples each video on one device; "
+                                  "evaluate with model.context_parallel.ulysses=1 model.context_parallel.ring=1 "
+                                  "(context-parallel evaluation is not built, README limitations)")
     output_dir = Path(cfg.trainer.output_dir)
     out = Path(args.out) if args.out else output_dir / "eval"
     require_writable("--out" if args.out else "trainer.output_dir", str(out))  # before any video is made

@@ -8,10 +8,12 @@ random init of its own `model.arch` and `reward.vlm.arch` with fewer layers and 
 heads, patch sizes and the VACE layer stride stay the published ones), tiny resolution / frames / sampling
 steps / text length, 2 training steps (checkpointed at the end, and every `trainer.checkpoint_every`), the
 pools on local CPU workers (no GPUs, no node pinning; one rollout and one reward worker; the preset's own
-learner rank count, at least 2, or `--learner-ranks`) and one prompt group per learner rank. Kept from the
-preset: model kind, dtype (bf16), LoRA or full fine-tuning, ZeRO stage, learner precision, weight-sync mode,
-micro-batching, group size, sampler rule, CFG, GRPO and optimizer settings, sync/async mode. `key=value`
-arguments are applied last (e.g. `trainer.output_dir=`).
+learner rank count, at least 2, or `--learner-ranks`) and one prompt group per learner rank. A context-parallel
+preset (`model.context_parallel`) is rehearsed with each video split over 2 processes by Ulysses attention (ring
+attention needs a GPU kernel), in a rollout worker of 2 actors and learner context groups of 2, on frames of 2
+tokens. Kept from the preset: model kind, dtype (bf16), LoRA or full fine-tuning, ZeRO stage, learner precision,
+weight-sync mode, micro-batching, group size, sampler rule, CFG, GRPO and optimizer settings, sync/async mode.
+`key=value` arguments are applied last (e.g. `trainer.output_dir=`).
 
 It checks, before starting Ray, that the memory plan (launcher/memory_plan.py) fits this machine; then runs
 the training loop as `launcher.train` does (metrics.jsonl, TensorBoard, checkpoints), and prints per role the
@@ -30,11 +32,10 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import yaml
-
 from config import ConfigError
-from config.checks import RANDOM_POLICY, RANDOM_REWARD_MODEL
+from config.checks import RANDOM_POLICY, RANDOM_REWARD_MODEL, context_degree
 from config.cli import at_least, exit_expected, expected_errors
+from config.load import sections
 from workers.run_config import load_run_config
 
 GiB = 1024 ** 3
@@ -47,6 +48,8 @@ REHEARSAL_LAYERS = {"wan2.1-vace-1.3b": 3, "wan2.1-vace-14b": 1, "wan2.1-t2v-1.3
 # is CI minutes: 2 + 8 blocks scored a rehearsal step's 16 videos in ~200 s, 1 + 2 in ~60 s.
 VLM_LAYERS = dict(text_layers=1, vision_layers=2)
 VOCAB = 512
+# A context-parallel preset's degree here (`model.context_parallel`): the smallest split, in 2 processes per video.
+CONTEXT_DEGREE = 2
 
 
 def rehearsal_output_dir(preset, overrides: Sequence[str] = ()) -> str:
@@ -75,7 +78,12 @@ def cpu_overrides(preset, learner_ranks: Optional[int] = None, output_dir: Optio
     ]
     if REHEARSAL_LAYERS.get(arch):
         overrides.append(f"model.num_layers={REHEARSAL_LAYERS[arch]}")
-    for pool, count in (("rollout", 1), ("reward", 1), ("learner", ranks)):
+    rollouts = 1
+    if context_degree(preset) > 1:  # each video over 2 processes (Ulysses; ring needs a GPU): a frame of 2 tokens
+        rollouts, ranks = CONTEXT_DEGREE, ranks + ranks % CONTEXT_DEGREE
+        overrides += [f"model.context_parallel.ulysses={CONTEXT_DEGREE}", "model.context_parallel.ring=1",
+                      f"model.width={16 * CONTEXT_DEGREE}", f"grpo.prompts_per_step={ranks}"]
+    for pool, count in (("rollout", rollouts), ("reward", 1), ("learner", ranks)):
         overrides += [f"workers.{pool}.num_workers={count}", f"workers.{pool}.num_gpus_per_worker=0",
                       f"workers.{pool}.num_cpus_per_worker=0.5", f"workers.{pool}.node_resource=null"]
     if "vlm" in preset.reward.weights and preset.reward.vlm.arch not in (None, "tiny"):
@@ -204,11 +212,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(f"--learner-ranks must be >= 2 (a distributed learner), got {args.learner_ranks}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:
-        raw = yaml.safe_load(Path(args.config).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        exit_expected("rehearse", f"--config {args.config}: cannot be read as YAML ({err})")
+        named = sections(args.config)
+    except ConfigError as err:
+        exit_expected("rehearse", f"--config {args.config}: {err}")
     with expected_errors("rehearse"):
-        if "grpo" in raw or "sampler" in raw:
+        if {"grpo", "sampler"} & named:  # a GRPO preset (or one built on one), else the reward-model trainer's
             rehearse_grpo(args.config, args.learner_ranks, args.overrides)
         else:
             from reward.train import end_process_group

@@ -34,7 +34,8 @@ from config import to_yaml
 from config.cli import expected_errors, parse_config
 from data.reader import ShardReader
 from evaluation.held_out import eval_seeds, load_prompts
-from launcher.cluster import Workers, build_workers, restart_learner, split_groups, start_learner, stop_ray
+from launcher.cluster import (Workers, build_workers, context_leaders, learner_shares, restart_learner, start_learner,
+                              stop_ray)
 from launcher.preflight import preflight
 from launcher.progress import Progress
 from launcher.step_metrics import StepTimer, reduce_learner_stats, step_record
@@ -215,10 +216,10 @@ class Trainer:
         return staleness
 
     def update(self, step: int, trajectories: List, adv) -> Dict[str, float]:
-        shares = split_groups(len(trajectories), len(self.workers.learner))
+        shares = learner_shares(len(trajectories), self.cfg)  # a context group's ranks train on the same share
         calls = [(step, ids, [adv.values[i] for i in ids], [adv.mask[i] for i in ids],
                   *[trajectories[i] for i in ids]) for ids in shares]
-        return reduce_learner_stats(ray.get(self.workers.learner.run_split("update", calls)))
+        return reduce_learner_stats(context_leaders(ray.get(self.workers.learner.run_split("update", calls)), self.cfg))
 
     def publish_weights(self) -> None:
         """Learner -> every rollout worker, by broadcast or through the object store. Either way the driver
@@ -243,13 +244,14 @@ class Trainer:
 
     def held_out_monitor(self) -> Dict[str, float]:
         """Held-out prompts scored with rewards the policy is not trained on (evaluation/held_out.py), by rollout
-        worker 0 with the current version (a worker Ray restarts mid-call fetches it, so the numbers do not
-        change), or with the EMA weights when there is an EMA (official: evaluation swaps the EMA in)."""
+        worker 0 (all its actors when context-parallel) with the current version (a worker Ray restarts mid-call
+        fetches it, so the numbers do not change), or with the EMA weights when there is an EMA (official: evaluation
+        swaps the EMA in)."""
         timer = StepTimer()
         version = self.state.version
         ema = self.workers.learner.actors[0].ema_weights.remote() if self.cfg.optim.ema.enabled else None
-        out = ray.get(self.workers.rollout.actors[0].held_out.remote(
-            self.eval_prompts, self.eval_seeds, version, [self.state.weights[version]], ema))
+        out = ray.get(self.workers.rollout.run_unit(0, "held_out", self.eval_prompts, self.eval_seeds, version,
+                                                    [self.state.weights[version]], ema))
         return {**out, "eval_s": timer.elapsed()}
 
     # ------------------------------------------------------------------ checkpoints and recovery

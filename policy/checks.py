@@ -1,6 +1,6 @@
-"""The config keys only the policy room can check: `model.arch` (a known architecture of `model.kind`) and the
-sampler's noise rule. Run after config/checks.py's pure checks by workers/run_config.py; a failure is a
-ConfigError naming the key and the source."""
+"""The config keys only the policy room can check: `model.arch` (a known architecture of `model.kind`), the
+sampler's noise rule, and whether the architecture's heads split over `model.context_parallel.ulysses`. Run after
+config/checks.py's pure checks by workers/run_config.py; a failure is a ConfigError naming the key and the source."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from config import ConfigError
 
 
 def check_policy_config(cfg, source: str) -> None:
-    from policy.arch import ARCHITECTURES, get_architecture
+    from policy.arch import ARCHITECTURES, get_architecture, transformer_config
     from policy.sde import NoiseRule
 
     try:
@@ -21,3 +21,7 @@ def check_policy_config(cfg, source: str) -> None:
             get_architecture(m.arch, m.kind)
         except ValueError as err:
             raise ConfigError(f"{source}: {err} (model.init={m.init}; known: {sorted(ARCHITECTURES)})") from None
+        heads = transformer_config(m.arch, m.kind)["num_attention_heads"]
+        if heads % m.context_parallel.ulysses:
+            raise ConfigError(f"{source}: 'model.context_parallel.ulysses' ({m.context_parallel.ulysses}) must divide "
+                              f"{m.arch}'s {heads} attention heads (Ulysses gives each rank whole heads)")

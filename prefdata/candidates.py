@@ -148,11 +148,9 @@ def generate(section, generators: Sequence[Generator], prompts: Sequence[dict],
     generator, each on its own rollout workers (created, used, released)."""
     import ray
 
-    from config import to_yaml
     from evaluation.policies import read_lora
-    from workers.group import WorkerGroup, plan_pool, release
-    from workers.ray_cluster import RESTARTABLE
-    from workers.rollout import RolloutWorker
+    from workers.group import plan_pool, release
+    from workers.rollout import rollout_group
 
     n = section.videos_per_generator
     for gen in generators:
@@ -162,7 +160,7 @@ def generate(section, generators: Sequence[Generator], prompts: Sequence[dict],
             continue
         cfg = gen.cfg
         placement = plan_pool(cfg.workers, "rollout", device_is_gpu=cfg.trainer.device.startswith("cuda"))
-        group = WorkerGroup(f"candidates-{gen.name}", RolloutWorker, placement, (to_yaml(cfg),), **RESTARTABLE)
+        group = rollout_group(f"candidates-{gen.name}", placement, cfg)
         try:
             # A LoRA generator samples with version 1; a worker Ray restarts mid-call fetches it again (weights_box),
             # so no video is ever sampled with the initial adapters and written under this generator's name.

@@ -8,7 +8,9 @@ groups of 8 into micro-batches of 4, its rollout ran all 8, and only an AMX mach
 test fails on any CPU when the shapes differ.
 
 Each preset keeps what decides the shapes (model kind, group size, micro-batch, CFG, dtype, LoRA, ZeRO stage)
-on the tiny architecture; one real rollout worker and one real DeepSpeed learner rank, in one fresh process.
+on the tiny architecture; one real rollout worker and one real DeepSpeed learner rank, in one fresh process. A
+context-parallel preset runs unsplit here (one process): its split is the same in both roles by construction
+(policy/context_parallel.py), and test_loop's bf16 ZeRO-3 window run checks that its ratio is exactly 1.
 """
 
 from pathlib import Path
@@ -43,7 +45,7 @@ def tiny(preset: str, out: Path):
         "model.gradient_checkpointing=false", "sampler.num_steps=2", "sampler.max_sequence_length=16",
         "trainer.device=cpu", f"trainer.output_dir={out}", "data.prompt_shards=unused",
         "workers.learner.num_workers=1", "grpo.prompts_per_step=1", "grpo.optimizer_steps_per_update=1",
-        "optim.ema.enabled=false"])
+        "optim.ema.enabled=false", "model.context_parallel.ulysses=1", "model.context_parallel.ring=1"])
 
 
 def _record_batches(module, into: list):

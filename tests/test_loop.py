@@ -9,8 +9,9 @@ as much as it can: one reference run, and the runs compared with it. What each p
                    die: the same metrics as straight
     checkpoint     the driver dies mid-commit of step 4; the rerun resumes from step 2's checkpoint in the same
                    directory (not a restart) and ends as straight
-    window         a moving SDE window, CFG-free, in bf16 on ZeRO-3 LoRA (ratio exactly 1); resumed from its step-2
-                   checkpoint into a new directory, the same steps 3 and 4
+    window         a moving SDE window, CFG-free, context-parallel (each video over 2 processes), in bf16 on ZeRO-3
+                   LoRA (ratio exactly 1); resumed from its step-2 checkpoint into a new directory, the same steps 3, 4
+    context        context parallelism in float32: step 1 equal to straight's, step 2 within 1e-3
     async          staleness bounded by 1; with bound 0, the same metrics as straight
     broadcast      full fine-tuning in bf16 on ZeRO-3, weights broadcast: equal to the object-store run; a dead
                    rollout worker and a dead publishing learner rank in one run; a failed broadcast retried
@@ -146,19 +147,30 @@ def test_kill_during_checkpoint_write_keeps_previous_and_resumes_exactly(root, s
     assert manager.latest().name == "step_000004" and not list(manager.root.glob("*.tmp-*"))
 
 
+# Context parallelism (policy/context_parallel.py): each video split over 2 processes by Ulysses attention, in the
+# rollout (one worker of 2 actors) and the learner (its 2 ranks one context group).
+CONTEXT_PARALLEL = ["model.context_parallel.ulysses=2", "workers.rollout.num_workers=2"]
+# What step 1 computes after the gradient's all-reduce, whose order context parallelism changes.
+STEP_1_ROUNDED = {"grad_norm", "heldout_reward_demo_reference_color", "heldout_reward_total", "heldout_vlm",
+                  "heldout_face_mean", "heldout_face_std"}
+
+
 WINDOW = ["trainer.steps=4", "trainer.checkpoint_every=2", "grpo.timestep_fraction=1.0", "sampler.sde_window.size=1",
           "sampler.sde_window.shift_every=1", "sampler.sde_window.roll_back=true", "model.dtype=bfloat16",
           "workers.learner_engine.precision=bf16", "workers.learner_engine.zero_stage=3", "logging.video_every=0",
-          "sampler.guidance_scale=1", "sampler.ode_solver=dpm2m", "sampler.ode_steps_ratio=0.5"]
+          "sampler.guidance_scale=1", "sampler.ode_solver=dpm2m", "sampler.ode_steps_ratio=0.5",
+          *CONTEXT_PARALLEL]
 
 
-def test_moving_sde_window_in_bf16_zero3_trains_its_steps_and_resumes_exactly(root, shards, tmp_path, straight):
+def test_moving_sde_window_in_bf16_zero3_context_parallel_trains_its_steps_and_resumes_exactly(root, shards, tmp_path,
+                                                                                              straight):
     """A one-step SDE window moving every step (MixGRPO, policy/window.py), CFG-free (guidance 1: one transformer
     pass per step, rollout and learner), DPM-Solver++(2M) on half the ODE steps outside it (MixGRPO-Flash,
     policy/ode.py): the learner trains the window's step only (a third of the full run's passes here), in bf16 on
     a ZeRO-3 LoRA learner with log-probs recomputed exactly (nothing in the learner, e.g. DeepSpeed's process-wide
-    F.linear, rounds otherwise than the rollout); resumed from step 2's checkpoint into a new directory, the run
-    sees the same windows and ends the same."""
+    F.linear, rounds otherwise than the rollout), each video split over two processes in rollout and learner alike
+    (context parallelism: in bf16 the split changes the matmuls' shapes, so only the same split on both sides is
+    exact); resumed from step 2's checkpoint into a new directory, the run sees the same windows and ends the same."""
     whole_dir, resumed_dir = tmp_path / "whole", tmp_path / "resumed"
     whole = strip(run(config(root, shards, whole_dir, *WINDOW)))
     assert_exact_ratio(whole)
@@ -171,6 +183,23 @@ def test_moving_sde_window_in_bf16_zero3_trains_its_steps_and_resumes_exactly(ro
                                f"trainer.resume={whole_dir / 'checkpoints' / 'step_000002'}")))
     assert [r["step"] for r in resumed] == [3, 4]  # resumed at 2: a run that started over would log steps 1-4
     assert resumed == whole[2:]
+
+
+def test_context_parallel_rollout_and_learner_equal_the_run_without(root, shards, tmp_path, straight):
+    """Each video split over 2 processes (Ulysses attention, policy/context_parallel.py) in the rollout (one worker
+    of 2 actors) and the learner (its 2 ranks one context group, so both prompt groups on each), in float32: the
+    forward is bit-equal to one process's, so step 1's videos, rewards, advantages and (exactly 1) ratios are the
+    straight run's; the gradient is summed over the group in another order, so what follows is equal within the
+    tolerance (measured at step 2: 4e-5 relative in the advantages, 1.6e-4 in the held-out VLM score)."""
+    records = strip(run(straight_config(root, shards, tmp_path, "trainer.steps=2", *CONTEXT_PARALLEL)))
+    assert_exact_ratio(records)
+    expected = straight[1][:2]
+    assert {k: v for k, v in records[0].items() if k not in STEP_1_ROUNDED} == \
+        {k: v for k, v in expected[0].items() if k not in STEP_1_ROUNDED}
+    assert [sorted(r) for r in records] == [sorted(r) for r in expected]
+    for got, want in zip(records, expected):
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-3, abs=1e-9), (got["step"], key)
 
 
 def trained_passes(root, shards, tmp_path):

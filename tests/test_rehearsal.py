@@ -18,10 +18,14 @@ from launcher.rehearse import cpu_overrides
 from runtime.metrics import read_metrics
 
 GPU_PRESETS = ["vace_1.3b_8gpu.yaml", "vace_1.3b_8gpu_colocated.yaml", "phantom_1.3b_8gpu.yaml",
-               "vace_14b_multinode.yaml"]
+               "vace_14b_multinode.yaml", "vace_14b_480p_cp.yaml"]
 # The 1.3B LoRA rehearsal-and-resume runs twice; it takes groups of 4: groups of 8 cut in micro-batches are the 14B
 # preset's rehearsal (the 1.3B preset runs a group in one forward whatever its size).
 SMALLER = ("grpo.group_size=4",)
+# The context-parallel 14B preset runs one video per forward (micro-batch 1): groups of 2 here, since the preset's 8
+# would be 8 forwards per step in each of 4 processes at 14B width; groups of 8 cut in micro-batches are the
+# multinode preset's rehearsal.
+PRESET_EXTRA = {"vace_14b_480p_cp.yaml": ("grpo.group_size=2",)}
 MEMORY_TOLERANCE = 0.25  # the plan's prediction within 25% of each role's measured peak (issue #15)
 
 
@@ -123,10 +127,12 @@ def test_vace_1_3b_preset_rehearsal_and_resume(root, out):
 
 @pytest.mark.rehearsal
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("preset", ["phantom_1.3b_8gpu.yaml", "vace_14b_multinode.yaml"])
+@pytest.mark.parametrize("preset", ["phantom_1.3b_8gpu.yaml", "vace_14b_multinode.yaml", "vace_14b_480p_cp.yaml"])
 def test_preset_rehearsal(root, out, preset):
-    report, _ = rehearse(root, preset, out, "--learner-ranks", "2", "trainer.steps=1")
+    report, _ = rehearse(root, preset, out, "--learner-ranks", "2", "trainer.steps=1", *PRESET_EXTRA.get(preset, ()))
     check_grpo_rehearsal(root, preset, report, out, steps=1)
+    if preset == "vace_14b_480p_cp.yaml":  # each video split over a rollout worker of 2 actors and the 2 learner ranks
+        assert [r["role"] for r in report["roles"]].count("rollout") == 2
 
 
 @pytest.mark.rehearsal

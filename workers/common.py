@@ -61,6 +61,15 @@ class WorkerBase:
         self.cfg = worker_config(cfg_yaml)
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {type(self).__name__}[{rank}] %(message)s")
 
+    def rendezvous(self) -> tuple:
+        """This node's address and a free port on it (a process group's: the DeepSpeed engine's, a rollout context
+        group's, or a weight group's store)."""
+        import ray
+
+        from runtime.distributed import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
     def node_id(self) -> str:
         import ray
 

@@ -94,8 +94,11 @@ class WorkerGroup:
     """N actors of `actor_cls` (a plain class; made remote here), rank i on bundle i of its placement."""
 
     def __init__(self, name: str, actor_cls, placement: Placement, actor_args: Sequence[Any] = (),
-                 max_restarts: int = 0, max_task_retries: int = 0):
+                 max_restarts: int = 0, max_task_retries: int = 0, actors_per_call: int = 1):
         self.name = name
+        # A call unit: `actors_per_call` consecutive actors that serve each call together (a context-parallel rollout
+        # worker, policy/context_parallel.py); the unit's first actor's answer is the call's.
+        self.actors_per_call = actors_per_call
         self._placement = placement
         self._remote_cls = ray.remote(actor_cls)
         self._args = tuple(actor_args)
@@ -121,6 +124,17 @@ class WorkerGroup:
     def run_rank(self, rank: int, method: str, *args, **kwargs) -> ray.ObjectRef:
         return getattr(self.actors[rank], method).remote(*args, **kwargs)
 
+    @property
+    def units(self) -> List[List[Any]]:
+        """The actors in call units (each alone unless `actors_per_call` > 1)."""
+        n = self.actors_per_call
+        return [self.actors[i:i + n] for i in range(0, len(self.actors), n)]
+
+    def run_unit(self, unit: int, method: str, *args, **kwargs) -> ray.ObjectRef:
+        """Call every actor of call unit `unit` with the same arguments; the ref of its first actor's answer (the
+        others' are not kept: a unit's actors run one collective computation, so a failing one fails the first)."""
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.units[unit]][0]
+
     def run_split(self, method: str, per_rank_args: Sequence[Sequence[Any]], **kwargs) -> List[ray.ObjectRef]:
         """Call each actor with its own arguments (rank i gets per_rank_args[i])."""
         if len(per_rank_args) != len(self.actors):
@@ -128,9 +142,8 @@ class WorkerGroup:
         return [getattr(a, method).remote(*args, **kwargs) for a, args in zip(self.actors, per_rank_args)]
 
     def round_robin(self, method: str, calls: Sequence[Sequence[Any]], **kwargs) -> List[ray.ObjectRef]:
-        """One call per item, item i on actor i % n (`method(*calls[i], **kwargs)`); refs in item order."""
-        return [getattr(self.actors[i % len(self.actors)], method).remote(*args, **kwargs)
-                for i, args in enumerate(calls)]
+        """One call per item, item i on call unit i % n (`method(*calls[i], **kwargs)`); refs in item order."""
+        return [self.run_unit(i % len(self.units), method, *args, **kwargs) for i, args in enumerate(calls)]
 
     def strided(self, method: str, items: Sequence[Any], *args) -> "Strided":
         """One call per actor: actor r gets `method(*args, *items[r::n])` and returns one result per item it got;
@@ -140,14 +153,16 @@ class WorkerGroup:
 
     def map_ordered(self, items: Iterable[Any], call: Callable[[Any, Any], ray.ObjectRef],
                     in_flight_per_actor: int = 2) -> Iterator[Tuple[Any, Any]]:
-        """Stream work through the group: `call(actor, item)` submits an item (round robin over the actors),
-        at most `in_flight_per_actor` (+1) queued per actor, and (item, result) pairs come back in the
-        items' order. The driver holds only the window's results, however many items there are; an actor
-        Ray restarts re-runs its lost call, so the order and the results stay those of a clean run."""
+        """Stream work through the group: `call(actor, item)` submits an item (round robin over the call units, to
+        each of a unit's actors; the first one's answer kept), at most `in_flight_per_actor` (+1) queued per unit,
+        and (item, result) pairs come back in the items' order. The driver holds only the window's results, however
+        many items there are; an actor Ray restarts re-runs its lost call, so the order and the results stay those of
+        a clean run."""
         pending: Deque[Tuple[Any, ray.ObjectRef]] = deque()
-        window = in_flight_per_actor * len(self.actors)
+        units = self.units
+        window = in_flight_per_actor * len(units)
         for i, item in enumerate(items):
-            pending.append((item, call(self.actors[i % len(self.actors)], item)))
+            pending.append((item, [call(actor, item) for actor in units[i % len(units)]][0]))
             if len(pending) > window:
                 first, ref = pending.popleft()
                 yield first, ray.get(ref)
@@ -159,6 +174,15 @@ class WorkerGroup:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+
+    def join_context_groups(self) -> None:
+        """Each call unit of several actors forms its process group (their `join_context_group`, at the address its
+        first actor offers); a unit's actors join together, and every unit at once."""
+        if self.actors_per_call == 1:
+            return
+        addresses = ray.get([unit[0].rendezvous.remote() for unit in self.units])
+        ray.get([actor.join_context_group.remote(*address) for unit, address in zip(self.units, addresses)
+                 for actor in unit])
 
     def respawn(self) -> None:
         """New actors on the same bundles (gang restart, e.g. the learner after a member died)."""

@@ -10,6 +10,12 @@ group / `grpo.optimizer_steps_per_update`) and steps the optimizer at each bound
 gradients across ranks and clipping them: once per update, or, as the official recipe, twice (the second
 half of the groups then trains off-policy by one step, which is what the clipped ratio is for).
 
+With context parallelism (`model.context_parallel`, policy/context_parallel.py) each video's sequence is split
+across `degree` consecutive ranks: they form a context group, get the same prompt groups, and each computes its tokens'
+share of the gradient. DeepSpeed's world stays every rank, so ZeRO shards over data-parallel and context ranks alike
+(torchtitan's dp_shard_cp) and its all-reduce sums the shares (the loss is scaled by the degree to turn its average
+over all ranks into the mean over the data-parallel shares).
+
 A collective group cannot lose a member, so the driver gang-restarts this whole group from the last
 checkpoint when any rank dies (launcher/train.py).
 """
@@ -24,6 +30,7 @@ from typing import Dict, List, Optional
 import ray
 import torch
 
+from policy.context_parallel import ContextDegrees, context_mesh, parallelize_policy
 from policy.ema import Ema
 from policy.grpo import grpo_loss, select_timesteps
 from policy.lora import save_lora
@@ -34,7 +41,6 @@ from policy.sampler import score_step
 from policy.schedule import schedule_from_config
 from policy.sde import host_to_device
 from runtime.cpu_bf16 import bf16_matmuls_in_fp32
-from runtime.distributed import free_port
 from workers.common import WorkerBase, maybe_fault, published_weights, sample_seed
 from workers.update_plan import micro_steps_per_optimizer_step, nft_needs_old_pass, recorded_chunks
 from workers.weight_sync import WeightGroupMember, sync_tensors
@@ -98,12 +104,13 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         self.engine = None
         self.policy: Optional[WanPolicy] = None
         self.ema: Optional[Ema] = None
+        # Context parallelism (policy/context_parallel.py): consecutive ranks split each video's sequence between
+        # them (context_mesh's layout) and train on the same share of the prompt groups; the driver sends them the
+        # same groups and reads the stats of each group's first rank.
+        self.context = ContextDegrees.from_config(self.cfg.model)
+        self.data_parallel_size = world_size // self.context.size
 
     # ------------------------------------------------------------------ setup
-
-    def rendezvous(self) -> tuple:
-        """This node's address and a free port on it (the DeepSpeed group's, or a weight group's store)."""
-        return ray.util.get_node_ip_address(), free_port()
 
     def setup(self, master_addr: str, master_port: int) -> int:
         """Join the process group and build the engine; returns the number of trainable parameters."""
@@ -123,10 +130,13 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         # Only the transformer: prompt embeddings and conditioning latents come with the trajectories.
         self.policy = WanPolicy(build_components(cfg.model, cfg.sampler.shift, parts=TRANSFORMER_ONLY), cfg.model,
                                 cfg.sampler, device=cfg.trainer.device)
+        if self.context.enabled:  # before DeepSpeed wraps (and, at ZeRO-3, partitions) the transformer
+            mesh = context_mesh(self.context, torch.device(cfg.trainer.device).type)
+            parallelize_policy(self.policy, self.context, mesh)
         params = [p for p in self.policy.transformer.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.policy.transformer, model_parameters=params,
-            config=deepspeed_config(cfg, micro_steps_per_optimizer_step(cfg, self.world_size)))
+            config=deepspeed_config(cfg, micro_steps_per_optimizer_step(cfg, self.data_parallel_size)))
         self.policy.transformer = self.engine.module
         self.schedule = schedule_from_config(cfg.sampler)  # the NFT objective trains at its grid's levels
         ema = cfg.optim.ema
@@ -182,7 +192,7 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         lows, highs, deviations = [], [], []  # stats stay tensors until the end: no per-micro-step sync
         # Micro-steps before this update's first optimizer step: their recomputed log-probs must equal the
         # rollout's exactly (first_epoch_logprob_dev); after it the policy has moved.
-        on_policy = micro_steps_per_optimizer_step(cfg, self.world_size)
+        on_policy = micro_steps_per_optimizer_step(cfg, self.data_parallel_size)
         # each group's rollout values on the device once per update (not one blocking copy per micro-step)
         device = self.policy.device
         groups = [(gid, host_to_device(adv, device), host_to_device(mask, device),
@@ -270,7 +280,9 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
     def _micro_step(self, loss: torch.Tensor) -> None:
         """Backward and DeepSpeed's step (the optimizer steps at each accumulation boundary), then the EMA."""
         engine = self.engine
-        engine.backward(loss)
+        # DeepSpeed averages gradients over all ranks; a context group's ranks each hold their tokens' share of one
+        # gradient, which must be summed: times the degree, the average over all ranks is the data-parallel mean.
+        engine.backward(loss * self.context.size if self.context.enabled else loss)
         optimizer_steps = engine.global_steps
         engine.step()
         if self.ema is not None and engine.global_steps != optimizer_steps:  # the optimizer stepped

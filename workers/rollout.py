@@ -3,6 +3,12 @@
 A policy version arrives by `receive_weights` (broadcast from learner rank 0, workers/weight_sync.py)
 or by `set_weights` (an object-store copy); `generate` carries the version it must sample with and a
 ref to that version's copy, which only a restarted or lagging worker fetches.
+
+With context parallelism (`model.context_parallel`, policy/context_parallel.py) a rollout worker is `degree` actors,
+one GPU each, that sample each video together: the driver calls all of them with the same arguments
+(workers/group.py's call units), each computes the whole trajectory (the transformer's output is gathered), and the
+first answers for the group while the others return None. They form a process group of their own
+(`join_context_group`), apart from the weight group every actor belongs to.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Dict, List, Optional
 import ray
 import torch
 
+from policy.context_parallel import ContextDegrees
 from policy.lora import load_lora_state_dict
 from policy.models import build_components
 from policy.ode import OdeSolver
@@ -22,8 +29,11 @@ from policy.precision import dtype_map
 from policy.sampler import Trajectory, sample_group
 from policy.schedule import schedule_from_config
 from policy.sde import NoiseRule
+from config import to_yaml
 from runtime.cpu_bf16 import bf16_matmuls_in_fp32
 from workers.common import WorkerBase, maybe_fault, published_weights
+from workers.group import WorkerGroup
+from workers.ray_cluster import RESTARTABLE
 from workers.weight_sync import WeightGroupMember, sync_tensors
 
 log = logging.getLogger(__name__)
@@ -42,6 +52,23 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         self.ode = OdeSolver.from_config(cfg.sampler)  # training rollouts' ODE steps (candidates and evaluation: Euler)
         self.version = -1
         self.fetched_versions: List[int] = []  # versions installed from the object-store copy (recovery)
+        self.context = ContextDegrees.from_config(cfg.model)
+        self.answers = rank % self.context.size == 0  # the first actor of a context group returns its results
+
+    def join_context_group(self, master_addr: str, master_port: int) -> None:
+        """Form this actor's context group (`degree` consecutive rollout ranks; the first one's address) and split the
+        policy's transformers over it. Collective: the group's actors call it together. Its collectives time out
+        after `workers.weight_sync_timeout_s`, so a dead peer raises instead of hanging the others."""
+        from datetime import timedelta
+
+        from policy.context_parallel import context_mesh, parallelize_policy
+
+        device_type = torch.device(self.cfg.trainer.device).type
+        torch.distributed.init_process_group(
+            "gloo" if device_type == "cpu" else "nccl", init_method=f"tcp://{master_addr}:{master_port}",
+            rank=self.rank % self.context.size, world_size=self.context.size,
+            timeout=timedelta(seconds=self.cfg.workers.weight_sync_timeout_s))
+        parallelize_policy(self.policy, self.context, context_mesh(self.context, device_type))
 
     def matmul_kernels(self):
         """bf16 on an AVX2-only CPU: linear and conv3d layers in float32, as in the learner (runtime/cpu_bf16.py)."""
@@ -109,7 +136,7 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         trajectory.prompt, trajectory.key = sample["prompt"], sample.get("key", "")
         trajectory.references = list(sample.get("refs", []))
         trajectory.rollout_s = time.perf_counter() - start
-        return trajectory
+        return trajectory if self.answers else None
 
     def candidate_videos(self, sample: dict, seeds: List[int], deterministic: bool, fps: float,
                          version: Optional[int] = None, weights_box: Optional[list] = None) -> List[tuple]:
@@ -129,6 +156,8 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         with self.matmul_kernels(), adapters_disabled(self.policy.transformer) if base_only else nullcontext():
             cond = self.policy.encode_condition(sample["prompt"], sample.get("refs", []))
             trajectory = sample_group(self.policy, cond, seeds, self.rule, self.schedule, deterministic=deterministic)
+        if not self.answers:
+            return []
         return [(encode_video(v, fps), VideoInfo(v.shape[0], float(fps), v.shape[1], v.shape[2]).to_dict())
                 for v in trajectory.videos.numpy()]
 
@@ -150,3 +179,15 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
                 return held_out_monitor(self.policy, self.cfg, prompts, seeds)
         finally:
             self._install(live)
+
+
+def rollout_group(name: str, placement, cfg) -> WorkerGroup:
+    """The rollout workers of a run or a tool. One actor per call, restartable (Ray re-runs a lost call with the same
+    arguments, so the sample is the same); or, with context parallelism, call units of `degree` actors in their own
+    process groups, not restarted one by one: a collective cannot lose a member, so a dead one stops the run (it
+    resumes from its last checkpoint; a gang restart of the unit is not built, README limitations)."""
+    context = ContextDegrees.from_config(cfg.model)
+    restarts = RESTARTABLE if not context.enabled else {}
+    group = WorkerGroup(name, RolloutWorker, placement, (to_yaml(cfg),), actors_per_call=context.size, **restarts)
+    group.join_context_groups()
+    return group
