@@ -65,6 +65,18 @@ def restart_learner(learner: WorkerGroup) -> None:
     start_learner(learner)
 
 
+def restart_rollouts(rollout: WorkerGroup) -> None:
+    """Gang restart of the rollout workers: fresh actors on the same bundles, context groups formed anew."""
+    rollout.respawn()
+    rollout.join_context_groups()
+
+
+def rollout_gang_failure(workers: Workers, err: Exception) -> bool:
+    """Whether `err` is a context-parallel rollout worker's failure: one of its actors died (RayActorError) or its
+    call failed (a peer died mid-collective). Ray restarts single-actor rollout workers itself."""
+    return workers.rollout.actors_per_call > 1 and "RolloutWorker" in str(err)
+
+
 def split_groups(num_groups: int, world: int) -> List[List[int]]:
     """Contiguous, equal shares of prompt groups per learner rank."""
     per = num_groups // world

@@ -28,14 +28,14 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from config import to_yaml
 from config.cli import expected_errors, parse_config
 from data.reader import ShardReader
 from evaluation.held_out import eval_seeds, load_prompts
-from launcher.cluster import (Workers, build_workers, context_leaders, learner_shares, restart_learner, start_learner,
-                              stop_ray)
+from launcher.cluster import (Workers, build_workers, context_leaders, learner_shares, restart_learner,
+                              restart_rollouts, rollout_gang_failure, start_learner, stop_ray)
 from launcher.preflight import preflight
 from launcher.progress import Progress
 from launcher.step_metrics import StepTimer, reduce_learner_stats, step_record
@@ -47,7 +47,7 @@ from runtime.metrics import MetricsLogger
 from workers.common import maybe_fault, sample_seed
 from workers.group import Strided
 from workers.update_plan import transformer_passes
-from workers.ray_cluster import connect_ray
+from workers.ray_cluster import RESTARTABLE, connect_ray
 from workers.run_config import load_run_config
 from workers.weight_sync import WeightSync, sync_mode
 
@@ -89,7 +89,7 @@ class Trainer:
         # what a learner failure rolls back to: the checkpoint this run started from or last wrote (not the
         # directory's `latest`, which may be another run's when trainer.resume=never)
         self.last_checkpoint = self.checkpoints.resolve(cfg.trainer.resume)
-        self.learner_restarts = 0
+        self.learner_restarts = self.rollout_restarts = 0
         # what a video costs: passes per sampled step (rollout_nfe is measured: policy/ode.py may skip steps) and
         # passes to learn from it (fixed by the config)
         self.passes_per_step = guided_passes(cfg.model.kind, cfg.sampler)
@@ -164,11 +164,17 @@ class Trainer:
                     self.metrics.log_videos(step, traj.videos, traj.references)
                 if step % cfg.trainer.checkpoint_every == 0 or step == cfg.trainer.steps or self.stop_requested:
                     self.save_checkpoint(step, next_rollouts)
-            except RayActorError as err:
+            except (RayActorError, RayTaskError) as err:
                 # A rollout or reward worker that dies is restarted by Ray, which re-runs its call; a learner
                 # rank that dies in any phase (update, publish, monitor, checkpoint, or idle before its next
-                # call) fails the whole collective group: restart it and replay from the last checkpoint.
-                if not self.is_learner_failure(err):
+                # call) fails the whole collective group: restart it and replay from the last checkpoint. So does
+                # an actor of a context-parallel rollout worker (its peers' collectives fail with it).
+                if rollout_gang_failure(self.workers, err):
+                    log.warning("a context-parallel rollout worker failed (%s); restarting the rollout workers from "
+                                "the last checkpoint", err)
+                    next_rollouts = self.recover_rollouts()
+                    continue
+                if not isinstance(err, RayActorError) or not self.is_learner_failure(err):
                     raise
                 log.warning("learner rank died (%s); restarting the learner group from the last checkpoint", err)
                 next_rollouts = self.recover_learner()
@@ -316,6 +322,21 @@ class Trainer:
                 log.warning("learner rank died while recovering (%s); restarting again", err)
         if getattr(self, "metrics", None) is not None:  # None while starting: nothing logged yet
             self.metrics.truncate_after(self.state.step)
+        return None
+
+    def recover_rollouts(self):
+        """Gang-restart the context-parallel rollout workers (fresh actors in new context groups) and roll back to
+        the last checkpoint; without one the run starts over, with the learner group restarted too (its weights must
+        be the initial ones). Bounded as a rollout worker's Ray restarts are."""
+        self.rollout_restarts += 1
+        if self.rollout_restarts > RESTARTABLE["max_restarts"]:
+            raise RuntimeError(f"the context-parallel rollout workers failed {self.rollout_restarts} times; see their "
+                               "logs for the cause")
+        restart_rollouts(self.workers.rollout)
+        if self.last_checkpoint is None:
+            return self.recover_learner()
+        self.state = self.restore(self.last_checkpoint)
+        self.metrics.truncate_after(self.state.step)
         return None
 
     def is_learner_failure(self, err: RayActorError) -> bool:

@@ -184,8 +184,8 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
 def rollout_group(name: str, placement, cfg) -> WorkerGroup:
     """The rollout workers of a run or a tool. One actor per call, restartable (Ray re-runs a lost call with the same
     arguments, so the sample is the same); or, with context parallelism, call units of `degree` actors in their own
-    process groups, not restarted one by one: a collective cannot lose a member, so a dead one stops the run (it
-    resumes from its last checkpoint; a gang restart of the unit is not built, README limitations)."""
+    process groups, not restarted one by one: a collective cannot lose a member, so the driver gang-restarts them
+    (launcher/train.py `recover_rollouts`)."""
     context = ContextDegrees.from_config(cfg.model)
     restarts = RESTARTABLE if not context.enabled else {}
     group = WorkerGroup(name, RolloutWorker, placement, (to_yaml(cfg),), actors_per_call=context.size, **restarts)
