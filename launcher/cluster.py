@@ -10,7 +10,7 @@ import ray
 
 from config import to_yaml
 from config.checks import context_degree, data_parallel_size
-from workers.group import Placement, WorkerGroup, plan_placements, release
+from workers.group import Placement, WorkerGroup, plan_placements, release, warn_split_across_nodes
 from workers.learner import LearnerWorker
 from workers.ray_cluster import RESTARTABLE
 from workers.reward_worker import RewardWorker
@@ -38,12 +38,15 @@ class Workers:
 def build_workers(cfg) -> Workers:
     cfg_yaml = to_yaml(cfg)
     placements = plan_placements(cfg.workers, device_is_gpu=cfg.trainer.device.startswith("cuda"))
-    return Workers(
+    workers = Workers(
         rollout=rollout_group("rollout", placements["rollout"], cfg),
         reward=WorkerGroup("reward", RewardWorker, placements["reward"], (cfg_yaml,), **RESTARTABLE),
         learner=WorkerGroup("learner", LearnerWorker, placements["learner"], (cfg_yaml,)),
         placements=placements,
     )
+    if context_degree(cfg) > 1:  # the learner's context groups: consecutive ranks (a respawn keeps the bundles)
+        warn_split_across_nodes(workers.learner, context_degree(cfg))
+    return workers
 
 
 def start_learner(learner: WorkerGroup) -> int:

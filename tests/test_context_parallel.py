@@ -135,3 +135,11 @@ def test_config_refuses_what_cannot_be_split(root, override, message):
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_run_config(root / "cluster_configs" / "local_cpu.yaml", ["trainer.output_dir=/tmp/unused", *override])
+
+
+def test_context_groups_across_nodes_are_found():
+    from workers.group import groups_across_nodes
+
+    assert groups_across_nodes(["a", "a", "b", "b"], 2) == []
+    assert groups_across_nodes(["a", "a", "a", "b", "b", "b"], 2) == [1]  # actors 2-3 straddle nodes a and b
+    assert groups_across_nodes(["a", "b"], 1) == []

@@ -183,6 +183,7 @@ class WorkerGroup:
         addresses = ray.get([unit[0].rendezvous.remote() for unit in self.units])
         ray.get([actor.join_context_group.remote(*address) for unit, address in zip(self.units, addresses)
                  for actor in unit])
+        warn_split_across_nodes(self, self.actors_per_call)
 
     def respawn(self) -> None:
         """New actors on the same bundles (gang restart, e.g. the learner after a member died)."""
@@ -211,3 +212,20 @@ def release(placements: Optional[Dict[str, Placement]]) -> None:
         if id(p.group) not in seen:
             seen.add(id(p.group))
             remove_placement_group(p.group)
+
+
+def warn_split_across_nodes(group: "WorkerGroup", degree: int) -> List[int]:
+    """The context groups (`degree` consecutive actors: a rollout worker's, or learner ranks') whose actors Ray placed
+    on more than one node, each logged: their all-to-alls then cross the network instead of the node's links. The
+    pools' PACK placement fills a node before the next, so this takes a pool that does not fill whole nodes."""
+    nodes = ray.get([actor.node_id.remote() for actor in group.actors])
+    split = groups_across_nodes(nodes, degree)
+    for g in split:
+        log.warning("%s: the context group of actors %d-%d spans %d nodes; its all-to-alls go over the network",
+                    group.name, g * degree, (g + 1) * degree - 1, len(set(nodes[g * degree:(g + 1) * degree])))
+    return split
+
+
+def groups_across_nodes(nodes: Sequence[str], degree: int) -> List[int]:
+    """Indices of the groups of `degree` consecutive actors (given each actor's node) that span several nodes."""
+    return [g for g in range(len(nodes) // degree) if len(set(nodes[g * degree:(g + 1) * degree])) > 1]

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional
 import ray
 import torch
 
+from config.checks import data_parallel_size
 from policy.context_parallel import ContextDegrees, context_mesh, parallelize_policy
 from policy.ema import Ema
 from policy.grpo import grpo_loss, select_timesteps
@@ -108,7 +109,7 @@ class LearnerWorker(WeightGroupMember, WorkerBase):
         # them (context_mesh's layout) and train on the same share of the prompt groups; the driver sends them the
         # same groups and reads the stats of each group's first rank.
         self.context = ContextDegrees.from_config(self.cfg.model)
-        self.data_parallel_size = world_size // self.context.size
+        self.data_parallel_size = data_parallel_size(self.cfg)
 
     # ------------------------------------------------------------------ setup
 
