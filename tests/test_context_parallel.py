@@ -6,6 +6,7 @@ process, then splits its transformers over both (Ulysses degree 2) and computes 
   gradients, summed over the two ranks, equal the single process's (float32 sums in another order: 2e-6 relative).
 - Phantom (Wan's own plan; two reference latent frames appended to the video's, three-term guidance), full
   fine-tuning: the velocity and the frozen reference copy's velocity bit-equal; the gradients as above.
+- VACE with activation checkpointing (each block's forward run again in the backward, through the split hooks).
 The loop with context-parallel rollout and learner (Ray, DeepSpeed, bf16 ZeRO-3) is in tests/test_loop.py.
 """
 
@@ -23,10 +24,16 @@ from runtime.distributed import free_port
 GRADIENT_RTOL = 1e-5
 
 
-def policy_config(root, kind: str, lora: bool):
+# (case, model kind, LoRA, activation checkpointing): the split hooks must also hold when a block's forward runs again
+# in the backward (the 14B preset checkpoints).
+CASES = (("vace", "vace", True, False), ("phantom", "phantom", False, False), ("vace_checkpointed", "vace", True, True))
+
+
+def policy_config(root, kind: str, lora: bool, checkpointing: bool):
     return load_config(root / "cluster_configs" / "local_cpu.yaml",
                        ["trainer.output_dir=/tmp/unused", f"model.kind={kind}", f"model.lora.enabled={lora}",
-                        "model.lora.init=gaussian", "sampler.image_guidance_scale=2.0"])
+                        "model.lora.init=gaussian", "sampler.image_guidance_scale=2.0",
+                        f"model.gradient_checkpointing={checkpointing}"])
 
 
 def velocity_and_gradients(policy, latents, timestep, cond, weight, reference: bool):
@@ -52,8 +59,8 @@ def member(rank: int, port: int, root, results) -> None:
     degrees = ContextDegrees(ulysses=2)
     mesh = context_mesh(degrees, "cpu")
     gen = torch.Generator().manual_seed(0)
-    for kind, lora in (("vace", True), ("phantom", False)):
-        cfg = policy_config(root, kind, lora)
+    for case, kind, lora, checkpointing in CASES:
+        cfg = policy_config(root, kind, lora, checkpointing)
         torch.manual_seed(0)
         policy = WanPolicy(build_components(cfg.model, parts=TRANSFORMER_ONLY), cfg.model, cfg.sampler)
         frames, refs = 3, 2  # latent frames of the video, and of references (VACE: leading, Phantom: appended)
@@ -74,13 +81,13 @@ def member(rank: int, port: int, root, results) -> None:
             torch.distributed.all_reduce(summed[name])
         buffer = io.BytesIO()  # bytes, not tensors: a tensor sent through a queue lives in its sender's shared memory
         torch.save({"whole": whole, "split": (split[0], summed, split[2]), "own": split[1]}, buffer)
-        results.put((rank, kind, buffer.getvalue()))
+        results.put((rank, case, buffer.getvalue()))
     torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def outcomes(root):
-    """{(rank, kind): {"whole": (velocity, gradients, reference velocity), "split": the same with the gradients summed
+    """{(rank, case): {"whole": (velocity, gradients, reference velocity), "split": the same with the gradients summed
     over the ranks, "own": this rank's gradients}}."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -90,9 +97,9 @@ def outcomes(root):
         p.start()
     out = {}
     try:
-        for _ in range(4):
-            rank, kind, value = results.get(timeout=240)
-            out[rank, kind] = torch.load(io.BytesIO(value), weights_only=True)
+        for _ in range(2 * len(CASES)):
+            rank, case, value = results.get(timeout=240)
+            out[rank, case] = torch.load(io.BytesIO(value), weights_only=True)
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -101,12 +108,12 @@ def outcomes(root):
     return out
 
 
-@pytest.mark.parametrize("kind", ["vace", "phantom"])
-def test_split_velocity_is_bit_equal_and_gradients_sum_to_the_whole(outcomes, kind):
+@pytest.mark.parametrize("case", [case for case, *_ in CASES])
+def test_split_velocity_is_bit_equal_and_gradients_sum_to_the_whole(outcomes, case):
     for rank in (0, 1):
-        whole, split = outcomes[rank, kind]["whole"], outcomes[rank, kind]["split"]
+        whole, split = outcomes[rank, case]["whole"], outcomes[rank, case]["split"]
         assert torch.equal(split[0], whole[0])  # every rank holds the whole, gathered velocity
-        if kind == "phantom":  # full fine-tuning: the frozen reference copy is split too
+        if case == "phantom":  # full fine-tuning: the frozen reference copy is split too
             assert torch.equal(split[2], whole[2])
         assert set(split[1]) == set(whole[1])
         assert sum(bool(g.abs().max() > 0) for g in whole[1].values()) > 10  # (LoRA A's are 0 while B is 0)
@@ -114,7 +121,7 @@ def test_split_velocity_is_bit_equal_and_gradients_sum_to_the_whole(outcomes, ki
             torch.testing.assert_close(split[1][name], grad, rtol=GRADIENT_RTOL,
                                        atol=GRADIENT_RTOL * float(grad.abs().max()))
         # a rank's own gradient is its tokens' share, not the whole: the sum is needed (the learner's loss scaling)
-        own = outcomes[rank, kind]["own"]
+        own = outcomes[rank, case]["own"]
         assert any(not torch.allclose(own[name], grad, rtol=0.01) for name, grad in whole[1].items())
 
 
