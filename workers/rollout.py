@@ -132,7 +132,8 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
             # in the learner's micro-batches: its recompute then sees this forward's shapes (policy/sampler.py)
             trajectory = sample_group(self.policy, cond, seeds, self.rule, self.schedule, deterministic=deterministic,
                                       policy_version=version, sde_steps=sde_steps, ode=self.ode,
-                                      rows_per_forward=self.cfg.workers.learner_engine.micro_batch_size)
+                                      rows_per_forward=self.cfg.workers.learner_engine.micro_batch_size,
+                                      decode=self.answers)  # a context group's other actors decode nothing
         trajectory.prompt, trajectory.key = sample["prompt"], sample.get("key", "")
         trajectory.references = list(sample.get("refs", []))
         trajectory.rollout_s = time.perf_counter() - start
@@ -155,7 +156,8 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
         base_only = not adapters and has_lora(self.policy.transformer)
         with self.matmul_kernels(), adapters_disabled(self.policy.transformer) if base_only else nullcontext():
             cond = self.policy.encode_condition(sample["prompt"], sample.get("refs", []))
-            trajectory = sample_group(self.policy, cond, seeds, self.rule, self.schedule, deterministic=deterministic)
+            trajectory = sample_group(self.policy, cond, seeds, self.rule, self.schedule, deterministic=deterministic,
+                                      decode=self.answers)
         if not self.answers:
             return []
         return [(encode_video(v, fps), VideoInfo(v.shape[0], float(fps), v.shape[1], v.shape[2]).to_dict())
