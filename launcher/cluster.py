@@ -99,7 +99,7 @@ def context_leaders(per_rank: List, cfg) -> List:
 
 
 def pool_nodes(group: WorkerGroup) -> List[str]:
-    return ray.get([actor.node_id.remote() for actor in group.actors])
+    return group.nodes()
 
 
 def stop_ray(started: bool, workers: Optional[Workers]) -> None:

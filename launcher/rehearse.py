@@ -61,6 +61,9 @@ def rehearsal_output_dir(preset, overrides: Sequence[str] = ()) -> str:
 def cpu_overrides(preset, learner_ranks: Optional[int] = None, output_dir: Optional[str] = None) -> List[str]:
     """What a CPU forces on a GRPO preset, as `key=value` overrides."""
     ranks = max(2, learner_ranks or preset.workers.learner.num_workers)
+    # a context-parallel preset: each video over CONTEXT_DEGREE processes, so learner ranks in whole context groups
+    context = context_degree(preset) > 1
+    ranks += ranks % CONTEXT_DEGREE if context else 0
     out = output_dir or rehearsal_output_dir(preset)
     arch = preset.model.arch
     if arch is None:
@@ -78,12 +81,10 @@ def cpu_overrides(preset, learner_ranks: Optional[int] = None, output_dir: Optio
     ]
     if REHEARSAL_LAYERS.get(arch):
         overrides.append(f"model.num_layers={REHEARSAL_LAYERS[arch]}")
-    rollouts = 1
-    if context_degree(preset) > 1:  # each video over 2 processes (Ulysses; ring needs a GPU): a frame of 2 tokens
-        rollouts, ranks = CONTEXT_DEGREE, ranks + ranks % CONTEXT_DEGREE
+    if context:  # Ulysses (ring needs a GPU), a rollout worker of CONTEXT_DEGREE actors, frames of as many tokens
         overrides += [f"model.context_parallel.ulysses={CONTEXT_DEGREE}", "model.context_parallel.ring=1",
-                      f"model.width={16 * CONTEXT_DEGREE}", f"grpo.prompts_per_step={ranks}"]
-    for pool, count in (("rollout", rollouts), ("reward", 1), ("learner", ranks)):
+                      f"model.width={16 * CONTEXT_DEGREE}"]
+    for pool, count in (("rollout", CONTEXT_DEGREE if context else 1), ("reward", 1), ("learner", ranks)):
         overrides += [f"workers.{pool}.num_workers={count}", f"workers.{pool}.num_gpus_per_worker=0",
                       f"workers.{pool}.num_cpus_per_worker=0.5", f"workers.{pool}.node_resource=null"]
     if "vlm" in preset.reward.weights and preset.reward.vlm.arch not in (None, "tiny"):

@@ -175,6 +175,10 @@ class WorkerGroup:
             ray.kill(actor, no_restart=True)
         self.actors = []
 
+    def nodes(self) -> List[str]:
+        """The Ray node id of each actor, in rank order."""
+        return ray.get([actor.node_id.remote() for actor in self.actors])
+
     def join_context_groups(self) -> None:
         """Each call unit of several actors forms its process group (their `join_context_group`, at the address its
         first actor offers); a unit's actors join together, and every unit at once."""
@@ -218,7 +222,7 @@ def warn_split_across_nodes(group: "WorkerGroup", degree: int) -> List[int]:
     """The context groups (`degree` consecutive actors: a rollout worker's, or learner ranks') whose actors Ray placed
     on more than one node, each logged: their all-to-alls then cross the network instead of the node's links. The
     pools' PACK placement fills a node before the next, so this takes a pool that does not fill whole nodes."""
-    nodes = ray.get([actor.node_id.remote() for actor in group.actors])
+    nodes = group.nodes()
     split = groups_across_nodes(nodes, degree)
     for g in split:
         log.warning("%s: the context group of actors %d-%d spans %d nodes; its all-to-alls go over the network",

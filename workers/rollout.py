@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 import ray
 import torch
 
+from config import to_yaml
 from policy.context_parallel import ContextDegrees
 from policy.lora import load_lora_state_dict
 from policy.models import build_components
@@ -29,7 +30,6 @@ from policy.precision import dtype_map
 from policy.sampler import Trajectory, sample_group
 from policy.schedule import schedule_from_config
 from policy.sde import NoiseRule
-from config import to_yaml
 from runtime.cpu_bf16 import bf16_matmuls_in_fp32
 from workers.common import WorkerBase, maybe_fault, published_weights
 from workers.group import WorkerGroup
