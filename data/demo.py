@@ -117,6 +117,41 @@ def build_demo(out: str | Path, num_prompts: int = 16, num_pairs: int = 16, samp
     return prompt_pattern, brace_pattern(out, "pairs", len(paths))
 
 
+def write_demo_clips(out: str | Path, num_clips: int, num_frames: int = 9, height: int = 96, width: int = 160,
+                     max_people: int = 2, seed: int = 0, with_camera: bool = False) -> list[np.ndarray]:
+    """A folder of clip folders (data/SCHEMA.md, "Clips": prompt.txt, ref_<k>.png, video.mp4, meta.json) of real
+    faces composited on real backgrounds: stand-ins for footage, with known face boxes, for
+    `python -m prefdata.distortion_pairs`. Clip i has 1 + i % max_people people. with_camera: the cameraman (in
+    profile: dlib's frontal detector misses him) may be one of them; without, only the two frontal faces.
+    Returns each clip's true boxes (F, P, 4), also in its meta.json (extra.true_boxes)."""
+    import json
+
+    from data.video import encode_png, encode_video
+
+    photos = [p for p in load_face_photos() if with_camera or p.detected]
+    refs = [crop_face(p.image, p.face_box, margin=0.5, size=128) for p in photos]
+    tight = [crop_face(p.image, p.face_box, margin=0.15, size=96) for p in photos]
+    backgrounds = background_photos()
+    truths = []
+    for i in range(num_clips):
+        rng = np.random.default_rng([seed, 2, i])
+        ids = [int(j) for j in rng.permutation(len(photos))[: 1 + i % max_people]]
+        video, boxes = compose_clip([tight[j] for j in ids], backgrounds[i % len(backgrounds)], num_frames, height,
+                                    width, rng)
+        order = [int(k) for k in rng.permutation(len(ids))]  # references in another order than left to right
+        folder = Path(out) / f"clip{i:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "prompt.txt").write_text(make_prompt(rng, [photos[ids[k]].description for k in order]))
+        for n, k in enumerate(order):
+            (folder / f"ref_{n}.png").write_bytes(encode_png(refs[ids[k]]))
+        (folder / "video.mp4").write_bytes(encode_video(video))
+        truth = boxes[:, order]
+        (folder / "meta.json").write_text(json.dumps({"identity_ids": [photos[ids[k]].identity_id for k in order],
+                                                      "source": "demo", "extra": {"true_boxes": truth.tolist()}}))
+        truths.append(truth)
+    return truths
+
+
 def write_mixed_pairs(out: str | Path, n: int, sources: Sequence[str] = ("synthetic",), flip_auto: float = 0.0,
                       frames: int = 2, size: int = 56, max_people: int = 2, seed: int = 0,
                       min_severity: float = 0.6) -> str:

@@ -217,11 +217,12 @@ class CleanClip:
 
 
 def make_pair(clip: CleanClip, rng: np.random.Generator, cfg: DistortionConfig | None = None,
-              kind: str | None = None) -> tuple[dict[str, bytes], dict[str, Any]]:
+              kind: str | None = None, extra: dict[str, Any] | None = None) -> tuple[dict[str, bytes], dict[str, Any]]:
     """Distort `clip` and build a preference sample (members) whose label prefers the clean video.
 
     The clean video goes to slot a or b at random (so position carries no signal); the label
-    records source=synthetic and the distortion's kind and full params. Returns (members, params).
+    records source=synthetic and the distortion's kind and full params; meta.extra holds the face
+    boxes and `extra`. Returns (members, params).
     """
     from data.schema import make_meta, preference_members
     from data.video import VideoInfo, encode_video
@@ -245,7 +246,7 @@ def make_pair(clip: CleanClip, rng: np.random.Generator, cfg: DistortionConfig |
     infos = {slot: VideoInfo(*v.shape[:1], float(clip.fps), *v.shape[1:3]) for slot, v in videos.items()}
     label = {"preference": clean_slot, "source": "synthetic", "distortion": {"kind": kind, "params": params}}
     meta = make_meta(num_people, clip.identity_ids, clip.source, infos,
-                     extra={"face_boxes": np.asarray(clip.boxes).astype(int).tolist()})
+                     extra={**(extra or {}), "face_boxes": np.asarray(clip.boxes).astype(int).tolist()})
     return preference_members(clip.prompt, clip.refs, encoded["a"], encoded["b"], label, meta), params
 
 

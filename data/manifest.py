@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from config import ExpectedError
 from data.schema import (
     KEY_RE,
@@ -31,6 +33,7 @@ from data.video import (
     DEFAULT_FPS,
     MediaError,
     decode_image,
+    decode_video,
     decode_video_with_info,
     encode_png,
     encode_video,
@@ -42,9 +45,13 @@ _PROMPT_FIELDS = {"key", "prompt", "refs", "identity_ids", "source", "extra"}
 _PREF_FIELDS = _PROMPT_FIELDS | {"video_a", "video_b", "label", "num_frames"}
 # External candidates (real footage, another model's videos) to pair with generated ones of the same prompt key.
 _CAND_FIELDS = _PROMPT_FIELDS | {"video", "prompt_key", "generator", "num_frames"}
-_FIELDS = {"prompt": _PROMPT_FIELDS, "preference": _PREF_FIELDS, "candidate": _CAND_FIELDS}
+# Clean clips of real people (footage) with their reference photos: the input of prefdata.distortion_pairs, not a
+# shard kind of their own.
+_CLIP_FIELDS = _PROMPT_FIELDS | {"video", "num_frames"}
+_FIELDS = {"prompt": _PROMPT_FIELDS, "preference": _PREF_FIELDS, "candidate": _CAND_FIELDS, "clip": _CLIP_FIELDS}
 _REQUIRED = {"prompt": ["prompt", "refs"], "preference": ["prompt", "refs", "video_a", "video_b", "label"],
-             "candidate": ["prompt", "refs", "video", "prompt_key", "generator"]}
+             "candidate": ["prompt", "refs", "video", "prompt_key", "generator"], "clip": ["prompt", "refs", "video"]}
+INPUT_KINDS = (*KINDS, "clip")
 _FOLDER_REF = re.compile(r"^ref_(\d+)\.(png|jpg|jpeg)$", re.IGNORECASE)
 
 
@@ -130,7 +137,7 @@ def _record_from_dict(obj: Any, kind: str, origin: str, base: Path, default_key:
     return Record(origin, kind, key, prompt, [path(r) for r in refs], ids, str(obj.get("source", source)),
                   dict(obj.get("extra", {})), path(obj["video_a"]) if kind == "preference" else None,
                   path(obj["video_b"]) if kind == "preference" else None, label, num_frames,
-                  path(obj["video"]) if kind == "candidate" else None, candidate)
+                  path(obj["video"]) if kind in ("candidate", "clip") else None, candidate)
 
 
 def _collect(items, make, problems: list | None = None) -> list[Record]:
@@ -160,8 +167,8 @@ def read_manifest(path: str | Path, kind: str, problems: list | None = None) -> 
     Invalid records raise ManifestError, or, when a `problems` list is given, are appended to it
     and left out (so the caller can report them together with file-level problems).
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"kind must be one of {INPUT_KINDS}, got {kind!r}")
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -188,9 +195,9 @@ def read_manifest(path: str | Path, kind: str, problems: list | None = None) -> 
 
 def read_folder(path: str | Path, kind: str, problems: list | None = None) -> list[Record]:
     """Parse a folder of sample folders: DIR/<key>/{prompt.txt, ref_<i>.png, [meta.json], and a.mp4, b.mp4, label.json
-    (preference) or video.mp4, candidate.json (candidate)}."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    (preference), video.mp4, candidate.json (candidate) or video.mp4 (clip)}."""
+    if kind not in INPUT_KINDS:
+        raise ValueError(f"kind must be one of {INPUT_KINDS}, got {kind!r}")
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"input folder {root} does not exist")
@@ -223,7 +230,7 @@ def read_folder(path: str | Path, kind: str, problems: list | None = None) -> li
                 obj.update(data)
         if kind == "preference":
             obj["video_a"], obj["video_b"] = "a.mp4", "b.mp4"
-        if kind == "candidate":
+        if kind in ("candidate", "clip"):
             obj["video"] = "video.mp4"
         return _record_from_dict(obj, kind, origin, sample_dir, sample_dir.name, "folder")
 
@@ -291,6 +298,28 @@ def load_record(rec: Record, num_frames: int | None = None, video_size: tuple[in
         return preference_members(rec.prompt, refs, a, b, rec.label, meta)
     except SampleError as err:
         raise _problem(rec.origin, err.field, err.reason) from None
+
+
+def load_clip_refs(rec: Record) -> list[np.ndarray]:
+    """A record's reference photos, decoded uint8 (H, W, 3); ManifestError names the record and the photo."""
+    refs = []
+    for i, path in enumerate(rec.refs):
+        try:
+            refs.append(decode_image(_read_bytes(rec, f"refs[{i}]", path)))
+        except MediaError as err:
+            raise _problem(rec.origin, f"refs[{i}]", f"unreadable image: {err} ({path})") from None
+    return refs
+
+
+def load_clip(rec: Record, num_frames: int | None = None,
+              video_size: tuple[int, int] | None = None) -> tuple[np.ndarray, float]:
+    """A clip record's frames uint8 (F, H, W, 3) and frame rate, decoded; resampled to `num_frames` (uniform over
+    the clip) and resized as load_record does. Raises ManifestError naming origin and field."""
+    if rec.kind != "clip":
+        raise ValueError(f"{rec.origin}: a {rec.kind} record is not a clip")
+    expected = rec.num_frames if rec.num_frames is not None else num_frames
+    data, info = _load_video(rec, "video", rec.video, expected, video_size, None, resample=True)
+    return decode_video(data), float(info.fps)
 
 
 def validate_records(records: list[Record], problems: list | None = None, **load_kwargs) -> None:

@@ -78,7 +78,7 @@ def existing_keys(out: Path, prefix: str) -> tuple[List[str], set]:
     paths = existing_shards(out, prefix)
     for n, path in enumerate(paths):
         if Path(path).name != shard_name(prefix, n):
-            raise ValueError(f"{out}: candidate shards must be numbered from 000000 without a gap, but "
+            raise ValueError(f"{out}: shards must be numbered from 000000 without a gap, but "
                              f"{shard_name(prefix, n)} is missing (found {Path(path).name}); pass --overwrite to "
                              "start over")
     keys = set()
@@ -86,13 +86,15 @@ def existing_keys(out: Path, prefix: str) -> tuple[List[str], set]:
         index = index_shard(path)
         bad = index.error or next((ref.error for ref in index.samples if ref.error), None)
         if bad:
-            raise ValueError(f"{path}: damaged candidate shard ({bad}); pass --overwrite to start over")
+            raise ValueError(f"{path}: damaged shard ({bad}); pass --overwrite to start over")
         keys.update(ref.key for ref in index.samples)
     return paths, keys
 
 
-def check_resumable(section, out: Path, prefix: str, overwrite: bool) -> tuple[int, set]:
-    """(first new shard number, keys already written); with `overwrite`, the old shards are removed first."""
+def check_resumable(section, out: Path, prefix: str, overwrite: bool, name: str = "candidates",
+                    growable: Sequence[str] = ("num_prompts",)) -> tuple[int, set]:
+    """(first new shard number, keys already written); with `overwrite`, the old shards are removed first. The
+    section `name` is stored beside the shards; a rerun with other settings (but those in `growable`) is refused."""
     from data.write_shards import existing_shards
 
     stored = out / f"{prefix}.config.yaml"
@@ -103,11 +105,11 @@ def check_resumable(section, out: Path, prefix: str, overwrite: bool) -> tuple[i
     mine = OmegaConf.to_container(section)
     if paths and stored.is_file():
         theirs = OmegaConf.to_container(OmegaConf.create(stored.read_text()))
-        differ = sorted(k for k in set(mine) | set(theirs) if k != "num_prompts" and mine.get(k) != theirs.get(k))
+        differ = sorted(k for k in set(mine) | set(theirs) if k not in growable and mine.get(k) != theirs.get(k))
         if differ:
-            raise ConfigError(f"candidates.{differ[0]}: {out} holds candidates made with {differ[0]}="
+            raise ConfigError(f"{name}.{differ[0]}: {out} holds {name} made with {differ[0]}="
                               f"{theirs.get(differ[0])!r} ({stored}), this run has {mine.get(differ[0])!r}; "
-                              "pass --overwrite to start over, or another candidates.out")
+                              f"pass --overwrite to start over, or another {name}.out")
     out.mkdir(parents=True, exist_ok=True)
     stored.write_text(OmegaConf.to_yaml(section))
     return len(paths), keys

@@ -17,7 +17,9 @@ from omegaconf import MISSING, DictConfig
 
 from config import ConfigError, load_structured
 from config.schema import RewardConfig
-from data.schema import KEY_RE, SAMPLERS
+from data.distort import DEGRADE_OPS, DistortionConfig
+from data.schema import DISTORTION_KINDS, KEY_RE, SAMPLERS
+from prefdata.face_track import TrackConfig
 
 
 @dataclass
@@ -79,9 +81,33 @@ class AutoLabelConfig:
 
 
 @dataclass
+class DistortionsConfig:
+    """`python -m prefdata.distortion_pairs`: synthetic pairs (clean clip vs distorted) from real clips."""
+
+    clips: str = MISSING  # a JSONL manifest of clip records or a folder of clip folders (data/SCHEMA.md, "Clips")
+    out: str = MISSING
+    prefix: str = "synthetic"
+    samples_per_shard: int = 256
+    pairs_per_clip: int = 1  # each a distortion of its own kind and parameters, drawn from (seed, clip key, index)
+    kinds: List[str] = field(default_factory=lambda: list(DISTORTION_KINDS))
+    min_severity: float = 0.4
+    max_severity: float = 1.0
+    degrade_ops: List[str] = field(default_factory=lambda: list(DEGRADE_OPS))
+    # A swap or drift may bring in the face of someone who is not in the clip: one of at most this many people
+    # drawn from the other clips' reference photos (by identity id; none: only the clip's own people).
+    max_outsiders: int = 4
+    num_frames: Optional[int] = None  # resample each clip to this many frames, uniform over it (null: as it is)
+    height: Optional[int] = None  # with width: resize and centre-crop each clip (null: as it is)
+    width: Optional[int] = None
+    seed: int = 0
+    tracking: TrackConfig = field(default_factory=TrackConfig)
+
+
+@dataclass
 class PrefDataConfig:
     candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
     autolabel: AutoLabelConfig = field(default_factory=AutoLabelConfig)
+    distortions: DistortionsConfig = field(default_factory=DistortionsConfig)
 
 
 def _check(cfg: DictConfig, source: str) -> None:
@@ -113,6 +139,19 @@ def _check(cfg: DictConfig, source: str) -> None:
         fail("autolabel.people_prefix", f"must differ from autolabel.prefix ({a.prefix!r})")
     if not 0.0 < a.min_agreement <= 1.0:
         fail("autolabel.min_agreement", f"must be in (0, 1], got {a.min_agreement}")
+    d = cfg.distortions
+    for key in ("pairs_per_clip", "samples_per_shard", "num_frames", "height", "width"):
+        if getattr(d, key) is not None and getattr(d, key) <= 0:
+            fail(f"distortions.{key}", f"must be > 0, got {getattr(d, key)}")
+    if (d.height is None) != (d.width is None):
+        fail("distortions.height", "and distortions.width are set together (or both null)")
+    if d.max_outsiders < 0:
+        fail("distortions.max_outsiders", f"must be >= 0, got {d.max_outsiders}")
+    try:
+        distortion_settings(d)
+        track_settings(d)
+    except ValueError as err:
+        fail("distortions", f"settings: {err}")
     if not a.scorers:
         fail("autolabel.scorers", "needs at least one scorer")
     from reward.composite import REWARD_BUILDERS
@@ -122,6 +161,19 @@ def _check(cfg: DictConfig, source: str) -> None:
             fail(f"autolabel.scorers.{name}", f"unknown reward (known: {sorted(REWARD_BUILDERS)})")
         if not scorer.margin >= 0:
             fail(f"autolabel.scorers.{name}.margin", f"must be >= 0, got {scorer.margin}")
+
+
+def distortion_settings(section) -> DistortionConfig:
+    """data.distort's DistortionConfig from the distortions section (it checks kinds, severities and ops)."""
+    return DistortionConfig(tuple(section.kinds), section.min_severity, section.max_severity,
+                            tuple(section.degrade_ops))
+
+
+def track_settings(section) -> TrackConfig:
+    """The tracker's frozen config from the distortions section (its __post_init__ checks the values)."""
+    from omegaconf import OmegaConf
+
+    return TrackConfig(**OmegaConf.to_container(section.tracking))
 
 
 def load_prefdata_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:

@@ -216,6 +216,16 @@ class FaceIdentityReward:
             raise ValueError(f"face embedder ({self.backend}) returned a zero or non-finite embedding")
         return emb / norms
 
+    def detect_and_embed(self, image: ArrayLike, limit: Optional[int] = None):
+        """The faces in one image, largest first (at most `limit`): boxes (x0, y0, x1, y1), clipped to the image,
+        exclusive) and unit-norm embeddings (n, D). What a face tracker needs (prefdata.face_track)."""
+        image = as_uint8_rgb(image, 3, "image")
+        shapes = self._detect(image, limit)
+        height, width = image.shape[:2]
+        boxes = [(max(s.rect.left(), 0), max(s.rect.top(), 0), min(s.rect.right() + 1, width),
+                  min(s.rect.bottom() + 1, height)) for s in shapes]
+        return boxes, self._embed(image, shapes)
+
     def embed_references(self, references: Sequence[ArrayLike], num_people: Optional[int] = None,
                          where: str = "") -> np.ndarray:
         """Unit-norm embeddings (K, D) of each reference's (largest) face; cached by image content,
