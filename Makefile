@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 # A crash in native code (a segfault at exit, issue #14) prints every thread's Python stack, in tests and in CI.
 export PYTHONFAULTHANDLER := 1
 
-.PHONY: install test test-slow test-slurm test-rehearsal test-faults test-tools rehearse demo shards train-reward reward-data train eval doctor export-lora bench lint tensorboard submit clean
+.PHONY: install test test-slow test-slurm test-rehearsal test-faults test-tools rehearse demo shards train-reward reward-data study-reward-data study-grpo-design train eval doctor export-lora bench lint tensorboard submit clean
 
 install: $(STAMP)
 
@@ -71,9 +71,17 @@ train-reward: install
 	test -e $(OUT)/demo_data/pairs-000000.tar || $(PY) -m data.demo --out $(OUT)/demo_data
 	$(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC) -m reward.train --config $(REWARD_CONFIG) $(ARGS)
 
-# Preference data on the demo: candidates, auto labels, labels through the annotation page, reward model, accuracy.
+# Preference data on the demo (candidates, auto labels, labels through the page, synthetic pairs), then the reward
+# model as the paper trains it, three seeds, its accuracy on human test pairs with the interval over seeds.
 reward-data: install
-	$(PY) -m launcher.reward_data_demo $(ARGS)
+	$(PY) -m launcher.study reward-data --arms mixed_teacher --out $(OUT)/reward_data $(ARGS)
+
+# The paper's studies (launcher/study.py): every arm x seed, resumable, a table with intervals over seeds.
+study-reward-data: install
+	$(PY) -m launcher.study reward-data --out $(OUT)/studies/reward_data $(ARGS)
+
+study-grpo-design: install
+	$(PY) -m launcher.study grpo-design --out $(OUT)/studies/grpo_design $(ARGS)
 
 train: install
 	$(PY) -m launcher.train --config $(CONFIG) $(ARGS)

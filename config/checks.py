@@ -61,6 +61,9 @@ def check_nft(cfg: DictConfig, source: str) -> None:
     if cfg.sampler.sde_window.size:
         raise ConfigError(f"{source}: 'sampler.sde_window.size' ({cfg.sampler.sde_window.size}) is set but "
                           "'grpo.objective' is nft, whose rollouts are deterministic (no SDE steps); drop the window")
+    if cfg.sampler.shared_initial_noise:
+        raise ConfigError(f"{source}: 'sampler.shared_initial_noise' is set but 'grpo.objective' is nft, whose "
+                          "rollouts are deterministic: a group started from one noise would be one video G times")
     if cfg.grpo.nft_old_decay_rate:
         raise NotImplementedError(f"{source}: 'grpo.nft_old_decay_rate' {cfg.grpo.nft_old_decay_rate} (DiffusionNFT's "
                                   "slowly moving sampling policy) is not implemented; 0 samples with the last weights")

@@ -132,6 +132,10 @@ class SamplerConfig:
     # Phantom's image guidance (its CFG has text and image terms; guidance_scale is the text one). Phantom runs
     # one pass per step only with both at 1.
     image_guidance_scale: float = at_least(1.0, 5.0)
+    # true: every video of a prompt group starts from one initial noise (its first member's), so they differ by the
+    # SDE's step noise alone and the advantage compares what the policy did from the same start; false (official):
+    # each member its own. Training rollouts only (evaluation and candidates draw one noise per seed); needs SDE steps.
+    shared_initial_noise: bool = False
     negative_prompt: str = ""
     max_sequence_length: int = 32
     sde_window: SdeWindowConfig = field(default_factory=SdeWindowConfig)

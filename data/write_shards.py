@@ -171,6 +171,41 @@ def write_records(records: Iterable[Record], out_dir: str | Path, prefix: str, m
     return writer.paths, writer.pattern
 
 
+def split_by_prompt(pattern: str, out_dir: str | Path, prefixes: tuple[str, str], fraction: float, seed: int = 0,
+                    max_samples_per_shard: int = 1000) -> tuple[str, str]:
+    """Copy the samples of `pattern` (bytes unchanged) into two shard sets `<prefixes[0]>-*` and `<prefixes[1]>-*`;
+    the second gets the samples whose prompt falls in a `fraction` of prompts drawn by hash of (seed, prompt key),
+    so no prompt is on both sides (a test split the training never saw the prompts of). The prompt key is
+    meta.extra.prompt_key where the sample has one (candidates' pairs), else the sample key. Returns both brace
+    patterns; a damaged shard raises ValueError naming it."""
+    import hashlib
+    import json
+
+    from data.tarindex import expand_pattern, index_shard, read_members
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"split fraction must be in (0, 1), got {fraction}")
+    writers = [ShardWriter(out_dir, prefix, max_samples_per_shard, replaces=existing_shards(out_dir, prefix))
+               for prefix in prefixes]
+    for path in expand_pattern(pattern):
+        index = index_shard(path)
+        bad = index.error or next((ref.error for ref in index.samples if ref.error), None)
+        if bad:
+            raise ValueError(f"{path}: damaged shard ({bad})")
+        with open(path, "rb") as shard:
+            for ref in index.samples:
+                members = read_members(ref, shard=shard)
+                meta = json.loads(members.get("meta.json", b"{}"))
+                prompt = meta.get("extra", {}).get("prompt_key", ref.key)
+                digest = hashlib.sha1(f"{seed}:{prompt}".encode()).digest()
+                writers[int.from_bytes(digest[:8], "big") / 2**64 < fraction].write(ref.key, members)
+    for writer in writers:
+        if not writer.close():
+            raise ValueError(f"{pattern}: no sample falls in the {writer.prefix} split (fraction {fraction}); "
+                             "more prompts, or another fraction")
+    return writers[0].pattern, writers[1].pattern
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))

@@ -202,6 +202,45 @@ def bootstrap_ci(values: Sequence[float], clusters: Optional[Sequence] = None, n
     return float(lo), float(hi)
 
 
+@dataclass(frozen=True)
+class SeedInterval:
+    """Mean of one number over seeds with its Student-t interval: mean +- t_{(1+c)/2, n-1} s / sqrt(n), s the
+    sample standard deviation (ddof 1). The runs' randomness only (initialisation, data order, sampling): the
+    test set is the same in every run, so its own sampling error is not in it. n = 1: no interval (nan)."""
+
+    n: int
+    mean: float
+    std: float
+    half_width: float
+    low: float
+    high: float
+    confidence: float
+
+
+def seed_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> SeedInterval:
+    """SeedInterval of `values` (one per seed); NaN values are an error: a failed run is not a sample."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0 or not np.isfinite(v).all():
+        raise ValueError(f"seed_interval: need finite values, one per seed, got {v.tolist()}")
+    mean = float(v.mean())
+    if v.size == 1:
+        return SeedInterval(1, mean, math.nan, math.nan, math.nan, math.nan, confidence)
+    std = float(v.std(ddof=1))
+    half = float(stats.t.ppf((1 + confidence) / 2, v.size - 1) * std / math.sqrt(v.size))
+    return SeedInterval(int(v.size), mean, std, half, mean - half, mean + half, confidence)
+
+
+def binomial_half_width(accuracy: float, n: int, confidence: float = CONFIDENCE) -> float:
+    """Normal-approximation half-width of an accuracy measured on n independent test items: the test set's own
+    sampling error, which a seed interval over one fixed test set leaves out."""
+    from scipy import stats
+
+    return float(stats.norm.ppf((1 + confidence) / 2) * math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n)) \
+        if n > 0 else math.nan
+
+
 def win_indicators(candidate: Sequence[float], baseline: Sequence[float]) -> np.ndarray:
     """1 where the candidate scores higher, 0 where lower, 0.5 on a tie (per pair)."""
     a, b = np.asarray(candidate, np.float64), np.asarray(baseline, np.float64)

@@ -1,35 +1,37 @@
-"""`make reward-data`: preference data on the CPU demo, from prompts to a trained reward model's held-out accuracy.
+"""`make reward-data`: preference data on the CPU demo, from prompts to reward models scored on human test pairs.
 
-1. the demo prompt shards and the demo base model, as `make demo` builds them (when missing);
+`prepare(DIR)` builds the reward-data study's demo data (launcher/study_reward_data.py), each step resumable:
+1. 96 demo prompts (data.demo) and the demo base model, as `make demo` builds it (when missing);
 2. candidates (`python -m prefdata.candidates`, cluster_configs/reward_data_demo.yaml): two demo generators sample
-   4 videos each for 16 demo prompts on Ray rollout workers;
-3. auto labels (`python -m prefdata.autolabel`): 12 pairs per prompt labelled by the vote; the pairs of a quarter of
-   the prompts are set apart for people (`autolabel.people_fraction`);
+   4 videos each per prompt on Ray rollout workers;
+3. auto labels (`python -m prefdata.autolabel`): 12 pairs per prompt labelled by the vote; the pairs of half the
+   prompts are set apart for people (`autolabel.people_fraction`);
 4. labels through the page: the annotation server runs as users run it (`python -m prefdata.annotate serve`, its own
    process) and two scripted annotators label every pair through the page's HTTP API (they stand in for people:
    `demo-ann1` prefers the video whose colours match the references, the DEMO reward's rule, `demo-ann2` makes
-   the same choice with a fifth of them flipped); then the agreement report and the export to `source: human` shards;
-5. `python -m reward.train` (cluster_configs/reward_data_demo_train.yaml): a teacher trained on the human pairs
-   filters the auto pairs, the model trains on both, and the held-out accuracy is printed.
+   the same choice with a fifth of them flipped); then the agreement report and the export to `source: human`
+   shards, split by prompt into human train and human test pairs (data.write_shards.split_by_prompt);
+5. synthetic pairs: real faces composited into clips (data.demo.write_demo_clips) and
+   `python -m prefdata.distortion_pairs` on them.
 
-Everything is under outputs/reward_data/. A rerun reuses what is there (candidates resume, the label log keeps
-the annotators' labels, reward.train resumes its finished run) and prints the same numbers.
+`make reward-data` (`python -m launcher.study reward-data --arms mixed_teacher --out outputs/reward_data`) then
+trains the reward model as the paper does (human + synthetic + auto pairs, the auto pairs filtered by a teacher)
+with three seeds and prints its accuracy on the human test pairs with the interval over seeds; `make
+study-reward-data` runs every arm. A rerun reuses what is there and prints the same numbers.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 
 CONFIG = "cluster_configs/reward_data_demo.yaml"
-TRAIN_CONFIG = "cluster_configs/reward_data_demo_train.yaml"
 ANNOTATORS = {"demo-ann1": 0.0, "demo-ann2": 0.2}  # scripted annotator -> fraction of choices flipped
 COLOUR_MARGIN = 0.004  # the annotators call a pair equal within this demo reference-colour difference
 
@@ -94,47 +96,57 @@ def step(title: str, argv: List[str]) -> None:
     subprocess.run([sys.executable, *argv], check=True)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=CONFIG, help="candidates + autolabel config (default: %(default)s)")
-    parser.add_argument("--train-config", default=TRAIN_CONFIG, help="reward.train config (default: %(default)s)")
-    parser.add_argument("--out", default="outputs/reward_data", help="where everything goes (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override of the candidates/autolabel config (repeatable)")
-    parser.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override of the reward.train config (repeatable)")
-    args = parser.parse_args(argv)
+NUM_PROMPTS = 96
+HUMAN_TEST_FRACTION = 0.5  # of the human pairs' prompts: the test split every arm is scored on
+NUM_CLIPS, PAIRS_PER_CLIP = 96, 3  # synthetic pairs: clips of real faces, distortions of each
+
+
+def demo_patterns(data: Path) -> dict:
+    """The shard patterns `prepare(data)` writes, as far as they are there (for `--list`, which prepares nothing)."""
     from data.write_shards import brace_pattern, existing_shards
-    from launcher.demo import ensure_demo_model, ensure_demo_shards
+
+    def pattern(folder, prefix):
+        return brace_pattern(Path(data) / folder, prefix, max(len(existing_shards(Path(data) / folder, prefix)), 1))
+
+    return {"human_train": pattern("human", "human_train"), "human_test": pattern("human", "human_test"),
+            "auto": pattern("auto", "pairs"), "synthetic": pattern("synthetic", "synthetic")}
+
+
+def prepare(data: Path, config: str = CONFIG, sets: Sequence[str] = (), num_clips: int = NUM_CLIPS) -> dict:
+    """Build (or reuse) the demo's preference data under `data` (module docstring); returns the four patterns."""
+    from data.demo import build_demo, write_demo_clips
+    from data.write_shards import brace_pattern, existing_shards, split_by_prompt
+    from launcher.demo import ensure_demo_model
     from prefdata.settings import load_prefdata_config
     from workers.run_config import load_run_config
 
-    out = Path(args.out)
-    sets = [*args.set, f"candidates.out={out}/candidates", f"autolabel.out={out}/auto"]
-    cfg = load_prefdata_config(args.config, sets)
-    ensure_demo_shards(cfg.candidates.prompt_shards)
+    data = Path(data)
+    prompts = data / "prompts"
+    if not existing_shards(prompts, "prompts"):
+        build_demo(prompts, num_prompts=NUM_PROMPTS, num_pairs=1, samples_per_shard=16)
+    sets = [f"candidates.prompt_shards={brace_pattern(prompts, 'prompts', len(existing_shards(prompts, 'prompts')))}",
+            *sets, f"candidates.out={data}/candidates", f"autolabel.out={data}/auto"]
+    cfg = load_prefdata_config(config, sets)
     for generator in cfg.candidates.generators:
         ensure_demo_model(load_run_config(generator.config, list(generator.overrides)).model)
-    step("candidates", ["-m", "prefdata.candidates", "--config", args.config, *sets])
+    step("candidates", ["-m", "prefdata.candidates", "--config", config, *sets])
     prefix = cfg.candidates.prefix
-    candidates = brace_pattern(out / "candidates", prefix, len(existing_shards(out / "candidates", prefix)))
-    step("auto labels", ["-m", "prefdata.autolabel", "--config", args.config, *sets,
+    candidates = brace_pattern(data / "candidates", prefix, len(existing_shards(data / "candidates", prefix)))
+    step("auto labels", ["-m", "prefdata.autolabel", "--config", config, *sets,
                          f"autolabel.candidate_shards={candidates}", "--overwrite"])
-    labelled = json.loads((out / "auto" / f"{cfg.autolabel.prefix}.autolabel.json").read_text())
-    annotate(labelled["people"]["pattern"], out / "annotation")
-    step("export", ["-m", "prefdata.annotate", "export", "--dir", str(out / "annotation"), "--out", str(out / "human"),
-                    "--overwrite"])
-    human = brace_pattern(out / "human", "human", len(existing_shards(out / "human", "human")))
-    # both sets in one brace pattern, quoted (an override's value is YAML)
-    step("reward model", ["-m", "reward.train", "--config", args.train_config,
-                          f"data.preference_shards='{{{human},{labelled['pattern']}}}'",
-                          f"trainer.output_dir={out}/reward_model", *args.train_set])
-    result = json.loads((out / "reward_model" / "eval.json").read_text())
-    print(f"[reward-data] held-out accuracy of the reward model: {result['accuracy_without_ties']:.3f} without ties "
-          f"({result['num_without_ties']} pairs), {result['accuracy_with_ties']:.3f} with ties ({result['num_pairs']} "
-          f"pairs); all under {out}/")
-    return result
-
-
-if __name__ == "__main__":
-    main()
+    labelled = json.loads((data / "auto" / f"{cfg.autolabel.prefix}.autolabel.json").read_text())
+    annotate(labelled["people"]["pattern"], data / "annotation")
+    step("export", ["-m", "prefdata.annotate", "export", "--dir", str(data / "annotation"), "--out",
+                    str(data / "exported"), "--overwrite"])
+    exported = brace_pattern(data / "exported", "human", len(existing_shards(data / "exported", "human")))
+    train, test = split_by_prompt(exported, data / "human", ("human_train", "human_test"), HUMAN_TEST_FRACTION)
+    clips = data / "clips"
+    if not (clips / "done").is_file():
+        write_demo_clips(clips, num_clips)
+        (clips / "done").write_text("written by launcher.reward_data_demo.prepare\n")
+    step("synthetic pairs", ["-m", "prefdata.distortion_pairs", "--config", config, *sets,
+                             f"distortions.clips={clips}", f"distortions.out={data}/synthetic",
+                             f"distortions.pairs_per_clip={PAIRS_PER_CLIP}"])
+    synthetic = brace_pattern(data / "synthetic", "synthetic", len(existing_shards(data / "synthetic", "synthetic")))
+    print(f"[reward-data] human train {train}, human test {test}, auto {labelled['pattern']}, synthetic {synthetic}")
+    return {"human_train": train, "human_test": test, "auto": labelled["pattern"], "synthetic": synthetic}

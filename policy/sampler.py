@@ -75,10 +75,14 @@ def forward_chunks(group_size: int, rows_per_forward: int = 0) -> List[List[int]
     return [list(range(i, min(i + size, group_size))) for i in range(0, group_size, size)]
 
 
-def initial_noise(seeds: Sequence[int], shape: tuple, device="cpu") -> tuple[torch.Tensor, list]:
-    """x_{s=1} per seed, and the generators that then draw that sample's step noise."""
+def initial_noise(seeds: Sequence[int], shape: tuple, device="cpu", shared: bool = False) -> tuple[torch.Tensor, list]:
+    """x_{s=1} per seed, and the generators that then draw that sample's step noise. shared: every sample starts
+    from the first seed's x_{s=1} (each generator still draws its own first, so the step noise is the same as
+    without)."""
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+    if shared:
+        noise = noise[:1].expand_as(noise).clone()
     return noise.to(device), generators
 
 
@@ -87,14 +91,15 @@ def sample_group(policy: WanPolicy, cond: Condition, seeds: Sequence[int], rule:
                  schedule: Schedule, deterministic: bool = False, decode: bool = True,
                  policy_version: int = 0, latents: Optional[torch.Tensor] = None,
                  sde_steps: Optional[Sequence[int]] = None, rows_per_forward: int = 0,
-                 ode: OdeSolver = EULER) -> Trajectory:
+                 ode: OdeSolver = EULER, shared_initial_noise: bool = False) -> Trajectory:
     """Run the SDE (or, deterministic, the ODE) from s = 1 to 0 for len(seeds) samples.
 
     `sde_steps` (an SDE window, policy/window.py): only those steps are stochastic and get a log-prob; the
     others take the ODE step and draw no noise. None: every step (with every step listed, the same samples).
     `ode` (policy/ode.py): the ODE steps' solver and how many of them each ODE stretch keeps; the default, Euler
     on every grid point, is the official sampler's ODE step. `rows_per_forward`: the transformer's batch
-    (`forward_chunks`; 0: the whole group), recorded in the trajectory for the learner's recompute."""
+    (`forward_chunks`; 0: the whole group), recorded in the trajectory for the learner's recompute.
+    `shared_initial_noise`: every sample starts from the first seed's noise (`initial_noise`)."""
     num_steps = schedule.num_steps
     stochastic = set() if deterministic else set(range(num_steps) if sde_steps is None else sde_steps)
     points = ode.visited(num_steps, sorted(stochastic))
@@ -102,7 +107,7 @@ def sample_group(policy: WanPolicy, cond: Condition, seeds: Sequence[int], rule:
     sigmas, timesteps = schedule.sigmas[points], schedule.timesteps[points[:-1]]
     sde_positions = [j for j in range(len(points) - 1) if points[j] in stochastic]
     chunks = forward_chunks(len(seeds), rows_per_forward)
-    noise, generators = initial_noise(seeds, cond.latent_shape, policy.device)
+    noise, generators = initial_noise(seeds, cond.latent_shape, policy.device, shared_initial_noise)
     x = noise if latents is None else latents.to(policy.device, torch.float32)
     states, log_probs, history = [x], [], None
     for j in range(len(points) - 1):

@@ -112,6 +112,9 @@ class RewardOptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    # After the warmup: constant (the official reward training's `constant_with_warmup`) or cosine down to 0 at
+    # trainer.steps, so the last model is not wherever the last full-size steps left it (the demo's setting).
+    schedule: str = one_of("constant", "cosine", default="constant")
 
 
 @dataclass

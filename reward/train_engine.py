@@ -1,11 +1,13 @@
 """The reward trainer's model, DeepSpeed engine and checkpoints (reward/train.py runs the algorithm with them).
 
 Model: tiny random-init, a local Qwen2.5-VL (`model.path`) or a trained reward model (`model.init_from`), in our
-format or the official one (`model.format`); engine: ZeRO stage by config, client AdamW, linear warm-up;
+format or the official one (`model.format`); engine: ZeRO stage by config, client AdamW, linear warm-up then
+constant or cosine (`optim.schedule`);
 checkpoints: engine state + step + reader positions + RNG, the last K kept; export: `save_pretrained` on rank 0.
 """
 
 
+import math
 import random
 import shutil
 from pathlib import Path
@@ -77,6 +79,15 @@ def build_official_model(cfg) -> OfficialRewardModel:
     return model
 
 
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """The learning rate's factor at optimizer step `step` (0-based): linear warmup over `warmup` steps, then 1
+    (constant) or 0.5 (1 + cos(pi min(step, total) / total)) (cosine: 0 at `total`)."""
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if schedule == "constant":
+        return warm
+    return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
 def build_engine(cfg, model: nn.Module, world: int):
     import deepspeed
 
@@ -93,8 +104,8 @@ def build_engine(cfg, model: nn.Module, world: int):
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(model.optimizer_groups(o.weight_decay), lr=o.lr, betas=tuple(o.betas),
                                   weight_decay=o.weight_decay)
-    warmup = int(o.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, int(o.warmup_steps), int(t.steps), str(o.schedule)))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds_config)
     return engine

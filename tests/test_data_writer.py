@@ -287,3 +287,33 @@ def test_external_candidates_resampled_to_the_model_count(inputs, tmp_path):
     for p in mixed:  # the brighter video wins (margin 0): the grey-120 clip against the photo clips
         a, b = p["video_a"].mean(), p["video_b"].mean()
         assert p["label"]["preference"] == ("a" if a > b else "b")
+
+
+def test_split_by_prompt_copies_every_sample_and_keeps_each_prompt_on_one_side(tmp_path):
+    """The reward-data study's human test split: samples copied byte for byte, a prompt (meta.extra.prompt_key)
+    never on both sides."""
+    import json
+
+    from data.demo import write_mixed_pairs
+    from data.tarindex import expand_pattern, index_shard, read_members
+    from data.write_shards import ShardWriter, split_by_prompt
+
+    source = {ref.key: read_members(ref) for path in expand_pattern(write_mixed_pairs(tmp_path / "src", 12))
+              for ref in index_shard(path).samples}
+    with ShardWriter(tmp_path / "keyed", "pairs") as writer:  # three pairs per prompt
+        for i, (key, members) in enumerate(sorted(source.items())):
+            meta = json.loads(members["meta.json"])
+            meta["extra"]["prompt_key"] = f"prompt{i // 3}"
+            writer.write(key, {**members, "meta.json": json.dumps(meta).encode()})
+    train, test = split_by_prompt(writer.pattern, tmp_path / "split", ("train", "test"), 0.5)
+
+    def read(pattern):
+        return {ref.key: read_members(ref) for path in expand_pattern(pattern) for ref in index_shard(path).samples}
+
+    sides = [read(train), read(test)]
+    assert sides[0] and sides[1] and sorted([*sides[0], *sides[1]]) == sorted(source)
+    prompts = [{json.loads(m["meta.json"])["extra"]["prompt_key"] for m in side.values()} for side in sides]
+    assert not prompts[0] & prompts[1] and len(prompts[0] | prompts[1]) == 4
+    keyed = read(writer.pattern)
+    assert all(members == keyed[key] for side in sides for key, members in side.items())  # every member, as written
+    assert (train, test) == split_by_prompt(writer.pattern, tmp_path / "split", ("train", "test"), 0.5)

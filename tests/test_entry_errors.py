@@ -13,8 +13,8 @@ import ray
 
 from config import load_config, to_yaml
 from data import write_shards
-from launcher import evaluate, rehearse, submit
-from prefdata import annotate, autolabel, candidates
+from launcher import evaluate, rehearse, study, submit
+from prefdata import annotate, autolabel, candidates, distortion_pairs
 from launcher import train as train_cli
 from reward import train as reward_train
 
@@ -169,6 +169,12 @@ CASES = [
      "pairs.tar' (whole shard): not a readable tar"),
     (annotate, lambda f: ["serve", "--pairs", f"{f}/pairs.tar", "--dir", str(f / "task")],
      "pairs.tar: not a readable tar file"),
+    (distortion_pairs, lambda f: [f"distortions.clips={f}/none.jsonl", f"distortions.out={f / 'o'}"],
+     "none.jsonl: field '<file>': cannot be read"),
+    (study, lambda f: ["reward-data", "--out", str(f / "o"), "--human-train", "x"],
+     "give all four shard patterns or none; missing --human-test, --auto, --synthetic"),
+    (study, lambda f: ["grpo-design", "--out", str(f / "o"), "--arms", "group3", "--held-out-prompts", "x"],
+     "--arms: unknown arm(s) ['group3'] of study grpo-design"),
     (annotate, lambda f: ["report", "--dir", str(f / "nowhere")], "no task.json"),
     (annotate, lambda f: ["export", "--dir", str(f / "nowhere"), "--out", str(f / "o")], "no task.json"),
     # nobody listens: retried, bounded, then one line naming the address

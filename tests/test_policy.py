@@ -125,6 +125,12 @@ def test_seeds_reproduce_and_members_differ(root):
     assert not torch.equal(a.latents[0, 0], a.latents[1, 0])
     assert not torch.equal(a.latents[0, 2], a.latents[1, 2])
     torch.testing.assert_close(c.latents[0], a.latents[1], rtol=1e-5, atol=1e-5)  # batch-independent
+    shared = sample_group(policy, cond, [5, 6], rule, EULER_3, decode=False, shared_initial_noise=True)
+    assert torch.equal(shared.latents[1, 0], a.latents[0, 0])  # one start: the first member's noise
+    assert torch.equal(shared.latents[0], a.latents[0])  # the first member is the same video
+    assert not torch.equal(shared.latents[0, 1], shared.latents[1, 1])  # the step noise still differs
+    b1 = sample_group(policy, cond, [6], rule, EULER_3, decode=False, latents=a.latents[:1, 0])
+    torch.testing.assert_close(shared.latents[1], b1.latents[0], rtol=1e-5, atol=1e-5)  # member 2's own step noise
 
 
 def _sgd(policy, traj, advantage, steps=3, lr=0.05):

@@ -1,6 +1,7 @@
 """Preference data end to end (`tools`: minutes, Ray): candidates sampled on the trainer's Ray rollout workers,
 resumed after a lost shard; and `make reward-data`'s pipeline (candidates, auto labels, the annotation page with
-scripted annotators, export, reward.train) on a smaller setting."""
+scripted annotators, export and split, synthetic pairs, reward.train) on a smaller setting, as the reward-data
+study, killed and resumed."""
 
 import json
 from pathlib import Path
@@ -107,24 +108,57 @@ def test_candidates_on_rollout_workers_resume_after_a_lost_shard(tmp_path, promp
     assert len(existing_shards(tmp_path / "cand", "candidates")) == 5  # untouched: --overwrite never got that far
 
 
-def test_reward_data_pipeline(tmp_path):
-    """`make reward-data` on a smaller setting: every stage runs and hands the next what it needs."""
-    from launcher.reward_data_demo import main
+def test_reward_data_study_runs_the_demo_pipeline_and_resumes_after_a_kill(tmp_path, capsys):
+    """`make reward-data`'s pipeline on a smaller setting, through the reward-data study (launcher/study.py): every
+    stage hands the next what it needs; the study killed -9 after its first run resumes without rerunning it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
 
-    out = tmp_path / "rd"
-    result = main(["--out", str(out), "--set", "candidates.num_prompts=8", "--set", "candidates.videos_per_generator=2",
-                   "--set", "autolabel.pairs_per_prompt=4", "--set", "autolabel.people_fraction=0.5",
-                   "--train-set", "trainer.steps=20", "--train-set", "teacher.train_steps=10"])
-    auto = json.loads((out / "auto" / "pairs.autolabel.json").read_text())
-    assert auto["people"]["kept"] > 0 and auto["kept"] > 0
-    assert auto["pairs"] + auto["people"]["pairs"] == 8 * 4
-    human = list(ShardReader(str(out / "human" / "human-000000.tar"), kind="preference", shuffle=False, epochs=1))
-    assert human and all(s["label"]["source"] == "human" and set(s["label"]["extra"]["annotators"]) ==
-                         {"demo-ann1", "demo-ann2"} for s in human)
-    people_prompts = {s["meta"]["extra"]["prompt_key"] for s in human}
-    auto_prompts = {s["meta"]["extra"]["prompt_key"] for s in ShardReader(auto["pattern"], kind="preference",
-                                                                          shuffle=False, epochs=1)}
-    assert not people_prompts & auto_prompts  # human and auto pairs never share a prompt
-    filtered = json.loads((out / "reward_model" / "teacher_filter.json").read_text())
+    from launcher.study import main as study_main
+
+    out = tmp_path / "study"
+    argv = ["reward-data", "--out", str(out), "--seeds", "0", "--arms", "human,mixed_teacher", "--demo-clips", "4",
+            "--data-set", "candidates.num_prompts=8", "--data-set", "candidates.videos_per_generator=2",
+            "--data-set", "autolabel.pairs_per_prompt=4", "--train-set", "trainer.steps=20",
+            "--train-set", "teacher.train_steps=10"]
+    first = out / "runs" / "human" / "seed0" / "result.json"
+    with open(tmp_path / "first.log", "w") as log:
+        study = subprocess.Popen([sys.executable, "-m", "launcher.study", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        deadline = time.monotonic() + 900
+        while not first.is_file() and study.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        os.killpg(study.pid, signal.SIGKILL)  # the study and the run it started next
+        study.wait()
+    assert first.is_file(), (tmp_path / "first.log").read_text()[-3000:]
+    stamp = first.stat().st_mtime_ns
+    assert not (out / "runs" / "mixed_teacher" / "seed0" / "result.json").is_file()
+
+    table = study_main(argv)
+    assert "[study] human seed 0: finished before, kept" in capsys.readouterr().out
+    assert first.stat().st_mtime_ns == stamp  # not rerun
+    assert [row["arm"] for row in table["arms"]] == ["human", "mixed_teacher"]
+    for row in table["arms"]:
+        assert 0.0 <= row["metrics"]["accuracy_with_ties"]["mean"] <= 1.0
+    data = out / "data"
+    auto = json.loads((data / "auto" / "pairs.autolabel.json").read_text())
+    assert auto["people"]["kept"] > 0 and auto["kept"] > 0 and auto["pairs"] + auto["people"]["pairs"] == 8 * 4
+
+    def read(pattern):
+        return list(ShardReader(pattern, kind="preference", shuffle=False, epochs=1))
+
+    shared = table["shared"]
+    train, test = read(shared["human_train"]), read(shared["human_test"])
+    assert train and test and all(s["label"]["source"] == "human" and set(s["label"]["extra"]["annotators"]) ==
+                                  {"demo-ann1", "demo-ann2"} for s in train + test)
+    prompts = {name: {s["meta"]["extra"]["prompt_key"] for s in read(shared[name])} for name in ("human_train",
+                                                                                                 "human_test", "auto")}
+    assert not prompts["human_train"] & prompts["human_test"]  # the test prompts are never trained on
+    assert not (prompts["human_train"] | prompts["human_test"]) & prompts["auto"]
+    synthetic = read(shared["synthetic"])
+    assert synthetic and all(s["label"]["source"] == "synthetic" for s in synthetic)
+    filtered = json.loads((out / "runs" / "mixed_teacher" / "seed0" / "model" / "teacher_filter.json").read_text())
     assert filtered["num_candidates"] > 0
-    assert 0.0 <= result["accuracy_with_ties"] <= 1.0 and result["num_pairs"] > 0

@@ -60,6 +60,18 @@ def test_cosine_curriculum_values():
     assert auto_weight(60, "constant", 0.3, 0.0, T) == pytest.approx(0.3)
 
 
+def test_learning_rate_schedules_closed_form():
+    from reward.train_engine import lr_factor
+
+    assert [lr_factor(s, 0, 100, "constant") for s in (0, 50, 200)] == [1.0, 1.0, 1.0]  # the official default
+    assert [lr_factor(s, 4, 100, "constant") for s in (0, 1, 3, 9)] == [0.25, 0.5, 1.0, 1.0]  # linear warmup
+    assert lr_factor(0, 0, 100, "cosine") == 1.0 and lr_factor(100, 0, 100, "cosine") == pytest.approx(0.0)
+    assert lr_factor(50, 0, 100, "cosine") == pytest.approx(0.5)
+    assert lr_factor(25, 0, 100, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(1, 4, 100, "cosine") == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi / 100)))
+    assert lr_factor(300, 0, 100, "cosine") == pytest.approx(0.0)  # past the end it stays at 0
+
+
 def test_pool_draws_follow_the_weight_and_are_stateless():
     both = {"human": 1, "auto": 1}
     for w in (0.1, 0.5, 0.9):

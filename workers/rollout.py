@@ -133,6 +133,7 @@ class RolloutWorker(WeightGroupMember, WorkerBase):
             trajectory = sample_group(self.policy, cond, seeds, self.rule, self.schedule, deterministic=deterministic,
                                       policy_version=version, sde_steps=sde_steps, ode=self.ode,
                                       rows_per_forward=self.cfg.workers.learner_engine.micro_batch_size,
+                                      shared_initial_noise=self.cfg.sampler.shared_initial_noise,
                                       decode=self.answers)  # a context group's other actors decode nothing
         trajectory.prompt, trajectory.key = sample["prompt"], sample.get("key", "")
         trajectory.references = list(sample.get("refs", []))
