@@ -111,12 +111,17 @@ def commands(arm: Arm, seed: int, shared: dict, directory: Path, args) -> list[l
              "--no-tensorboard"]]
 
 
-def read_result(directory: Path) -> dict:
+def read_result(directory: Path, shared: dict) -> dict:
+    """The paired deltas of launcher.evaluate's comparison: the identity reward's (the evaluation's `vlm` metric, or
+    the stand-in's `reward_<name>`) and the face similarity's."""
     import json
 
     comparison = json.loads((directory / "eval" / "comparison.json").read_text())
     deltas = comparison["deltas"]
-    identity = "vlm" if "vlm" in deltas else next(k for k in deltas if k.startswith("reward_demo_reference"))
+    identity = "vlm" if shared["identity_reward"] == "vlm" else f"reward_{shared['identity_reward']}"
+    if identity not in deltas or "face_mean" not in deltas:
+        raise ValueError(f"{directory / 'eval' / 'comparison.json'}: no {identity} or face_mean delta (has "
+                         f"{sorted(deltas)})")
     return {"identity_delta": deltas[identity]["delta"], "face_mean_delta": deltas["face_mean"]["delta"],
             "identity_metric": identity, "pairs": comparison["pairs"]}
 

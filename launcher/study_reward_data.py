@@ -81,7 +81,7 @@ def commands(arm: Arm, seed: int, shared: dict, directory: Path, args) -> list[l
              f"trainer.output_dir={directory / 'model'}", *args.train_set]]
 
 
-def read_result(directory: Path) -> dict:
+def read_result(directory: Path, shared: dict) -> dict:
     import json
 
     result = json.loads((directory / "model" / "eval.json").read_text())

@@ -14,7 +14,7 @@ command lines each would run, and runs nothing.
 
 A study module (launcher/study_reward_data.py, launcher/study_grpo_design.py) names NAME, TITLE, SEEDS, METRICS
 and provides add_arguments(parser), arms(args), shared_inputs(args, prepare), commands(arm, seed, shared,
-directory, args), read_result(directory) and notes(args, shared, rows).
+directory, args), read_result(directory, shared) and notes(args, shared, rows).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def finished(run: Run, overwrite: bool) -> Optional[dict]:
     return None
 
 
-def execute(run: Run, study) -> dict:
+def execute(run: Run, study, shared: dict) -> dict:
     """Run the command lines in order (output to the run's log.txt and the console), then store the result."""
     run.directory.mkdir(parents=True, exist_ok=True)
     with open(run.directory / "log.txt", "a") as log:
@@ -90,7 +90,7 @@ def execute(run: Run, study) -> dict:
                 raise RuntimeError(f"study run {run.arm.name} seed {run.seed} failed (exit {done.returncode}): "
                                    f"python {' '.join(command)}; its output: {run.directory / 'log.txt'}")
     result = {"arm": run.arm.name, "seed": run.seed, "commands": [list(c) for c in run.commands],
-              "metrics": study.read_result(run.directory)}
+              "metrics": study.read_result(run.directory, shared)}
     tmp = run.directory / "result.json.tmp"
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, run.directory / "result.json")  # whole or absent: a run killed here reruns
@@ -155,7 +155,7 @@ def run_study(study, args) -> dict:
         stored = finished(run, args.overwrite)
         if stored is not None:
             print(f"[study] {run.arm.name} seed {run.seed}: finished before, kept ({run.directory / 'result.json'})")
-        results.append(stored if stored is not None else execute(run, study))
+        results.append(stored if stored is not None else execute(run, study, shared))
     rows = summarize(arms, study.METRICS, results)
     table = {"study": study.NAME, "title": study.TITLE, "seeds": list(args.seeds), "shared": shared, "arms": rows}
     (out / "table.json").write_text(json.dumps(table, indent=1) + "\n")

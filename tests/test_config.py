@@ -27,6 +27,7 @@ OFFICIAL_RECIPE = {
     "sampler.schedule": "unipc", "sampler.noise_rule": "linear",  # UniPC sigmas; std linear in sigma
     "sampler.std_min": "schedule", "sampler.std_max": "schedule",  # sigmas[-1], sigmas[1]
     "sampler.max_sequence_length": 512,  # compute_text_embeddings(..., max_sequence_length=512)
+    "sampler.shared_initial_noise": False,  # one initial noise per video
     "grpo.group_size": 8, "grpo.prompts_per_step": 32, "grpo.optimizer_steps_per_update": 2,  # 8 x 4 x 8 / 8; 8 // 2
     "grpo.clip_range": 1e-3, "grpo.kl_beta": 0.004, "grpo.adv_clip": 5.0, "grpo.adv_eps": 1e-4,
     "grpo.std_mode": "group", "grpo.std_ddof": 0,  # PerPromptStatTracker(global_std=False), np.std

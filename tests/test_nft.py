@@ -70,6 +70,8 @@ def test_config_refuses_what_nft_cannot_do(root):
         load_config(preset, [*base, "trainer.mode=async", "trainer.max_staleness=1"])
     with pytest.raises(NotImplementedError, match="'grpo.nft_old_decay_rate'"):
         load_config(preset, [*base, "grpo.nft_old_decay_rate=0.001"])
+    with pytest.raises(ConfigError, match="'sampler.shared_initial_noise' is set but 'grpo.objective' is nft"):
+        load_config(preset, [*base, "sampler.shared_initial_noise=true"])
     with pytest.raises(ConfigError, match="grpo.objective"):
         load_config(preset, ["trainer.output_dir=x", "grpo.objective=dpo"])
     assert load_config(preset, [*base, "trainer.mode=async", "trainer.max_staleness=0"]).grpo.objective == "nft"

@@ -100,3 +100,56 @@ def test_grpo_design_arms_change_one_setting_each_from_the_baseline(tmp_path):
     for name, cfg in configs.items():
         changed = {k: v for k, v in cfg.items() if base.get(k) != v}
         assert changed == expected[name], name
+
+
+class CountingStudy:
+    """A study whose runs are `python -c` one-liners writing their seed's square: the runner's bookkeeping alone."""
+
+    NAME, TITLE = "counting", "Counting"
+    METRICS = (Metric("square", "seed squared"),)
+    version = "1"
+
+    @staticmethod
+    def arms(args):
+        return [Arm("only", "one arm", ("x=1",))]
+
+    @staticmethod
+    def shared_inputs(args, prepare=True):
+        return {}
+
+    @classmethod
+    def commands(cls, arm, seed, shared, directory, args):
+        code = f"import pathlib; pathlib.Path(r'{directory}', 'out.txt').write_text(str({seed} ** 2))  # v{cls.version}"
+        return [["-c", code]]
+
+    @staticmethod
+    def read_result(directory, shared):
+        return {"square": float((directory / "out.txt").read_text())}
+
+    @staticmethod
+    def notes(args, shared, rows):
+        return []
+
+
+def test_finished_runs_are_kept_and_changed_ones_refused_unless_overwritten(tmp_path, capsys):
+    from launcher.study_runner import run_study
+
+    args = Namespace(out=str(tmp_path), seeds=[1, 2, 3], arms=None, list=False, overwrite=False)
+    table = run_study(CountingStudy, args)
+    assert table["arms"][0]["metrics"]["square"]["values"] == [1.0, 4.0, 9.0]
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/only/seed*/result.json")}
+    (tmp_path / "runs" / "only" / "seed2" / "result.json").unlink()  # as if killed before seed 2 finished
+    again = run_study(CountingStudy, args)
+    out = capsys.readouterr().out
+    assert "only seed 1: finished before, kept" in out and "only seed 3: finished before, kept" in out
+    assert again["arms"] == table["arms"] and (tmp_path / "table.md").read_text().count("| only |") == 1
+    for path, stamp in stamps.items():
+        assert path.stat().st_mtime_ns == stamp or path.parent.name == "seed2"
+    CountingStudy.version = "2"  # the arm's command line changed: its finished runs no longer match
+    try:
+        with pytest.raises(ValueError, match="seed1 finished with other settings than this study's arm 'only'"):
+            run_study(CountingStudy, args)
+        args.overwrite = True
+        assert run_study(CountingStudy, args)["arms"][0]["metrics"]["square"]["values"] == [1.0, 4.0, 9.0]
+    finally:
+        CountingStudy.version = "1"
