@@ -80,11 +80,15 @@ def arms(args) -> list[Arm]:
 
 
 def shared_inputs(args, prepare: bool = True) -> dict:
-    """The held-out prompts (given, or 8 demo prompts drawn with another seed than the training's)."""
+    """The held-out prompts: given, or for the CPU demo 8 demo prompts drawn with another seed than the training's
+    (the demo's shards and base model are written first when missing, as `make demo` does)."""
     if args.held_out_prompts:
         return {"held_out_prompts": args.held_out_prompts, "identity_reward": identity_reward(args)}
     from data.write_shards import brace_pattern, existing_shards
 
+    if Path(args.config).resolve() != Path(CONFIG).resolve():
+        raise ValueError(f"grpo-design: --held-out-prompts is needed with --config {args.config} (prompt shards none "
+                         f"of its runs trains on); the study makes its own only for the CPU demo ({CONFIG})")
     folder = Path(args.out) / "data" / "held_out"
     if prepare:
         from data.demo import build_demo

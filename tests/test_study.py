@@ -153,3 +153,19 @@ def test_finished_runs_are_kept_and_changed_ones_refused_unless_overwritten(tmp_
         assert run_study(CountingStudy, args)["arms"][0]["metrics"]["square"]["values"] == [1.0, 4.0, 9.0]
     finally:
         CountingStudy.version = "1"
+
+
+def test_list_prints_every_arm_and_its_command_lines_and_runs_nothing(tmp_path, capsys):
+    from launcher.study import main
+
+    table = main(["grpo-design", "--list", "--out", str(tmp_path / "g"), "--seeds", "0",
+                  "--config", "cluster_configs/vace_1.3b_8gpu.yaml", "--held-out-prompts", "held/p-000000.tar"])
+    out = capsys.readouterr().out
+    assert table["arms"] == ["baseline", "group4", "group16", "shared_noise", "kl0", "kl10x", "with_face"]
+    for arm, (train, evaluate) in zip(table["arms"], table["runs"], strict=True):
+        assert f"{arm} seed 0: " in out and f"    python {' '.join(train)}" in out
+        assert "reward.weights.vlm=1.0" in train and "--compare" in evaluate  # the preset's identity reward: vlm
+    assert not (tmp_path / "g").exists()
+    with pytest.raises(SystemExit):  # a GPU preset without held-out prompts: refused, nothing written for it
+        main(["grpo-design", "--list", "--out", str(tmp_path / "g"), "--config", "cluster_configs/vace_1.3b_8gpu.yaml"])
+    assert "--held-out-prompts is needed with --config" in capsys.readouterr().err
