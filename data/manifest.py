@@ -314,7 +314,8 @@ def load_clip_refs(rec: Record) -> list[np.ndarray]:
 def load_clip(rec: Record, num_frames: int | None = None,
               video_size: tuple[int, int] | None = None) -> tuple[np.ndarray, float]:
     """A clip record's frames uint8 (F, H, W, 3) and frame rate, decoded; resampled to `num_frames` (uniform over
-    the clip) and resized as load_record does. Raises ManifestError naming origin and field."""
+    the clip; the record's own `num_frames` wins, as in load_record) and resized as load_record does. Raises
+    ManifestError naming origin and field."""
     if rec.kind != "clip":
         raise ValueError(f"{rec.origin}: a {rec.kind} record is not a clip")
     expected = rec.num_frames if rec.num_frames is not None else num_frames

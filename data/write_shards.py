@@ -174,10 +174,11 @@ def write_records(records: Iterable[Record], out_dir: str | Path, prefix: str, m
 def split_by_prompt(pattern: str, out_dir: str | Path, prefixes: tuple[str, str], fraction: float, seed: int = 0,
                     max_samples_per_shard: int = 1000) -> tuple[str, str]:
     """Copy the samples of `pattern` (bytes unchanged) into two shard sets `<prefixes[0]>-*` and `<prefixes[1]>-*`;
-    the second gets the samples whose prompt falls in a `fraction` of prompts drawn by hash of (seed, prompt key),
-    so no prompt is on both sides (a test split the training never saw the prompts of). The prompt key is
-    meta.extra.prompt_key where the sample has one (candidates' pairs), else the sample key. Returns both brace
-    patterns; a damaged shard raises ValueError naming it."""
+    the second gets the samples whose prompt falls in a `fraction` of prompts drawn by hash of (seed, prompt), so
+    no prompt is on both sides (a test split the training never saw the prompts of). The prompt is
+    meta.extra.prompt_key where the sample has one (candidates' pairs), else meta.extra.clip (synthetic pairs of one
+    clip), else the prompt text. Returns both brace patterns. A damaged shard, or a side left empty, raises
+    ValueError before anything is written."""
     import hashlib
     import json
 
@@ -185,24 +186,34 @@ def split_by_prompt(pattern: str, out_dir: str | Path, prefixes: tuple[str, str]
 
     if not 0 < fraction < 1:
         raise ValueError(f"split fraction must be in (0, 1), got {fraction}")
-    writers = [ShardWriter(out_dir, prefix, max_samples_per_shard, replaces=existing_shards(out_dir, prefix))
-               for prefix in prefixes]
+    plan = []  # (shard, its samples, the side of each): decided before anything is written
     for path in expand_pattern(pattern):
         index = index_shard(path)
         bad = index.error or next((ref.error for ref in index.samples if ref.error), None)
         if bad:
             raise ValueError(f"{path}: damaged shard ({bad})")
+        sides = []
         with open(path, "rb") as shard:
             for ref in index.samples:
-                members = read_members(ref, shard=shard)
-                meta = json.loads(members.get("meta.json", b"{}"))
-                prompt = meta.get("extra", {}).get("prompt_key", ref.key)
+                members = read_members(ref, ["meta.json", "prompt.txt"], shard)
+                extra = json.loads(members.get("meta.json", b"{}")).get("extra") or {}
+                prompt = extra.get("prompt_key") or extra.get("clip") or \
+                    members.get("prompt.txt", ref.key.encode()).decode("utf-8", "replace")
                 digest = hashlib.sha1(f"{seed}:{prompt}".encode()).digest()
-                writers[int.from_bytes(digest[:8], "big") / 2**64 < fraction].write(ref.key, members)
+                sides.append(int(int.from_bytes(digest[:8], "big") / 2**64 < fraction))
+        plan.append((path, index.samples, sides))
+    counts = [sum(side == k for _, _, sides in plan for side in sides) for k in (0, 1)]
+    if not all(counts):
+        raise ValueError(f"{pattern}: no sample falls in the {prefixes[counts.index(0)]} split (fraction "
+                         f"{fraction}); more prompts, or another fraction")
+    writers = [ShardWriter(out_dir, prefix, max_samples_per_shard, replaces=existing_shards(out_dir, prefix))
+               for prefix in prefixes]
+    for path, samples, sides in plan:
+        with open(path, "rb") as shard:
+            for ref, side in zip(samples, sides, strict=True):
+                writers[side].write(ref.key, read_members(ref, shard=shard))
     for writer in writers:
-        if not writer.close():
-            raise ValueError(f"{pattern}: no sample falls in the {writer.prefix} split (fraction {fraction}); "
-                             "more prompts, or another fraction")
+        writer.close()
     return writers[0].pattern, writers[1].pattern
 
 

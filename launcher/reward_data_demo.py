@@ -122,8 +122,9 @@ def prepare(data: Path, config: str = CONFIG, sets: Sequence[str] = (), num_clip
 
     data = Path(data)
     prompts = data / "prompts"
-    if not existing_shards(prompts, "prompts"):
+    if not (prompts / "done").is_file():  # a build cut short leaves fewer shards: built again
         build_demo(prompts, num_prompts=NUM_PROMPTS, num_pairs=1, samples_per_shard=16)
+        (prompts / "done").write_text("written by launcher.reward_data_demo.prepare\n")
     sets = [f"candidates.prompt_shards={brace_pattern(prompts, 'prompts', len(existing_shards(prompts, 'prompts')))}",
             *sets, f"candidates.out={data}/candidates", f"autolabel.out={data}/auto"]
     cfg = load_prefdata_config(config, sets)

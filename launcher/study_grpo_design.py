@@ -98,8 +98,10 @@ def shared_inputs(args, prepare: bool = True) -> dict:
         cfg = load_run_config(args.config, list(args.train_set))
         ensure_demo_shards(cfg.data.prompt_shards)
         ensure_demo_model(cfg.model)
-        if not existing_shards(folder, "prompts"):
+        done = folder / "done"  # holds the prompt count; a build cut short or of another count is made again
+        if not done.is_file() or done.read_text().strip() != str(args.eval_prompts):
             build_demo(folder, num_prompts=args.eval_prompts, num_pairs=1, seed=1)
+            done.write_text(f"{args.eval_prompts}\n")
     count = max(len(existing_shards(folder, "prompts")), 1)
     return {"held_out_prompts": brace_pattern(folder, "prompts", count), "identity_reward": identity_reward(args)}
 

@@ -49,12 +49,13 @@ def add_arguments(parser) -> None:
 
 
 def arms(args) -> list[Arm]:
+    # quoted: an override's value is YAML, and a brace pattern may start with '{'
     mixed = "data.preference_shards='{{{human_train},{synthetic},{auto}}}'"
     return [
-        Arm("human", "human pairs only", ("data.preference_shards={human_train}", "teacher.enabled=false")),
+        Arm("human", "human pairs only", ("data.preference_shards='{human_train}'", "teacher.enabled=false")),
         Arm("synthetic", "synthetic distortion pairs only",
-            ("data.preference_shards={synthetic}", "teacher.enabled=false")),
-        Arm("auto", "auto-labelled pairs only", ("data.preference_shards={auto}", "teacher.enabled=false")),
+            ("data.preference_shards='{synthetic}'", "teacher.enabled=false")),
+        Arm("auto", "auto-labelled pairs only", ("data.preference_shards='{auto}'", "teacher.enabled=false")),
         Arm("mixed", "human + synthetic + auto", (mixed, "teacher.enabled=false")),
         Arm("mixed_teacher", "mixed, auto pairs filtered by the teacher", (mixed, "teacher.enabled=true")),
     ]
@@ -76,7 +77,7 @@ def shared_inputs(args, prepare: bool = True) -> dict:
 
 def commands(arm: Arm, seed: int, shared: dict, directory: Path, args) -> list[list[str]]:
     return [["-m", "reward.train", "--config", args.train_config, *(o.format(**shared) for o in arm.overrides),
-             f"data.eval_shards={shared['human_test']}", "data.eval_sources=[human]",
+             f"data.eval_shards='{shared['human_test']}'", "data.eval_sources=[human]",
              f"trainer.seed={seed}", f"data.seed={seed}", f"model.tiny_seed={seed}",
              f"trainer.output_dir={directory / 'model'}", *args.train_set]]
 

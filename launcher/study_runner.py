@@ -20,6 +20,7 @@ directory, args), read_result(directory, shared) and notes(args, shared, rows).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -27,6 +28,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+from config import ExpectedError
 
 
 @dataclass(frozen=True)
@@ -60,26 +63,44 @@ def plan_runs(study, args, shared: dict, arms: Sequence[Arm]) -> List[Run]:
             for seed in args.seeds for arm in arms]
 
 
+class StudyRunError(ExpectedError, RuntimeError):
+    """A run's command failed: its log names what went wrong; the study stops there (rerun it to resume)."""
+
+
 def finished(run: Run, overwrite: bool) -> Optional[dict]:
-    """The run's stored result if it finished with the same command lines; None if it must run. A finished run
-    with other command lines is an error unless `overwrite` (then its folder is removed)."""
-    path = run.directory / "result.json"
-    if not path.is_file():
+    """The run's stored result if it finished with the same command lines; None if it must run (again). A run
+    folder made with other command lines, finished or cut short (its commands.json, written when it started), is
+    an error unless `overwrite` (then the folder is removed): a cut-short run resumes from its own checkpoints,
+    which must be of the same settings."""
+    now = [list(c) for c in run.commands]
+    for name in ("result.json", "commands.json"):
+        path = run.directory / name
+        if not path.is_file():
+            continue
+        stored = json.loads(path.read_text())
+        if stored["commands"] == now:
+            return stored if name == "result.json" else None
+        if not overwrite:
+            state = "finished" if name == "result.json" else "started"
+            raise ValueError(f"{run.directory} {state} with other settings than this study's arm {run.arm.name!r} "
+                             f"would use now (stored {stored['commands']}, now {now}); pass --overwrite to rerun "
+                             "it, or another --out")
+        shutil.rmtree(run.directory)
         return None
-    stored = json.loads(path.read_text())
-    if [list(c) for c in run.commands] == stored["commands"]:
-        return stored
-    if not overwrite:
-        raise ValueError(f"{run.directory} finished with other settings than this study's arm {run.arm.name!r} "
-                         f"would use now (stored {stored['commands']}, now {[list(c) for c in run.commands]}); "
-                         "pass --overwrite to rerun it, or another --out")
-    shutil.rmtree(run.directory)
     return None
+
+
+def _write_json(path: Path, data) -> None:
+    """Whole or absent (a run killed while writing leaves the old file or none)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def execute(run: Run, study, shared: dict) -> dict:
     """Run the command lines in order (output to the run's log.txt and the console), then store the result."""
     run.directory.mkdir(parents=True, exist_ok=True)
+    _write_json(run.directory / "commands.json", {"commands": [list(c) for c in run.commands]})
     with open(run.directory / "log.txt", "a") as log:
         for command in run.commands:
             print(f"[study] {run.arm.name} seed {run.seed}: python {' '.join(command)}", flush=True)
@@ -87,13 +108,11 @@ def execute(run: Run, study, shared: dict) -> dict:
             log.flush()
             done = subprocess.run([sys.executable, *command], stdout=log, stderr=subprocess.STDOUT)
             if done.returncode != 0:
-                raise RuntimeError(f"study run {run.arm.name} seed {run.seed} failed (exit {done.returncode}): "
-                                   f"python {' '.join(command)}; its output: {run.directory / 'log.txt'}")
+                raise StudyRunError(f"study run {run.arm.name} seed {run.seed} failed (exit {done.returncode}): "
+                                    f"python {' '.join(command)}; its output: {run.directory / 'log.txt'}")
     result = {"arm": run.arm.name, "seed": run.seed, "commands": [list(c) for c in run.commands],
               "metrics": study.read_result(run.directory, shared)}
-    tmp = run.directory / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, run.directory / "result.json")  # whole or absent: a run killed here reruns
+    _write_json(run.directory / "result.json", result)  # a run killed before this line reruns
     return result
 
 
@@ -110,7 +129,13 @@ def summarize(arms: Sequence[Arm], metrics: Sequence[Metric], results: Sequence[
                "seeds": [r["seed"] for r in mine], "metrics": {}}
         for metric in metrics:
             values = [r["metrics"][metric.key] for r in mine]
-            row["metrics"][metric.key] = {"values": values, **asdict(seed_interval(values))} if values else None
+            measured = [v for v in values if v is not None and math.isfinite(v)]  # a run may have no value
+            if not measured:
+                row["metrics"][metric.key] = None if not values else {"values": values, "n": 0}
+                continue
+            interval = {k: (None if isinstance(v, float) and math.isnan(v) else v)  # strict JSON: no NaN
+                        for k, v in asdict(seed_interval(measured)).items()}
+            row["metrics"][metric.key] = {"values": values, **interval}
         rows.append(row)
     return rows
 
@@ -121,8 +146,11 @@ def markdown_table(title: str, metrics: Sequence[Metric], rows: Sequence[dict], 
     def cell(m):
         if m is None:
             return "not run"
+        each = ", ".join("n/a" if v is None or not math.isfinite(v) else f"{v:.3f}" for v in m["values"])
+        if m["n"] == 0:
+            return f"n/a ({each})"
         spread = "" if m["n"] < 2 else f" [{m['low']:.3f}, {m['high']:.3f}]"
-        return f"{m['mean']:.3f}{spread} ({', '.join(f'{v:.3f}' for v in m['values'])})"
+        return f"{m['mean']:.3f}{spread} ({each})"
 
     lines = [f"### {title}", "", "| arm | what | " + " | ".join(m.label for m in metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
@@ -134,6 +162,9 @@ def markdown_table(title: str, metrics: Sequence[Metric], rows: Sequence[dict], 
 
 def run_study(study, args) -> dict:
     """Prepare, run what is missing, write and print the table; returns the table's JSON."""
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds: each seed once (a seed's runs share a folder), got {args.seeds}")
+    args.out = str(Path(args.out).resolve())  # the runs' command lines hold it: one spelling of one place
     arms = study.arms(args)
     if args.arms:
         names = {a.name for a in arms}

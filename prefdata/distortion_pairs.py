@@ -15,8 +15,11 @@ Skips: a clip whose reference shows no face, or whose person cannot be tracked (
 than `tracking.max_gap` frames, an identity switch), is skipped with its reason; the counts and each skipped
 clip's reason are printed and written to `<out>/<prefix>.report.json`.
 
-Seeded and resumable: pair j of clip `key` draws its kind, parameters and a/b order from (seed, key, j), so a
-pair does not depend on the other clips or on interruptions. Shards are written whole; a rerun reads the keys
+Seeded and resumable: pair j of clip `key` draws its kind, parameters and a/b order from (seed, key, j), and the
+outsiders a swap or drift may bring in from a stream of their own, so a pair does not depend on interruptions or
+on the order of the clips; which outsiders exist depends on the other clips' people (those with `identity_ids`:
+without ids, the same person in two clips would count as two), and whether any exists decides whether a one-person
+clip can be swapped or drifted at all. Shards are written whole; a rerun reads the keys
 already written and makes only the missing pairs (data/write_shards.py, as prefdata.candidates does); the section
 is stored as `<out>/<prefix>.config.yaml` and a rerun with other settings is refused unless `--overwrite`.
 """
@@ -38,6 +41,7 @@ from prefdata.settings import distortion_settings, require, tool_main, track_set
 
 log = logging.getLogger("identity_grpo.distortion_pairs")
 SEED_DOMAIN = 0xD157_0127  # keeps these draws apart from the other tools' seed streams
+OUTSIDER_STREAM = 1 << 32  # pair j's outsiders are drawn from index OUTSIDER_STREAM + j
 
 
 @dataclass
@@ -103,7 +107,8 @@ def make_clip_pairs(rec, video, refs, fps, people, pool, section, track):
     out = []
     for j in range(section.pairs_per_clip):
         rng = clip_rng(section.seed, rec.key, j)
-        picked = sorted(rng.permutation(len(strangers))[: section.max_outsiders].tolist()) if strangers else []
+        chooser = clip_rng(section.seed, rec.key, OUTSIDER_STREAM + j)  # the pool's size moves no other draw
+        picked = sorted(chooser.permutation(len(strangers))[: section.max_outsiders].tolist()) if strangers else []
         outsiders = [strangers[i] for i in picked]
         ids = [p.identity_id for p in people]
         clip = CleanClip(rec.key, rec.prompt, video, tracked.boxes, [p.face for p in people + outsiders], list(refs),
@@ -140,8 +145,9 @@ def run(cfg, overwrite: bool = False) -> Dict[str, object]:
         except FaceNotFoundError as err:
             skipped.setdefault("reference without a face", []).append({"clip": rec.key, "detail": str(err)})
             continue
-        for person in people[rec.key]:
-            pool.setdefault(person.identity_id, person)
+        if rec.identity_ids:  # without ids, the same person in two clips would look like two people
+            for person in people[rec.key]:
+                pool.setdefault(person.identity_id, person)
     pool_list = [pool[k] for k in sorted(pool)]
     written, already, kinds = 0, 0, Counter()
     with ShardWriter(out, section.prefix, section.samples_per_shard, first_index=first_shard) as writer:

@@ -92,6 +92,8 @@ def match_frames(detections, references: np.ndarray, cfg: TrackConfig) -> tuple[
     sims = np.full((len(detections), num_people), np.nan)
     last: list[tuple[int, Box] | None] = [None] * num_people
     for t, (found, emb) in enumerate(detections):
+        keep = [j for j, b in enumerate(found) if b[2] > b[0] and b[3] > b[1]]  # a box clipped to nothing is no face
+        found, emb = [found[j] for j in keep], np.asarray(emb)[keep]
         if not found:
             continue
         sim = references @ np.asarray(emb).T  # (P, n)

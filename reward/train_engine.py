@@ -80,12 +80,15 @@ def build_official_model(cfg) -> OfficialRewardModel:
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """The learning rate's factor at optimizer step `step` (0-based): linear warmup over `warmup` steps, then 1
-    (constant) or 0.5 (1 + cos(pi min(step, total) / total)) (cosine: 0 at `total`)."""
-    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    """The learning rate's factor at optimizer step `step` (0-based): (step + 1) / warmup over the first `warmup`
+    steps, then 1 (constant) or 0.5 (1 + cos(pi p)) with p = (step - warmup) / (total - warmup), capped at 1
+    (cosine: from 1 after the warmup to 0 at `total`)."""
+    if step < warmup:
+        return (step + 1) / warmup
     if schedule == "constant":
-        return warm
-    return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_engine(cfg, model: nn.Module, world: int):

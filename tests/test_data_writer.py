@@ -317,3 +317,9 @@ def test_split_by_prompt_copies_every_sample_and_keeps_each_prompt_on_one_side(t
     keyed = read(writer.pattern)
     assert all(members == keyed[key] for side in sides for key, members in side.items())  # every member, as written
     assert (train, test) == split_by_prompt(writer.pattern, tmp_path / "split", ("train", "test"), 0.5)
+    with ShardWriter(tmp_path / "one", "pairs") as single:  # every pair of one prompt: one side would be empty
+        for key in sorted(keyed)[:3]:
+            single.write(key, keyed[key])
+    with pytest.raises(ValueError, match="no sample falls in the (train|test) split"):
+        split_by_prompt(single.pattern, tmp_path / "split1", ("train", "test"), 0.5)
+    assert not list((tmp_path / "split1").glob("*.tar"))  # refused before anything was written

@@ -68,7 +68,8 @@ def test_learning_rate_schedules_closed_form():
     assert lr_factor(0, 0, 100, "cosine") == 1.0 and lr_factor(100, 0, 100, "cosine") == pytest.approx(0.0)
     assert lr_factor(50, 0, 100, "cosine") == pytest.approx(0.5)
     assert lr_factor(25, 0, 100, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
-    assert lr_factor(1, 4, 100, "cosine") == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi / 100)))
+    assert lr_factor(1, 4, 100, "cosine") == 0.5 and lr_factor(4, 4, 100, "cosine") == 1.0  # warmup, then cosine
+    assert lr_factor(52, 4, 100, "cosine") == pytest.approx(0.5)  # half way through the 96 steps after the warmup
     assert lr_factor(300, 0, 100, "cosine") == pytest.approx(0.0)  # past the end it stays at 0
 
 

@@ -169,3 +169,32 @@ def test_list_prints_every_arm_and_its_command_lines_and_runs_nothing(tmp_path, 
     with pytest.raises(SystemExit):  # a GPU preset without held-out prompts: refused, nothing written for it
         main(["grpo-design", "--list", "--out", str(tmp_path / "g"), "--config", "cluster_configs/vace_1.3b_8gpu.yaml"])
     assert "--held-out-prompts is needed with --config" in capsys.readouterr().err
+
+
+class GappyStudy(CountingStudy):
+    """Seed 2's run measures nothing (e.g. no face in any held-out video): a gap in the table, not a stop."""
+
+    @staticmethod
+    def read_result(directory, shared):
+        value = float((directory / "out.txt").read_text())
+        return {"square": None if value == 4.0 else value}
+
+
+def test_cut_short_runs_with_other_settings_duplicate_seeds_and_missing_values(tmp_path):
+    from launcher.study_runner import run_study
+
+    args = Namespace(out=str(tmp_path / "gap"), seeds=[1, 2, 3], arms=None, list=False, overwrite=False)
+    row = run_study(GappyStudy, args)["arms"][0]["metrics"]["square"]
+    assert row["values"] == [1.0, None, 9.0] and row["n"] == 2 and row["mean"] == 5.0
+    assert "| only | one arm | 5.000 [" in (tmp_path / "gap" / "table.md").read_text()
+    assert "n/a" in (tmp_path / "gap" / "table.md").read_text()
+
+    (tmp_path / "gap" / "runs" / "only" / "seed3" / "result.json").unlink()  # killed after it started
+    CountingStudy.version = "2"
+    try:
+        with pytest.raises(ValueError, match="seed3 started with other settings"):
+            run_study(GappyStudy, Namespace(**{**vars(args), "seeds": [3]}))
+    finally:
+        CountingStudy.version = "1"
+    with pytest.raises(ValueError, match="each seed once"):
+        run_study(GappyStudy, Namespace(**{**vars(args), "seeds": [1, 1]}))
