@@ -141,6 +141,11 @@ def existing_shards(out_dir: str | Path, prefix: str) -> list[str]:
     return sorted(glob.glob(str(Path(out_dir) / f"{glob.escape(prefix)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")))
 
 
+def existing_pattern(out_dir: str | Path, prefix: str) -> str:
+    """The brace pattern of the `<prefix>-NNNNNN.tar` shards in `out_dir` (000000 alone when there are none yet)."""
+    return brace_pattern(out_dir, prefix, len(existing_shards(out_dir, prefix)))
+
+
 def replacing_writer(out_dir: str | Path, prefix: str, max_samples_per_shard: int = 1000, overwrite: bool = False,
                      what: str = "") -> ShardWriter:
     """A ShardWriter for a new set of `<prefix>-NNNNNN.tar` shards. Shards of that name already there are refused

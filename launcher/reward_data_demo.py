@@ -103,19 +103,19 @@ NUM_CLIPS, PAIRS_PER_CLIP = 96, 3  # synthetic pairs: clips of real faces, disto
 
 def demo_patterns(data: Path) -> dict:
     """The shard patterns `prepare(data)` writes, as far as they are there (for `--list`, which prepares nothing)."""
-    from data.write_shards import brace_pattern, existing_shards
+    from data.write_shards import existing_pattern
 
-    def pattern(folder, prefix):
-        return brace_pattern(Path(data) / folder, prefix, max(len(existing_shards(Path(data) / folder, prefix)), 1))
-
-    return {"human_train": pattern("human", "human_train"), "human_test": pattern("human", "human_test"),
-            "auto": pattern("auto", "pairs"), "synthetic": pattern("synthetic", "synthetic")}
+    data = Path(data)
+    return {"human_train": existing_pattern(data / "human", "human_train"),
+            "human_test": existing_pattern(data / "human", "human_test"),
+            "auto": existing_pattern(data / "auto", "pairs"),
+            "synthetic": existing_pattern(data / "synthetic", "synthetic")}
 
 
 def prepare(data: Path, config: str = CONFIG, sets: Sequence[str] = (), num_clips: int = NUM_CLIPS) -> dict:
     """Build (or reuse) the demo's preference data under `data` (module docstring); returns the four patterns."""
     from data.demo import build_demo, write_demo_clips
-    from data.write_shards import brace_pattern, existing_shards, split_by_prompt
+    from data.write_shards import existing_pattern, split_by_prompt
     from launcher.demo import ensure_demo_model
     from prefdata.settings import load_prefdata_config
     from workers.run_config import load_run_config
@@ -125,21 +125,20 @@ def prepare(data: Path, config: str = CONFIG, sets: Sequence[str] = (), num_clip
     if not (prompts / "done").is_file():  # a build cut short leaves fewer shards: built again
         build_demo(prompts, num_prompts=NUM_PROMPTS, num_pairs=1, samples_per_shard=16)
         (prompts / "done").write_text("written by launcher.reward_data_demo.prepare\n")
-    sets = [f"candidates.prompt_shards={brace_pattern(prompts, 'prompts', len(existing_shards(prompts, 'prompts')))}",
+    sets = [f"candidates.prompt_shards={existing_pattern(prompts, 'prompts')}",
             *sets, f"candidates.out={data}/candidates", f"autolabel.out={data}/auto"]
     cfg = load_prefdata_config(config, sets)
     for generator in cfg.candidates.generators:
         ensure_demo_model(load_run_config(generator.config, list(generator.overrides)).model)
     step("candidates", ["-m", "prefdata.candidates", "--config", config, *sets])
-    prefix = cfg.candidates.prefix
-    candidates = brace_pattern(data / "candidates", prefix, len(existing_shards(data / "candidates", prefix)))
+    candidates = existing_pattern(data / "candidates", cfg.candidates.prefix)
     step("auto labels", ["-m", "prefdata.autolabel", "--config", config, *sets,
                          f"autolabel.candidate_shards={candidates}", "--overwrite"])
     labelled = json.loads((data / "auto" / f"{cfg.autolabel.prefix}.autolabel.json").read_text())
     annotate(labelled["people"]["pattern"], data / "annotation")
     step("export", ["-m", "prefdata.annotate", "export", "--dir", str(data / "annotation"), "--out",
                     str(data / "exported"), "--overwrite"])
-    exported = brace_pattern(data / "exported", "human", len(existing_shards(data / "exported", "human")))
+    exported = existing_pattern(data / "exported", "human")
     train, test = split_by_prompt(exported, data / "human", ("human_train", "human_test"), HUMAN_TEST_FRACTION)
     clips = data / "clips"
     if not (clips / "done").is_file():
@@ -148,6 +147,6 @@ def prepare(data: Path, config: str = CONFIG, sets: Sequence[str] = (), num_clip
     step("synthetic pairs", ["-m", "prefdata.distortion_pairs", "--config", config, *sets,
                              f"distortions.clips={clips}", f"distortions.out={data}/synthetic",
                              f"distortions.pairs_per_clip={PAIRS_PER_CLIP}"])
-    synthetic = brace_pattern(data / "synthetic", "synthetic", len(existing_shards(data / "synthetic", "synthetic")))
+    synthetic = existing_pattern(data / "synthetic", "synthetic")
     print(f"[reward-data] human train {train}, human test {test}, auto {labelled['pattern']}, synthetic {synthetic}")
     return {"human_train": train, "human_test": test, "auto": labelled["pattern"], "synthetic": synthetic}

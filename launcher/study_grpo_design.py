@@ -84,7 +84,7 @@ def shared_inputs(args, prepare: bool = True) -> dict:
     (the demo's shards and base model are written first when missing, as `make demo` does)."""
     if args.held_out_prompts:
         return {"held_out_prompts": args.held_out_prompts, "identity_reward": identity_reward(args)}
-    from data.write_shards import brace_pattern, existing_shards
+    from data.write_shards import existing_pattern
 
     if Path(args.config).resolve() != Path(CONFIG).resolve():
         raise ValueError(f"grpo-design: --held-out-prompts is needed with --config {args.config} (prompt shards none "
@@ -102,8 +102,7 @@ def shared_inputs(args, prepare: bool = True) -> dict:
         if not done.is_file() or done.read_text().strip() != str(args.eval_prompts):
             build_demo(folder, num_prompts=args.eval_prompts, num_pairs=1, seed=1)
             done.write_text(f"{args.eval_prompts}\n")
-    count = max(len(existing_shards(folder, "prompts")), 1)
-    return {"held_out_prompts": brace_pattern(folder, "prompts", count), "identity_reward": identity_reward(args)}
+    return {"held_out_prompts": existing_pattern(folder, "prompts"), "identity_reward": identity_reward(args)}
 
 
 def commands(arm: Arm, seed: int, shared: dict, directory: Path, args) -> list[list[str]]:

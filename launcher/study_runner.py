@@ -120,6 +120,7 @@ def summarize(arms: Sequence[Arm], metrics: Sequence[Metric], results: Sequence[
     """Per arm: its seeds and, per metric, every seed's value and the seed interval (evaluation.metrics)."""
     from dataclasses import asdict
 
+    from evaluation.files import json_clean
     from evaluation.metrics import seed_interval
 
     rows = []
@@ -133,9 +134,8 @@ def summarize(arms: Sequence[Arm], metrics: Sequence[Metric], results: Sequence[
             if not measured:
                 row["metrics"][metric.key] = None if not values else {"values": values, "n": 0}
                 continue
-            interval = {k: (None if isinstance(v, float) and math.isnan(v) else v)  # strict JSON: no NaN
-                        for k, v in asdict(seed_interval(measured)).items()}
-            row["metrics"][metric.key] = {"values": values, **interval}
+            # one seed: no interval (NaN), null in JSON
+            row["metrics"][metric.key] = json_clean({"values": values, **asdict(seed_interval(measured))})
         rows.append(row)
     return rows
 

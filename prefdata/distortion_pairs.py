@@ -89,10 +89,11 @@ def pair_key(clip_key: str, index: int) -> str:
 
 @dataclass
 class Tracker:
-    """The face model and the tracker's settings, built once per run."""
+    """What a run builds once: the face model, the tracker's settings and the distortions' (data.distort)."""
 
     model: object
     cfg: object
+    distortion: object
 
 
 def make_clip_pairs(rec, video, refs, fps, people, pool, section, track):
@@ -100,23 +101,21 @@ def make_clip_pairs(rec, video, refs, fps, people, pool, section, track):
     from data.distort import CleanClip, make_pair
     from prefdata.face_track import track_faces
 
-    tracked = track_faces(video, np.stack([p.embedding for p in people]), track.model, track.cfg,
-                          [p.identity_id for p in people])
-    mine = {p.identity_id for p in people}
-    strangers = [p for p in pool if p.identity_id not in mine]
+    ids = [p.identity_id for p in people]
+    tracked = track_faces(video, np.stack([p.embedding for p in people]), track.model, track.cfg, ids)
+    strangers = [p for p in pool if p.identity_id not in ids]
     out = []
     for j in range(section.pairs_per_clip):
         rng = clip_rng(section.seed, rec.key, j)
         chooser = clip_rng(section.seed, rec.key, OUTSIDER_STREAM + j)  # the pool's size moves no other draw
         picked = sorted(chooser.permutation(len(strangers))[: section.max_outsiders].tolist()) if strangers else []
         outsiders = [strangers[i] for i in picked]
-        ids = [p.identity_id for p in people]
         clip = CleanClip(rec.key, rec.prompt, video, tracked.boxes, [p.face for p in people + outsiders], list(refs),
                          ids, [p.identity_id for p in outsiders], fps=fps, source=rec.source)
         extra = {**rec.extra, "clip": rec.key, "face_tracking": {
             "found_frames": tracked.found.sum(0).astype(int).tolist(), "num_frames": int(len(video)),
             "min_similarity": float(np.nanmin(tracked.similarity))}}
-        members, params = make_pair(clip, rng, distortion_settings(section), extra=extra)
+        members, params = make_pair(clip, rng, track.distortion, extra=extra)
         out.append((pair_key(rec.key, j), members, params["kind"]))
     return out
 
@@ -134,7 +133,7 @@ def run(cfg, overwrite: bool = False) -> Dict[str, object]:
     out = Path(section.out)
     records = read_clips(section.clips)
     track_cfg = track_settings(section)
-    track = Tracker(face_model(track_cfg), track_cfg)
+    track = Tracker(face_model(track_cfg), track_cfg, distortion_settings(section))
     first_shard, done = check_resumable(section, out, section.prefix, overwrite, "distortions", ())
     size = (section.height, section.width) if section.height is not None else None
     skipped: Dict[str, List[dict]] = {}
